@@ -1,0 +1,74 @@
+"""The baselines RANet is judged against, as one-stage staged models.
+
+Both are the usual CIFAR variants trained from scratch: VGG16 with batch norm
+(13 conv layers, a linear head on the 1x1x512 features) and ResNet50
+(bottlenecks 3-4-6-3 on a 3x3 stride-1 stem, no max-pool). ``pretrained=
+"imagenet"`` swaps in Keras' ImageNet ResNet50 for transfer, as the seed did.
+"""
+
+import keras
+from keras import layers
+
+from ranet.config import ModelConfig
+from ranet.models.staged import (CONV_INITIALIZER, ExitInfo, StageBuilder, StagedClassifier,
+                                  batch_norm, classifier_dense, conv_bn_relu)
+
+_VGG16_LAYOUT = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool",
+                 512, 512, 512, "pool", 512, 512, 512, "pool")
+_RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+_BOTTLENECK_EXPANSION = 4
+
+
+def _single_stage(builder: StageBuilder, features, num_classes: int, name: str) -> StagedClassifier:
+    logits = classifier_dense(features, num_classes, name="logits")
+    builder.end_stage(logits)
+    exit_info = ExitInfo(index=1, resolution=1, channels=features.shape[-1])
+    return StagedClassifier(builder.build(name), [exit_info], name=name)
+
+
+def build_vgg16(config: ModelConfig) -> StagedClassifier:
+    builder = StageBuilder(config.image_size)
+    x = builder.get("images")
+    conv_index = 0
+    for block in _VGG16_LAYOUT:
+        if block == "pool":
+            x = layers.MaxPooling2D(2, name=f"pool{conv_index}")(x)
+        else:
+            conv_index += 1
+            x = conv_bn_relu(x, block, 3, name=f"conv{conv_index}")
+    x = layers.Flatten(name="flatten")(x)
+    return _single_stage(builder, x, config.num_classes, "vgg16")
+
+
+def _bottleneck(x, width: int, strides: int, name: str):
+    out_channels = width * _BOTTLENECK_EXPANSION
+    shortcut = x
+    if strides != 1 or x.shape[-1] != out_channels:
+        shortcut = layers.Conv2D(out_channels, 1, strides=strides, use_bias=False,
+                                 kernel_initializer=CONV_INITIALIZER, name=f"{name}_proj_conv")(x)
+        shortcut = batch_norm(shortcut, name=f"{name}_proj_bn")
+    x = conv_bn_relu(x, width, 1, name=f"{name}_a")
+    x = conv_bn_relu(x, width, 3, strides=strides, name=f"{name}_b")
+    x = layers.Conv2D(out_channels, 1, use_bias=False, kernel_initializer=CONV_INITIALIZER,
+                      name=f"{name}_c_conv")(x)
+    x = batch_norm(x, name=f"{name}_c_bn")
+    x = layers.Add(name=f"{name}_add")([x, shortcut])
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def build_resnet50(config: ModelConfig) -> StagedClassifier:
+    builder = StageBuilder(config.image_size)
+    images = builder.get("images")
+    if config.pretrained == "imagenet":
+        # Needs a network the first time (Keras caches the weights under ~/.keras/models).
+        backbone = keras.applications.ResNet50(
+            include_top=False, weights="imagenet", pooling="avg",
+            input_shape=(config.image_size, config.image_size, 3))
+        x = backbone(images)
+    else:
+        x = conv_bn_relu(images, 64, 3, name="stem")
+        for stage, (width, num_blocks, strides) in enumerate(_RESNET50_STAGES, start=1):
+            for block in range(num_blocks):
+                x = _bottleneck(x, width, strides if block == 0 else 1, name=f"res{stage}_{block}")
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return _single_stage(builder, x, config.num_classes, "resnet50")

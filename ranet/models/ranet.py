@@ -1,0 +1,146 @@
+"""RANet (Yang et al., CVPR 2020) as the reference implementation builds it.
+
+Reference: yangle15/RANet-pytorch, models/RANet.py. The port keeps its
+structure, channel arithmetic and forward order exactly, so that parameter
+counts and multiply-adds match:
+
+* scale flows run from the lowest resolution to the highest; flow i has
+  ``block_step * i + num_blocks`` blocks;
+* the first blocks of a flow fuse features of the previous (lower-resolution)
+  flow, block for block and dense layer for dense layer; the last
+  ``num_blocks`` blocks are plain dense blocks, each followed by an exit;
+* every exit is a stage boundary: the stage holds everything computed between
+  the previous exit and this one.
+
+Cross-stage features are named ``stem{f}`` (stem output for flow f),
+``flow{f}_x`` (running features of flow f) and ``flow{f}_block{b}_dense{j}``
+(input and dense-layer outputs of block b, read by flow f + 1's fusion).
+"""
+
+import math
+from keras import layers
+
+from ranet.config import ModelConfig
+from ranet.models.staged import (ExitInfo, StageBuilder, StagedClassifier, classifier_dense,
+                                 conv_bn_relu, resize_to)
+
+_HEAD_CHANNELS = 128  # MSDNet's CIFAR classifier width, kept by RANet.
+
+
+def _bottleneck_conv(x, filters: int, bottleneck_width: int, strides: int, name: str):
+    """The reference's ConvBN(bnAfter=True): 1x1 to min(C, width*filters), BN, ReLU, 3x3, BN, ReLU."""
+    inner = min(x.shape[-1], bottleneck_width * filters)
+    x = conv_bn_relu(x, inner, kernel_size=1, name=f"{name}_1x1")
+    return conv_bn_relu(x, filters, kernel_size=3, strides=strides, name=f"{name}_3x3")
+
+
+def _dense_layer(x, growth: int, bottleneck_width: int, name: str):
+    """ConvNormal: append ``growth`` new channels to x."""
+    new = _bottleneck_conv(x, growth, bottleneck_width, strides=1, name=name)
+    return layers.Concatenate(name=f"{name}_concat")([x, new])
+
+
+def _fusion_layer(low, high, growth: int, bottleneck_width: int, low_bottleneck_width: int,
+                  compress_factor: float, down: bool, name: str):
+    """ConvUpNormal: grow the high-resolution path with a share from the low-resolution one."""
+    from_low = math.floor(growth * compress_factor)
+    new = _bottleneck_conv(high, growth - from_low, bottleneck_width, strides=2 if down else 1,
+                           name=f"{name}_normal")
+    size = new.shape[1]
+    up = _bottleneck_conv(low, from_low, low_bottleneck_width, strides=1, name=f"{name}_up")
+    return layers.Concatenate(name=f"{name}_concat")([
+        resize_to(high, size, name=f"{name}_identity_resize"),
+        resize_to(up, size, name=f"{name}_up_resize"),
+        new])
+
+
+def _trans_flag(block: int, blocks_in_flow: int, scale: int) -> bool:
+    """Whether 1-based block ``block`` ends with a transition (reference: _trans_flag)."""
+    return any(block == math.floor((i + 1) * blocks_in_flow / scale) for i in range(scale - 1))
+
+
+def _classifier(x, num_classes: int, name: str):
+    """MSDNet's CIFAR exit: two stride-2 ConvBNReLU, 2x2 average pool, linear."""
+    x = conv_bn_relu(x, _HEAD_CHANNELS, 3, strides=2, name=f"{name}_conv1")
+    x = conv_bn_relu(x, _HEAD_CHANNELS, 3, strides=2, name=f"{name}_conv2")
+    x = layers.AveragePooling2D(2, name=f"{name}_pool")(x)
+    x = layers.Flatten(name=f"{name}_flatten")(x)
+    return classifier_dense(x, num_classes, name=f"{name}_logits")
+
+
+def _stem(builder: StageBuilder, config: ModelConfig) -> None:
+    """RAFirstLayer: the highest resolution first, then one ConvBNReLU per further flow."""
+    num_flows = len(config.scale_list)
+    x = builder.get("images")
+    previous_scale = None
+    for flow in reversed(range(num_flows)):
+        scale = config.scale_list[flow]
+        strides = 1 if previous_scale in (None, scale) else 2
+        x = conv_bn_relu(x, config.base_channels * config.growth_factors[flow], 3, strides,
+                         name=f"stem{flow}")
+        builder.put(f"stem{flow}", x)
+        previous_scale = scale
+
+
+def layers_in_block(config: ModelConfig, block: int) -> int:
+    """Dense layers in the 1-based ``block`` of any flow.
+
+    The reference grows one shared ``steps`` list as it builds plain blocks;
+    entry b-1 is ``step`` ('even') or ``b * step`` ('lg'), and fusing blocks
+    reuse the entry of the block they fuse with.
+    """
+    return config.step * (block if config.step_mode == "lg" else 1)
+
+
+def build_ranet(config: ModelConfig) -> StagedClassifier:
+    num_flows = len(config.scale_list)
+    blocks_per_flow = [0] + [config.block_step * f + config.num_blocks for f in range(num_flows)]
+    builder = StageBuilder(config.image_size)
+    _stem(builder, config)
+    exits = []
+
+    for flow in range(num_flows):
+        scale = config.scale_list[flow]
+        growth = config.growth_rate * config.growth_factors[flow]
+        width = config.bottleneck_factors[flow]
+        num_blocks = blocks_per_flow[flow + 1]
+        # The reference's expression, Python slicing quirks included.
+        down_blocks = blocks_per_flow[:flow + 1][-(scale - 1):]
+        builder.put(f"flow{flow}_x", builder.get(f"stem{flow}"))
+
+        for block in range(1, num_blocks + 1):
+            name = f"flow{flow}_block{block}"
+            x = builder.get(f"flow{flow}_x")
+            num_layers = layers_in_block(config, block)
+            dense_outputs = [x]
+            fusing = block <= blocks_per_flow[flow]
+            for j in range(num_layers):
+                if fusing:
+                    low = builder.get(f"flow{flow - 1}_block{block}_dense{j}")
+                    down = block in down_blocks and j == num_layers - 1
+                    x = _fusion_layer(low, x, growth, width, config.bottleneck_factors[flow - 1],
+                                      config.compress_factor, down, name=f"{name}_layer{j}")
+                else:
+                    x = _dense_layer(x, growth, width, name=f"{name}_layer{j}")
+                dense_outputs.append(x)
+            for j, tensor in enumerate(dense_outputs):
+                builder.put(f"{name}_dense{j}", tensor)
+            if fusing:
+                # conv_last: a compressed copy of the low-resolution block output.
+                low = builder.get(f"flow{flow - 1}_block{block}_dense{num_layers}")
+                extra = math.floor(x.shape[-1] * config.compress_factor)
+                low = conv_bn_relu(low, extra, kernel_size=1, name=f"{name}_last")
+                x = layers.Concatenate(name=f"{name}_concat_last")(
+                    [x, resize_to(low, x.shape[1], name=f"{name}_last_resize")])
+            if _trans_flag(block, num_blocks, scale):
+                x = conv_bn_relu(x, math.floor(config.reduction * x.shape[-1]), kernel_size=1,
+                                 name=f"{name}_transition")
+            builder.put(f"flow{flow}_x", x)
+
+            if not fusing:
+                logits = _classifier(x, config.num_classes, name=f"exit{len(exits) + 1}")
+                exits.append(ExitInfo(index=len(exits) + 1, resolution=x.shape[1],
+                                      channels=x.shape[-1]))
+                builder.end_stage(logits)
+
+    return StagedClassifier(builder.build("ranet"), exits, name="ranet")

@@ -1,0 +1,181 @@
+"""The model contract shared by RANet and the baselines: a chain of stages.
+
+Stage k is a functional Keras model that takes the cached features it needs
+(a dict of tensors, batch first) and returns the logits of exit k plus the
+features that later stages need. Running the stages in order is the full
+forward pass; running stage k only for the images still undecided, on the
+features cached by stages < k, is real early exit (``ranet.adaptive``).
+A baseline is the one-stage case.
+"""
+
+import dataclasses
+from typing import Dict, List, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+IMAGES = "images"
+LOGITS = "logits"
+
+# PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here), as the reference trains.
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+# normal(0, sqrt(2 / (k * k * out_channels))): the reference's conv initialisation.
+CONV_INITIALIZER = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+# PyTorch's nn.Linear default weight initialisation, uniform(+-1/sqrt(fan_in)).
+DENSE_INITIALIZER = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitInfo:
+    """Where an exit sits: its 1-based index and the resolution of the features it reads."""
+    index: int
+    resolution: int
+    channels: int
+
+
+def conv_bn_relu(x, filters: int, kernel_size: int = 3, strides: int = 1, name: str = ""):
+    """Conv (no bias) -> BatchNorm -> ReLU, the reference's ConvBasic."""
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                      kernel_initializer=CONV_INITIALIZER, name=f"{name}_conv")(x)
+    x = batch_norm(x, name=f"{name}_bn")
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def batch_norm(x, name: str):
+    return layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, name=name)(x)
+
+
+def classifier_dense(x, num_classes: int, name: str):
+    """The exit's linear layer, always float32 so logits and softmax are float32."""
+    return layers.Dense(num_classes, kernel_initializer=DENSE_INITIALIZER,
+                        bias_initializer="zeros", dtype="float32", name=name)(x)
+
+
+@keras.saving.register_keras_serializable(package="ranet")
+class BilinearResize(layers.Layer):
+    """Bilinear resize with align_corners=True, as the reference's F.interpolate calls.
+
+    Keras' Resizing layer has no align_corners; the TF op does and has a
+    gradient and an XLA lowering.
+    """
+
+    def __init__(self, size: Tuple[int, int], **kwargs):
+        super().__init__(**kwargs)
+        self.size = tuple(size)
+
+    def call(self, x):
+        resized = tf.raw_ops.ResizeBilinear(images=x, size=self.size, align_corners=True,
+                                            half_pixel_centers=False)
+        return tf.cast(resized, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.size, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
+
+
+def resize_to(x, size: int, name: str):
+    """Resizes to size x size; a same-size align_corners resize is the identity, so skip it."""
+    if x.shape[1] == size and x.shape[2] == size:
+        return x
+    return BilinearResize((size, size), name=name)(x)
+
+
+class StageBuilder:
+    """Builds the stages of a staged model symbolically, one exit at a time.
+
+    Features that cross a stage boundary are named: ``get(name)`` inside a
+    stage returns the tensor if this stage made it, otherwise an input of this
+    stage fed from the cache. ``end_stage(logits)`` closes the stage.
+    """
+
+    def __init__(self, image_size: int):
+        self._specs = {IMAGES: (image_size, image_size, 3)}
+        self._dtypes = {IMAGES: "float32"}
+        self._stages = []
+        self._new_stage()
+
+    def _new_stage(self):
+        self._inputs, self._produced = {}, {}
+
+    def get(self, name: str):
+        if name in self._produced:
+            return self._produced[name]
+        if name not in self._inputs:
+            if name not in self._specs:
+                raise KeyError(f"feature {name!r} was never produced by an earlier stage")
+            self._inputs[name] = keras.Input(self._specs[name], dtype=self._dtypes[name], name=name)
+        return self._inputs[name]
+
+    def put(self, name: str, tensor) -> None:
+        self._produced[name] = tensor
+
+    def end_stage(self, logits) -> None:
+        self._stages.append((self._inputs, logits, self._produced))
+        for name, tensor in self._produced.items():
+            self._specs[name] = tuple(tensor.shape[1:])
+            self._dtypes[name] = tensor.dtype
+        self._new_stage()
+
+    def build(self, name_prefix: str) -> List[keras.Model]:
+        """One functional model per stage; outputs only the features a later stage reads."""
+        models = []
+        for k, (inputs, logits, produced) in enumerate(self._stages):
+            needed_later = set().union(*(later[0].keys() for later in self._stages[k + 1:]))
+            outputs = {LOGITS: logits}
+            outputs.update({n: t for n, t in produced.items() if n in needed_later})
+            models.append(keras.Model(inputs, outputs, name=f"{name_prefix}_stage{k + 1}"))
+        return models
+
+
+class StagedClassifier(keras.Model):
+    """A classifier with one exit per stage, cheapest first.
+
+    Calling it returns the list of every exit's float32 logits. ``run_stage``
+    exposes one stage on cached features for early exit.
+    """
+
+    def __init__(self, stages: Sequence[keras.Model], exits: Sequence[ExitInfo], **kwargs):
+        super().__init__(**kwargs)
+        if len(stages) != len(exits):
+            raise ValueError(f"one ExitInfo per stage expected. Received: {len(stages)} stages, "
+                             f"{len(exits)} exits")
+        # One attribute per stage: Keras 3 wraps list attributes in a TrackedList that
+        # tf.train.Checkpoint does not see, so a list of stages would not be saved.
+        for k, stage in enumerate(stages, start=1):
+            setattr(self, f"stage{k}", stage)
+        self._num_stages = len(stages)
+        self.exits = tuple(exits)
+        self.stage_inputs = [tuple(stage.input.keys()) for stage in self.stages]
+        # live_after[k]: features cached by stages <= k that a later stage still reads.
+        cached, self.live_after = {IMAGES}, []
+        for k, stage in enumerate(self.stages):
+            cached |= set(stage.output.keys()) - {LOGITS}
+            read_later = set().union(*map(set, self.stage_inputs[k + 1:]))
+            self.live_after.append(tuple(sorted(cached & read_later)))
+
+    @property
+    def stages(self) -> List[keras.Model]:
+        return [getattr(self, f"stage{k}") for k in range(1, self._num_stages + 1)]
+
+    @property
+    def num_exits(self) -> int:
+        return self._num_stages
+
+    def run_stage(self, k: int, features: Dict[str, tf.Tensor], training=False):
+        """Runs stage k (0-based) on cached features; returns (logits, new features)."""
+        outputs = dict(self.stages[k]({n: features[n] for n in self.stage_inputs[k]},
+                                      training=training))
+        logits = outputs.pop(LOGITS)
+        return logits, outputs
+
+    def call(self, images, training=False):
+        features, all_logits = {IMAGES: images}, []
+        for k in range(self.num_exits):
+            logits, new_features = self.run_stage(k, features, training=training)
+            all_logits.append(logits)
+            features.update(new_features)
+        return all_logits

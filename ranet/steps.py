@@ -1,0 +1,148 @@
+"""What one training or evaluation step does, under any tf.distribute strategy.
+
+The loop that decides when to run them lives in ``ranet.trainer``. Everything
+here is tf.function-clean: no numpy, no Python state changing per step.
+"""
+
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from ranet.models.staged import StagedClassifier
+
+
+def exit_cross_entropy(labels, logits, label_smoothing: float = 0.0):
+    """Per-example cross-entropy of one exit, in float32."""
+    logits = tf.cast(logits, tf.float32)
+    if not label_smoothing:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    num_classes = tf.shape(logits)[-1]
+    targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing)
+    targets += label_smoothing / tf.cast(num_classes, tf.float32)
+    return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+
+
+def _exit_statistics(labels, all_logits, label_smoothing=0.0, weights=None):
+    """Summed (optionally weighted) loss and correct predictions of every exit over a batch."""
+    labels = tf.cast(labels, tf.int32)
+    if weights is None:
+        weights = tf.ones_like(labels, tf.float32)
+    loss_sums = tf.stack([tf.reduce_sum(weights * exit_cross_entropy(labels, logits, label_smoothing))
+                          for logits in all_logits])
+    correct = tf.stack([tf.reduce_sum(weights * tf.cast(
+        tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32))
+        for logits in all_logits])
+    return loss_sums, correct
+
+
+class TrainMetrics:
+    """Running sums since the last reset, kept per replica and summed on read."""
+
+    def __init__(self, num_exits: int):
+        def accumulator(name, shape):
+            return tf.Variable(tf.zeros(shape), name=name, trainable=False,
+                               synchronization=tf.VariableSynchronization.ON_READ,
+                               aggregation=tf.VariableAggregation.SUM)
+        self.loss_sums = accumulator("loss_sums", [num_exits])
+        self.correct = accumulator("correct", [num_exits])
+        self.examples = accumulator("examples", [])
+        self.total_loss_sum = accumulator("total_loss_sum", [])
+
+    def update(self, loss_sums, correct, examples, total_loss_sum):
+        self.loss_sums.assign_add(loss_sums)
+        self.correct.assign_add(correct)
+        self.examples.assign_add(examples)
+        self.total_loss_sum.assign_add(total_loss_sum)
+
+    def result(self) -> dict:
+        """Host-side means over the examples since the last reset."""
+        examples = max(float(self.examples.numpy()), 1.0)
+        return {"loss/total": float(self.total_loss_sum.numpy()) / examples,
+                **{f"loss/exit_{k + 1}": float(v) / examples
+                   for k, v in enumerate(self.loss_sums.numpy())},
+                **{f"accuracy/exit_{k + 1}": float(v) / examples
+                   for k, v in enumerate(self.correct.numpy())}}
+
+    def reset(self) -> None:
+        for variable in (self.loss_sums, self.correct, self.examples, self.total_loss_sum):
+            variable.assign(tf.zeros_like(variable))
+
+
+class StepFunctions:
+    """Compiled train and eval steps for one model, optimizer and strategy.
+
+    Loss: the (optionally weighted) sum over exits of the batch-mean
+    cross-entropy, plus the reference's coupled L2 term ``weight_decay/2 *
+    sum(w**2)`` over every trainable variable (PyTorch SGD's weight_decay),
+    scaled for the replicas; under mixed_float16 the loss is scaled and
+    non-finite steps are skipped by the LossScaleOptimizer.
+    """
+
+    def __init__(self, model: StagedClassifier, optimizer, strategy: tf.distribute.Strategy, *,
+                 global_batch_size: int, weight_decay: float, label_smoothing: float = 0.0,
+                 exit_weights: Optional[Sequence[float]] = None, xla: bool = False):
+        num_exits = model.num_exits
+        if exit_weights is not None and len(exit_weights) != num_exits:
+            raise ValueError(f"--exit_weights needs one weight per exit ({num_exits}). "
+                             f"Received: {len(exit_weights)} weights")
+        self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.global_batch_size = global_batch_size
+        self.weight_decay = weight_decay
+        self.label_smoothing = label_smoothing
+        self.exit_weights = tf.constant(exit_weights or [1.0] * num_exits, tf.float32)
+        with strategy.scope():
+            self.metrics = TrainMetrics(num_exits)
+            self.global_step = tf.Variable(0, dtype=tf.int64, name="global_step", trainable=False,
+                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # Compile only the per-replica forward/backward: XLA of the whole distributed
+        # step (apply_gradients included) fails under MirroredStrategy.
+        self._forward_backward = tf.function(self._forward_backward_fn, jit_compile=xla)
+        self.train_loop = tf.function(self._train_loop)
+        self.evaluate = tf.function(self._evaluate)
+
+    def _forward_backward_fn(self, images, labels):
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            all_logits = self.model(images, training=True)
+            loss_sums, correct = _exit_statistics(labels, all_logits, self.label_smoothing)
+            total = tf.reduce_sum(loss_sums * self.exit_weights)
+            loss = total / self.global_batch_size
+            if self.weight_decay:
+                l2 = self.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in variables])
+                loss += tf.nn.scale_regularization_loss(l2)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, variables)
+        return gradients, loss_sums, correct, total
+
+    def _replica_train_step(self, images, labels):
+        gradients, loss_sums, correct, total = self._forward_backward(images, labels)
+        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        self.metrics.update(loss_sums, correct, tf.cast(tf.shape(labels)[0], tf.float32), total)
+
+    def _train_loop(self, iterator, num_steps):
+        """Runs ``num_steps`` steps in one call, so Python overhead is paid once per call."""
+        for _ in tf.range(num_steps):
+            images, labels = next(iterator)
+            self.strategy.run(self._replica_train_step, args=(images, labels))
+            self.global_step.assign_add(1)
+
+    def _replica_eval_step(self, images, labels, weights):
+        all_logits = self.model(images, training=False)
+        loss_sums, correct = _exit_statistics(labels, all_logits, weights=weights)
+        return tf.concat([loss_sums, correct, [tf.reduce_sum(weights)]], axis=0)
+
+    def _evaluate(self, dataset):
+        """Summed [loss per exit, correct per exit, examples] over a distributed dataset."""
+        totals = tf.zeros([2 * self.model.num_exits + 1])
+        for images, labels, weights in dataset:
+            per_replica = self.strategy.run(self._replica_eval_step, args=(images, labels, weights))
+            totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return totals
+
+    def eval_metrics(self, dataset) -> dict:
+        totals = self.evaluate(dataset).numpy()
+        k = self.model.num_exits
+        examples = max(float(totals[-1]), 1.0)
+        return {**{f"loss/exit_{i + 1}": float(totals[i]) / examples for i in range(k)},
+                **{f"accuracy/exit_{i + 1}": float(totals[k + i]) / examples for i in range(k)},
+                "examples": int(totals[-1])}
