@@ -97,6 +97,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.")
     flags.DEFINE_integer("eval_every_epochs", 1, "Validation interval in epochs.")
     flags.DEFINE_integer("log_every_steps", 100, "Logging and summary interval.")
+    flags.DEFINE_integer("stop_at_step", 0,
+                         "End this invocation (with a checkpoint) once the global step reaches N; "
+                         "the schedule still spans the whole run, and running again resumes. "
+                         "For time-boxed jobs. 0: run to the end.")
 
 
 def data_config() -> config_lib.DataConfig:
@@ -151,7 +155,7 @@ def runtime_config() -> config_lib.RuntimeConfig:
         precision=FLAGS.precision, xla=FLAGS.xla, seed=FLAGS.seed,
         deterministic=FLAGS.deterministic, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         keep_checkpoints=FLAGS.keep_checkpoints, eval_every_epochs=FLAGS.eval_every_epochs,
-        log_every_steps=FLAGS.log_every_steps)
+        log_every_steps=FLAGS.log_every_steps, stop_at_step=FLAGS.stop_at_step or None)
 
 
 def experiment_config() -> config_lib.ExperimentConfig:

@@ -174,8 +174,11 @@ class RuntimeConfig:
     keep_checkpoints: int = 3
     eval_every_epochs: int = 1
     log_every_steps: int = 100
+    stop_at_step: Optional[int] = None       # end this invocation early; the schedule is unchanged
 
     def __post_init__(self):
+        _require(self.stop_at_step is None or self.stop_at_step > 0,
+                 f"stop_at_step must be positive. Received: stop_at_step={self.stop_at_step}")
         _require(bool(self.model_dir), "model_dir is required: pass --model_dir=/path/to/run")
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("precision", self.precision, PRECISIONS)

@@ -179,8 +179,9 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
     iterator = iter(train_data)
     progress = _Progress(step, total_steps)
     train_metrics, eval_metrics = {}, {}
-    while step < total_steps:
-        boundaries = [total_steps]
+    end_step = min(total_steps, rt.stop_at_step or total_steps)
+    while step < end_step:
+        boundaries = [end_step]
         for interval in (rt.log_every_steps, rt.checkpoint_every_steps, eval_every):
             boundaries.append((step // interval + 1) * interval)
         num_steps = min(boundaries) - step
@@ -189,7 +190,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
         step = int(steps.global_step.numpy())  # waits for the steps to finish
         elapsed = time.time() - started
 
-        at_end = step >= total_steps
+        at_end = step >= end_step
         if step % rt.log_every_steps == 0 or at_end:
             train_metrics = steps.metrics.result()
             steps.metrics.reset()

@@ -16,12 +16,6 @@ from ranet.config import DataConfig
 ROWS = 20  # rows per fake batch file: the loader must not assume 10000
 
 
-def _shared_cifar10() -> Path:
-    """The real training set, next to the repository or at the workspace default."""
-    near_repo = Path(__file__).resolve().parents[2] / "shared/data/cifar-10-batches-py"
-    return near_repo if near_repo.is_dir() else Path("/work/shared/data/cifar-10-batches-py")
-
-
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
     """No test downloads, nor sees the real Keras cache."""
@@ -375,10 +369,8 @@ def test_eval_slices_are_in_order():
 # --------------------------------------------------------------------------------------------
 # The real training set, where present.
 
-def test_real_cifar10_training_set():
-    folder = _shared_cifar10()
-    if not (folder / "data_batch_1").is_file():
-        pytest.skip(f"no real CIFAR-10 at {folder}")
+def test_real_cifar10_training_set(real_cifar10):
+    folder = real_cifar10
     splits = data.load_splits(DataConfig(data_dir=str(folder), validation_size=5000))
     assert (len(splits.train), len(splits.validation)) == (45000, 5000)
     np.testing.assert_array_equal(np.bincount(splits.validation.labels, minlength=10), 500)

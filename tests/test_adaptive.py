@@ -1,0 +1,185 @@
+"""Real early exit equals the simulated protocol, image for image, and never recomputes a stage."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ranet import adaptive, calibration
+from ranet.config import ModelConfig
+from ranet.models import get_model
+
+NUM_IMAGES = 64
+# A RANet small enough for the CPU with 4 exits, and live features crossing every boundary.
+TINY_RANET = ModelConfig(name="ranet", num_classes=10, scale_list=(1, 2, 3),
+                         growth_factors=(4, 2, 1), bottleneck_factors=(4, 2, 1), base_channels=4,
+                         growth_rate=4, num_blocks=2, block_step=1, step=1)
+CALIBRATED_QS = (0.25, 1.0, 1.75)
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    built = get_model(TINY_RANET)
+    assert built.num_exits == 4
+    return built
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).normal(size=(NUM_IMAGES, 32, 32, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def probabilities(model, images):
+    # Batches of 16: a different batching from predict_batch's, on purpose.
+    return adaptive.all_exit_probabilities(model, images, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def predictor(model):
+    return adaptive.AdaptivePredictor(model, count_stage_calls=True)
+
+
+def _thresholds(case, probabilities, kind=adaptive.MAX_SOFTMAX):
+    """float32 [K] thresholds: calibrated at q (thresholds equal to observed confidences,
+    the tie edge case), or degenerate."""
+    num_exits = probabilities.shape[0]
+    if case == "all_leave_at_1":
+        return np.full(num_exits, -np.inf, np.float32)
+    if case == "none_leave_early":
+        return np.full(num_exits, np.inf, np.float32)
+    confidences = adaptive.confidence(probabilities, kind)
+    return calibration.calibrate(confidences, calibration.exit_distribution(case, num_exits)
+                                 ).astype(np.float32)
+
+
+def _assert_matches(outputs, probabilities, thresholds, kind=adaptive.MAX_SOFTMAX):
+    """Real early exit outputs == simulate on the full forward pass, image for image."""
+    classes, exits = adaptive.simulate(probabilities, thresholds, kind)
+    np.testing.assert_array_equal(np.asarray(outputs["exits"]), exits)
+    np.testing.assert_array_equal(np.asarray(outputs["classes"]), classes)
+    chosen = probabilities[exits - 1, np.arange(len(exits))]
+    np.testing.assert_allclose(np.asarray(outputs["probabilities"]), chosen, atol=1e-6)
+    return exits
+
+
+def _predict_each(predictor, images, thresholds):
+    """predict_one image by image, stacked like predict_batch's outputs."""
+    outputs = [predictor.predict_one(images[i:i + 1], thresholds) for i in range(len(images))]
+    return {key: np.concatenate([o[key].numpy() for o in outputs]) for key in outputs[0]}
+
+
+def _reached(exits, num_exits):
+    """How many images each stage must process: those whose exit is >= k."""
+    return np.array([(exits >= k).sum() for k in range(1, num_exits + 1)])
+
+
+CASES = [*CALIBRATED_QS, "all_leave_at_1", "none_leave_early"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_predict_batch_equals_simulate_and_runs_each_stage_once(predictor, images,
+                                                                probabilities, case):
+    thresholds = _thresholds(case, probabilities)
+    predictor.reset_stage_counts()
+    exits = _assert_matches(predictor.predict_batch(images, thresholds), probabilities, thresholds)
+    reached = _reached(exits, predictor.num_exits)
+    counts = predictor.stage_counts()
+    # Once per call, or never when no image got that far; and only the images still undecided.
+    np.testing.assert_array_equal(counts["calls"], (reached > 0).astype(int))
+    np.testing.assert_array_equal(counts["rows"], reached)
+    if case == "all_leave_at_1":
+        np.testing.assert_array_equal(counts["calls"], [1, 0, 0, 0])
+    elif case == "none_leave_early":
+        assert (exits == predictor.num_exits).all()
+        np.testing.assert_array_equal(counts["rows"], [NUM_IMAGES] * 4)
+    else:
+        # Calibration at these q gives a real mix: several exits are used.
+        assert len(np.unique(exits)) >= 3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_predict_one_equals_simulate(predictor, images, probabilities, case):
+    thresholds = _thresholds(case, probabilities)
+    predictor.reset_stage_counts()
+    exits = _assert_matches(_predict_each(predictor, images, thresholds), probabilities,
+                            thresholds)
+    counts = predictor.stage_counts()
+    # One image per call: stage k ran once for every image that reached it, and only for those.
+    np.testing.assert_array_equal(counts["rows"], _reached(exits, predictor.num_exits))
+    np.testing.assert_array_equal(counts["calls"], counts["rows"])
+
+
+def test_entropy_confidence_agrees_with_simulate(model, images, probabilities):
+    predictor = adaptive.AdaptivePredictor(model, confidence_kind=adaptive.ENTROPY)
+    thresholds = _thresholds(1.0, probabilities, adaptive.ENTROPY)
+    exits = _assert_matches(predictor.predict_batch(images, thresholds), probabilities,
+                            thresholds, adaptive.ENTROPY)
+    assert len(np.unique(exits)) >= 3
+    _assert_matches(_predict_each(predictor, images[:16], thresholds), probabilities[:, :16],
+                    thresholds, adaptive.ENTROPY)
+
+
+def test_confidence_kinds():
+    probabilities = np.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]], np.float32)
+    np.testing.assert_allclose(adaptive.confidence(probabilities), [1.0, 1 / 3])
+    np.testing.assert_allclose(adaptive.confidence(probabilities, adaptive.ENTROPY),
+                               [0.0, -np.log(3)], rtol=1e-6)
+    tensor = adaptive.confidence(tf.constant(probabilities), adaptive.ENTROPY)
+    assert isinstance(tensor, tf.Tensor)
+    with pytest.raises(ValueError, match=r"Expected one of max_softmax, entropy.*Received: "
+                                         r"kind='margin'"):
+        adaptive.confidence(probabilities, "margin")
+
+
+def _graph_ops(function) -> set:
+    graph_def = function.get_concrete_function().graph.as_graph_def()
+    # Stage bodies live in the tf.cond branch functions of the graph's library.
+    ops = {node.op for node in graph_def.node}
+    return ops | {node.op for f in graph_def.library.function for node in f.node_def}
+
+
+def test_counters_off_add_no_ops(model, predictor):
+    assert "AssignAddVariableOp" in _graph_ops(predictor.predict_batch)  # The check can fail.
+    plain = adaptive.AdaptivePredictor(model)
+    for function in (plain.predict_batch, plain.predict_one):
+        assert "AssignAddVariableOp" not in _graph_ops(function)
+    with pytest.raises(ValueError, match="count_stage_calls=True"):
+        plain.stage_counts()
+
+
+def test_all_exit_probabilities_from_a_dataset(model, images, probabilities):
+    labels = np.zeros(NUM_IMAGES, np.int32)
+    unbatched = tf.data.Dataset.from_tensor_slices((images, labels))
+    np.testing.assert_allclose(adaptive.all_exit_probabilities(model, unbatched, batch_size=32),
+                               probabilities, atol=1e-6)
+    batched = tf.data.Dataset.from_tensor_slices(images).batch(10)
+    np.testing.assert_allclose(adaptive.all_exit_probabilities(model, batched), probabilities,
+                               atol=1e-6)
+
+
+def test_one_exit_baseline():
+    keras.utils.set_random_seed(0)
+    baseline = get_model(ModelConfig(name="vgg16", num_classes=10))
+    assert baseline.num_exits == 1
+    images = np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype(np.float32)
+    probabilities = adaptive.all_exit_probabilities(baseline, images)
+    predictor = adaptive.AdaptivePredictor(baseline, count_stage_calls=True)
+    # The only exit is the last one: it takes every image, whatever its threshold.
+    thresholds = np.array([np.inf], np.float32)
+    exits = _assert_matches(predictor.predict_batch(images, thresholds), probabilities, thresholds)
+    assert (exits == 1).all()
+    _assert_matches(_predict_each(predictor, images[:2], thresholds), probabilities[:, :2],
+                    thresholds)
+    np.testing.assert_array_equal(predictor.stage_counts()["calls"], [3])
+
+
+@pytest.mark.slow
+def test_saved_model_round_trip(predictor, images, probabilities, tmp_path):
+    thresholds = _thresholds(1.0, probabilities)
+    tf.saved_model.save(predictor, str(tmp_path))
+    restored = tf.saved_model.load(str(tmp_path))
+    _assert_matches(restored.predict_batch(images, thresholds), probabilities, thresholds)
+    _assert_matches(_predict_each(restored, images[:4], thresholds), probabilities[:, :4],
+                    thresholds)
