@@ -192,8 +192,11 @@ def budgeted_points(val_confidences, val_predictions, val_labels, exit_macs,
 def best_within_budget(points: Sequence[OperatingPoint], budget_macs: float) -> OperatingPoint:
     """The most accurate point whose expected multiply-adds are <= ``budget_macs``.
 
-    Ties go to the cheaper point. Raises ValueError if no point fits: below
-    exit 1's cost nothing can, since every image pays for exit 1.
+    Ties go to the cheaper point. Raises ValueError if no point fits. No
+    thresholds cost less than exit 1, which every image runs; the cheapest
+    point of the reference sweep (q = 0.05) costs a little more than exit 1,
+    so to serve every budget down to exit 1's cost, add the point that sends
+    every image out there: ``evaluate(..., fixed_threshold(-np.inf, K), ...)``.
     """
     if not points:
         raise ValueError("best_within_budget needs at least one operating point. Received: []")
@@ -202,9 +205,10 @@ def best_within_budget(points: Sequence[OperatingPoint], budget_macs: float) -> 
         cheapest = min(p.expected_macs for p in points)
         raise ValueError(
             f"No operating point fits a budget of {budget_macs:,.1f} multiply-adds per image: "
-            f"the cheapest costs {cheapest:,.1f}, and no thresholds cost less than the first "
-            "exit, which every image runs. Raise the budget, or calibrate with smaller q "
-            f"values to add points nearer the first exit's cost. Received: budget_macs={budget_macs}")
+            f"the cheapest costs {cheapest:,.1f}. No thresholds cost less than the first exit, "
+            "which every image runs. Raise the budget, or add cheaper points: smaller q, or "
+            "fixed_threshold(-inf, num_exits) to send every image out at exit 1. "
+            f"Received: budget_macs={budget_macs}")
     return max(affordable, key=lambda p: (p.accuracy, -p.expected_macs))
 
 

@@ -192,6 +192,16 @@ def test_best_within_budget():
         calibration.best_within_budget(points, 9.5)
 
 
+def test_the_all_at_exit_1_point_serves_budgets_down_to_exit_1s_cost():
+    all_at_1 = calibration.evaluate(CONFIDENCES, PREDICTIONS, LABELS,
+                                    calibration.fixed_threshold(-np.inf, 3), EXIT_MACS)
+    assert all_at_1.expected_macs == 10.0 and all_at_1.exit_fractions == (1.0, 0.0, 0.0)
+    points = [all_at_1, *_points()]
+    assert calibration.best_within_budget(points, 10.0) is all_at_1
+    with pytest.raises(ValueError, match="No operating point fits"):
+        calibration.best_within_budget(points, 9.99)
+
+
 def test_default_point_is_the_cheapest_within_one_point_of_the_last_exit():
     points = _points()
     # The last exit alone is right on 3 4 5 8 9: accuracy 0.5.

@@ -1,0 +1,30 @@
+"""ranet: RANet (Resolution Adaptive Networks) and its baselines in TensorFlow 2 / Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ranet",
+    version="0.1.0",
+    description="Train, evaluate and serve RANet with real early exit, against VGG16 and ResNet50.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ranet", "ranet.*"]),
+    install_requires=[
+        "tensorflow==2.21.*",
+        "keras>=3.10,<4",
+        "tensorboard>=2.21,<3",  # TF 2.21 no longer installs it; tf.summary needs it.
+        "absl-py>=2.1",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "plots": ["matplotlib>=3.8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ranet-train=ranet.train:run",
+            "ranet-summary=ranet.summary:run",
+        ],
+    },
+)
