@@ -69,9 +69,7 @@ def simulate(all_probabilities: np.ndarray, thresholds, kind: str = MAX_SOFTMAX)
 
 def _exit_softmax(model: StagedClassifier):
     """A compiled full forward pass: images [B, H, W, 3] -> softmax of every exit [K, B, C]."""
-    image_shape = model.stages[0].input[IMAGES].shape[1:]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+    @tf.function(input_signature=[model.feature_specs[IMAGES]])
     def forward(images):
         return tf.stack([tf.nn.softmax(logits) for logits in model(images, training=False)])
 
@@ -142,17 +140,13 @@ class AdaptivePredictor(tf.Module):
                                            name="stage_calls")
             self.stage_rows = tf.Variable(tf.zeros([self.num_exits], tf.int64), trainable=False,
                                           name="stage_rows")
-        # An empty tensor of each cached feature's shape: what a skipped stage hands on.
-        specs = {IMAGES: model.stages[0].input[IMAGES]}
-        for stage in model.stages:
-            specs.update({name: t for name, t in stage.output.items() if name != LOGITS})
-        self._num_classes = model.stages[0].output[LOGITS].shape[-1]
-        self._feature_specs = {name: tf.TensorSpec(t.shape, t.dtype) for name, t in specs.items()}
-        image_spec = tf.TensorSpec(specs[IMAGES].shape, tf.float32)
+        # Shapes of the empty tensors a skipped stage hands on.
+        self._feature_specs = model.feature_specs
+        self._num_classes = model.num_classes
         threshold_spec = tf.TensorSpec([self.num_exits], tf.float32)
         self.predict_batch = tf.function(self._predict_batch,
-                                         input_signature=[image_spec, threshold_spec])
-        one_image_spec = tf.TensorSpec([1, *specs[IMAGES].shape[1:]], tf.float32)
+                                         input_signature=[self._feature_specs[IMAGES], threshold_spec])
+        one_image_spec = tf.TensorSpec([1, *model.image_shape], tf.float32)
         self.predict_one = tf.function(self._predict_one,
                                        input_signature=[one_image_spec, threshold_spec])
 

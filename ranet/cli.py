@@ -49,8 +49,8 @@ def define_flags() -> None:
     flags.DEFINE_string("growth_factors", "4-2-1", "RANet: growth factor of each flow.")
     flags.DEFINE_string("bottleneck_factors", "4-2-1", "RANet: bottleneck factor of each flow.")
     flags.DEFINE_integer("base_channels", model.base_channels, "RANet: stem channels (x factor).")
-    flags.DEFINE_integer("num_blocks", model.num_blocks, "RANet: plain blocks (exits) per flow.")
-    flags.DEFINE_integer("block_step", model.block_step, "RANet: extra blocks per further flow.")
+    flags.DEFINE_integer("num_blocks", model.num_blocks, "RANet: blocks (and exits) of the first flow.")
+    flags.DEFINE_integer("block_step", model.block_step, "RANet: extra blocks (and exits) of each further flow.")
     flags.DEFINE_integer("step", model.step, "RANet: dense layers per block.")
     flags.DEFINE_enum("step_mode", model.step_mode, config_lib.STEP_MODES,
                       "RANet: 'even' (same layers per block) or 'lg' (growing).")

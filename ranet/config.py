@@ -107,8 +107,17 @@ class ModelConfig:
         for field in ("growth_rate", "base_channels", "num_blocks", "step"):
             _require(getattr(self, field) > 0,
                      f"{field} must be positive. Received: {field}={getattr(self, field)}")
-        _require(self.block_step >= 0, f"block_step must be >= 0. Received: {self.block_step}")
+        _require(self.block_step >= 1 or len(scales) == 1,
+                 "block_step must be >= 1 with several flows: each later flow's exits are its "
+                 f"block_step plain blocks. Received: block_step={self.block_step}")
         _choice("step_mode", self.step_mode, STEP_MODES)
+        if len(scales) > 1:
+            smallest_growth = self.growth_rate * min(self.growth_factors[1:])
+            _require(int(smallest_growth * self.compress_factor) >= 1,
+                     "growth_rate x growth_factor x compress_factor must be >= 1 for every "
+                     "fusing flow, or its fusion layers get no channels. Received: "
+                     f"growth_rate={self.growth_rate}, growth_factors={self.growth_factors}, "
+                     f"compress_factor={self.compress_factor}")
         _require(0 < self.compress_factor < 1 and 0 < self.reduction <= 1,
                  "compress_factor must be in (0, 1) and reduction in (0, 1]. Received: "
                  f"compress_factor={self.compress_factor}, reduction={self.reduction}")

@@ -7,8 +7,9 @@ counts and multiply-adds match:
 * scale flows run from the lowest resolution to the highest; flow i has
   ``block_step * i + num_blocks`` blocks;
 * the first blocks of a flow fuse features of the previous (lower-resolution)
-  flow, block for block and dense layer for dense layer; the last
-  ``num_blocks`` blocks are plain dense blocks, each followed by an exit;
+  flow, block for block and dense layer for dense layer; the rest are plain
+  dense blocks, each followed by an exit (``num_blocks`` in the first flow,
+  ``block_step`` in each later one);
 * every exit is a stage boundary: the stage holds everything computed between
   the previous exit and this one.
 

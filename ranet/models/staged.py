@@ -165,6 +165,23 @@ class StagedClassifier(keras.Model):
     def num_exits(self) -> int:
         return self._num_stages
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.stage1.output[LOGITS].shape[-1])
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.stage1.input[IMAGES].shape[1:])
+
+    @property
+    def feature_specs(self) -> Dict[str, tf.TensorSpec]:
+        """Shape (batch first, unknown) and dtype of the images and every cached feature."""
+        specs = {IMAGES: tf.TensorSpec([None, *self.image_shape], tf.float32)}
+        for stage in self.stages:
+            specs.update({name: tf.TensorSpec(t.shape, t.dtype)
+                          for name, t in stage.output.items() if name != LOGITS})
+        return specs
+
     def run_stage(self, k: int, features: Dict[str, tf.Tensor], training=False):
         """Runs stage k (0-based) on cached features; returns (logits, new features)."""
         outputs = dict(self.stages[k]({n: features[n] for n in self.stage_inputs[k]},
