@@ -364,6 +364,21 @@ def require_split(splits: DataSplits, name: str) -> Split:
     return split
 
 
+def split_in_two(split: Split, num_classes: int, seed: int) -> tuple:
+    """Two disjoint, class-balanced halves of a split, reproducible from ``seed``.
+
+    The eval binary calibrates exit thresholds on one half of the validation
+    split and reports on the other when no test split is asked for.
+    """
+    return _hold_out(split, len(split) // 2, num_classes, seed)
+
+
+def normalized(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 images -> the float32 inputs the models were trained on (the pipelines' formula)."""
+    return ((images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
+            / np.asarray(std, np.float32))
+
+
 # --------------------------------------------------------------------------------------------
 # tf.data input functions.
 

@@ -17,11 +17,10 @@ from absl import logging
 
 from ranet import config as config_lib
 from ranet import data, optim, runtime
+from ranet.checkpoints import BEST_SUBDIR, CHECKPOINT_SUBDIR
 from ranet.models import get_model
 from ranet.steps import StepFunctions
 
-CHECKPOINT_SUBDIR = "checkpoints"
-BEST_SUBDIR = os.path.join(CHECKPOINT_SUBDIR, "best")
 BEST_RECORD = "best.json"
 FLAGS_RECORD = "flags.txt"
 

@@ -1,0 +1,184 @@
+"""What adaptive inference buys, per model: anytime accuracy, budgeted operating points,
+exit distributions. Latency is measured in ``ranet.latency``; rendering is ``ranet.report``.
+
+Thresholds are always calibrated on images that are NOT the ones reported: on the
+validation split when reporting the test split, and on one class-balanced half of
+the validation split when reporting the other half (``--split=validation``).
+"""
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ranet import adaptive, calibration, data
+from ranet.costs import ModelCost
+
+# The operating point where every image leaves at exit 1: the cheapest one there is,
+# so that any budget down to exit 1's cost maps to a point.
+_EVERYONE_AT_EXIT_1 = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvaluationImages:
+    """Normalised images and labels to calibrate on and to report on."""
+    calibration_name: str
+    calibration_images: np.ndarray
+    calibration_labels: np.ndarray
+    report_name: str
+    report_images: np.ndarray
+    report_labels: np.ndarray
+    num_classes: int
+
+
+def evaluation_images(splits: data.DataSplits, split: str, seed: int) -> EvaluationImages:
+    """Calibration and report images for ``--split=test|validation``."""
+    if len(splits.validation) < 2:
+        raise ValueError("Calibrating exit thresholds needs the validation split, but this model "
+                         "was trained with --validation_size=0. Retrain with a validation split.")
+    if split == "test":
+        calibration_split, report_split = splits.validation, data.require_split(splits, "test")
+        names = ("validation", "test")
+    elif split == "validation":
+        calibration_split, report_split = data.split_in_two(splits.validation,
+                                                            splits.num_classes, seed)
+        names = ("validation (half A)", "validation (half B)")
+    else:
+        raise ValueError(f"split must be test or validation. Received: split={split!r}")
+    return EvaluationImages(
+        calibration_name=names[0],
+        calibration_images=data.normalized(calibration_split.images, splits.mean, splits.std),
+        calibration_labels=calibration_split.labels,
+        report_name=names[1],
+        report_images=data.normalized(report_split.images, splits.mean, splits.std),
+        report_labels=report_split.labels, num_classes=splits.num_classes)
+
+
+def _json_threshold(value: float):
+    """Infinite thresholds as "inf"/"-inf" strings: JSON has no infinity."""
+    return float(value) if np.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetedResult:
+    """An operating point calibrated on one split and reported on another."""
+    label: Dict[str, object]   # {"q": q}, {"budget_mflops": b}, {"threshold": t}, {"point": "default"}
+    calibration_accuracy: float
+    point: calibration.OperatingPoint    # measured on the report split
+
+    def to_json(self) -> dict:
+        return {**self.label, "thresholds": [_json_threshold(t) for t in self.point.thresholds],
+                "expected_macs": float(self.point.expected_macs),
+                "accuracy": float(self.point.accuracy),
+                "calibration_accuracy": float(self.calibration_accuracy),
+                "exit_fractions": [float(f) for f in self.point.exit_fractions]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEvaluation:
+    name: str
+    model_dir: str
+    checkpoint: str
+    cost: ModelCost
+    exit_accuracy: List[float]
+    sweep: List[BudgetedResult]
+    budgets: List[BudgetedResult]
+    fixed: Optional[BudgetedResult]
+    default: Optional[BudgetedResult]
+
+    @property
+    def thresholds_by_path(self) -> Dict[str, List[float]]:
+        """Latency paths of the adaptive predictor: the default point and each budget."""
+        if self.default is None:
+            return {}
+        paths = {"adaptive": list(self.default.point.thresholds)}
+        for result in self.budgets:
+            paths[f"adaptive@{result.label['budget_mflops']:g}"] = list(result.point.thresholds)
+        return paths
+
+
+def _confidences_and_predictions(probabilities: np.ndarray, kind: str):
+    return (np.asarray(adaptive.confidence(probabilities, kind)),
+            np.argmax(probabilities, axis=-1).astype(np.int32))
+
+
+def _calibrated_points(confidences, predictions, labels, exit_macs, num_classes, qs):
+    """The sweep's points on calibration data, and the cheapest point (all leave at exit 1)."""
+    points = calibration.budgeted_points(confidences, predictions, labels, exit_macs, qs,
+                                         num_classes)
+    cheapest = calibration.evaluate(
+        confidences, predictions, labels,
+        calibration.fixed_threshold(_EVERYONE_AT_EXIT_1, len(exit_macs)), exit_macs, num_classes)
+    return points, cheapest
+
+
+def evaluate_model(model, cost: ModelCost, images: EvaluationImages, *, name: str,
+                   model_dir: str, checkpoint: str, budgets_mflops: Sequence[float] = (),
+                   fixed_threshold: Optional[float] = None, confidence_kind: str = "max_softmax",
+                   qs: Sequence[float] = calibration.reference_sweep(),
+                   batch_size: int = 256) -> ModelEvaluation:
+    """Anytime accuracy and budgeted operating points of one model."""
+    exit_macs = [e.macs for e in cost.exits]
+    cal_conf, cal_pred = _confidences_and_predictions(
+        adaptive.all_exit_probabilities(model, images.calibration_images, batch_size),
+        confidence_kind)
+    rep_conf, rep_pred = _confidences_and_predictions(
+        adaptive.all_exit_probabilities(model, images.report_images, batch_size),
+        confidence_kind)
+    exit_accuracy = [float(np.mean(p == images.report_labels)) for p in rep_pred]
+    if model.num_exits == 1:
+        return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, [], [], None, None)
+
+    def report(label, point):
+        measured = calibration.evaluate(rep_conf, rep_pred, images.report_labels,
+                                        point.thresholds, exit_macs, images.num_classes)
+        return BudgetedResult(label, point.accuracy, measured)
+
+    def calibrated(thresholds):
+        return calibration.evaluate(cal_conf, cal_pred, images.calibration_labels, thresholds,
+                                    exit_macs, images.num_classes)
+
+    points, cheapest = _calibrated_points(cal_conf, cal_pred, images.calibration_labels,
+                                          exit_macs, images.num_classes, qs)
+    sweep = [report({"q": float(q)}, point) for q, point in zip(qs, points)]
+    budgets = [report({"budget_mflops": float(b)},
+                      calibration.best_within_budget(points + [cheapest], b * 1e6))
+               for b in budgets_mflops]
+    last_exit_accuracy = float(np.mean(cal_pred[-1] == images.calibration_labels))
+    default = report({"point": "default"}, calibration.default_point(points, last_exit_accuracy))
+    fixed = None
+    if fixed_threshold is not None:
+        fixed = report({"threshold": float(fixed_threshold)}, calibrated(
+            calibration.fixed_threshold(fixed_threshold, model.num_exits)))
+    return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, sweep, budgets,
+                           fixed, default)
+
+
+def operating_thresholds(model, cost: ModelCost, splits: data.DataSplits, *,
+                         budget_mflops: Optional[float] = None,
+                         threshold: Optional[float] = None,
+                         confidence_kind: str = "max_softmax", batch_size: int = 256) -> List[float]:
+    """Thresholds of one operating point, calibrated on the whole validation split.
+
+    The default point (cheapest within 1 point of the last exit's accuracy), the best
+    point within ``budget_mflops``, or the seed's single fixed ``threshold``.
+    """
+    if model.num_exits == 1:
+        return [float("-inf")]
+    if threshold is not None:
+        return [float(t) for t in calibration.fixed_threshold(threshold, model.num_exits)]
+    if len(splits.validation) == 0:
+        raise ValueError("Calibrating exit thresholds needs the validation split, but this model "
+                         "was trained with --validation_size=0. Pass --threshold instead.")
+    exit_macs = [e.macs for e in cost.exits]
+    conf, pred = _confidences_and_predictions(adaptive.all_exit_probabilities(
+        model, data.normalized(splits.validation.images, splits.mean, splits.std), batch_size),
+        confidence_kind)
+    labels = splits.validation.labels
+    points, cheapest = _calibrated_points(conf, pred, labels, exit_macs, splits.num_classes,
+                                          calibration.reference_sweep())
+    if budget_mflops is None:
+        chosen = calibration.default_point(points, float(np.mean(pred[-1] == labels)))
+    else:
+        chosen = calibration.best_within_budget(points + [cheapest], budget_mflops * 1e6)
+    return [float(t) for t in chosen.thresholds]

@@ -1,0 +1,287 @@
+"""Honest per-image latency and batched throughput, measured the same way for every model.
+
+A *path* is one way of running a model: a callable that takes a float32 batch
+[B, H, W, 3] and returns only once its answer is on the host (numpy), so a
+timing includes the device sync. ``batch1_paths`` builds them for batch-1
+latency: the whole network in one compiled graph (``"full"``), real early exit
+at each operating point (``AdaptivePredictor.predict_one``), and the seed's
+``Model.predict`` as a reference, whose per-call overhead (data adapter and
+callbacks rebuilt every call) dwarfs a small CNN's compute.
+
+``measure_latency`` times every path of every model INTERLEAVED, image by
+image, in an order that rotates, so a noisy machine (frequency scaling, other
+processes, allocator state) slows all paths alike and their ratios hold.
+
+Example:
+    >>> paths = {"ranet": batch1_paths(ranet, AdaptivePredictor(ranet), {"adaptive": t}),
+    ...          "vgg16": batch1_paths(vgg16)}
+    >>> stats = measure_latency(paths, images[:1000])
+    >>> stats["ranet"]["adaptive"].p50   # milliseconds
+"""
+
+import dataclasses
+import os
+import platform
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ranet.adaptive import AdaptivePredictor
+from ranet.models.staged import StagedClassifier
+
+Path = Callable[[np.ndarray], object]
+FULL = "full"
+KERAS_PREDICT = "keras_predict"
+_RESERVED = (FULL, KERAS_PREDICT)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats:
+    """Percentiles and mean of one path's per-call times, in milliseconds."""
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    num_samples: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def summarize(seconds: Sequence[float]) -> LatencyStats:
+    """Per-call times in SECONDS -> ``LatencyStats`` in MILLISECONDS.
+
+    Percentiles use ``np.percentile``'s default linear interpolation between
+    the two nearest samples (p90 of [1, 2, 3, 4] is 3.7), so with few samples
+    p99 is close to, but not above, the slowest call.
+    """
+    milliseconds = np.asarray(seconds, dtype=np.float64) * 1e3
+    if milliseconds.ndim != 1 or milliseconds.size == 0:
+        raise ValueError("summarize needs a non-empty 1-D sequence of per-call times in seconds. "
+                         f"Received: shape={milliseconds.shape}")
+    p50, p90, p99 = np.percentile(milliseconds, [50, 90, 99])
+    return LatencyStats(p50=float(p50), p90=float(p90), p99=float(p99),
+                        mean=float(np.mean(milliseconds)), num_samples=int(milliseconds.size))
+
+
+def _to_host(outputs):
+    """Copies every tensor of ``outputs`` to numpy: the wait for the device is part of the call."""
+    return tf.nest.map_structure(lambda tensor: tensor.numpy(), outputs)
+
+
+def _every_exit_classes(model: StagedClassifier, batch_size: Optional[int]):
+    """A compiled full forward pass: images [B, H, W, 3] -> int32 [K, B], every exit's class.
+
+    Fetching every exit's class keeps every exit head in the graph (an unfetched
+    head would be pruned away) while handing back only K integers per image.
+    Not jit-compiled, like ``AdaptivePredictor``, so full and adaptive differ
+    only in which stages run.
+    """
+    @tf.function(input_signature=[tf.TensorSpec([batch_size, *model.image_shape], tf.float32)])
+    def every_exit_classes(images):
+        return tf.stack([tf.argmax(logits, axis=-1, output_type=tf.int32)
+                         for logits in model(images, training=False)])
+
+    return every_exit_classes
+
+
+def _threshold_tensors(model: StagedClassifier, predictor: Optional[AdaptivePredictor],
+                       thresholds: Optional[Mapping[str, Sequence[float]]]
+                       ) -> Dict[str, tf.Tensor]:
+    """Validates ``thresholds`` and converts each operating point to a tensor, once."""
+    thresholds = dict(thresholds or {})
+    if not thresholds:
+        return {}
+    if predictor is None or predictor.model is not model:
+        raise ValueError("Adaptive paths need an AdaptivePredictor built on this same model: "
+                         "pass AdaptivePredictor(model). Received: predictor="
+                         f"{'None' if predictor is None else 'one built on another model'}")
+    tensors = {}
+    for name, values in thresholds.items():
+        if name in _RESERVED:
+            raise ValueError(f"Path names {', '.join(_RESERVED)} are taken by the non-adaptive "
+                             f"paths; rename the operating point. Received: {name!r}")
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (model.num_exits,):
+            raise ValueError(f"Operating point {name!r} needs one threshold per exit "
+                             f"({model.num_exits}). Received: thresholds={values.tolist()}")
+        tensors[name] = tf.constant(values)
+    return tensors
+
+
+def _adaptive_path(predict: Callable, thresholds: tf.Tensor) -> Path:
+    return lambda images: _to_host(predict(images, thresholds))
+
+
+def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
+                 thresholds: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, Path]:
+    """The batch-1 latency paths of one model, each taking images [1, H, W, 3] float32.
+
+    Args:
+        model: a staged classifier (a baseline is the one-exit case).
+        predictor: ``AdaptivePredictor(model)``; needed only when ``thresholds`` is given.
+        thresholds: operating point name (e.g. ``"adaptive"``, ``"adaptive@15"``) ->
+            one threshold per exit. Empty or None for a baseline.
+
+    Returns:
+        ``{"full": every stage in one compiled graph, <each operating point>: compiled
+        early exit (tf.cond chain), "keras_predict": model.predict(x) as the seed
+        timed it}``. Each returns numpy arrays, only once they are on the host.
+    """
+    full = _every_exit_classes(model, batch_size=1)
+    paths = {FULL: lambda images: full(images).numpy()}
+    for name, tensor in _threshold_tensors(model, predictor, thresholds).items():
+        paths[name] = _adaptive_path(predictor.predict_one, tensor)
+    # Already numpy: predict copies its outputs to the host before returning.
+    paths[KERAS_PREDICT] = lambda images: model.predict(images, verbose=0)
+    return paths
+
+
+def batched_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
+                  thresholds: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, Path]:
+    """Throughput paths of one model, each taking images [B, H, W, 3] of any B.
+
+    ``"full"`` runs every stage on the whole batch; each operating point runs
+    ``predictor.predict_batch`` (stage k on the undecided images only). Both have
+    a batch dimension of None in their signature, so a partial last batch does
+    not retrace. Arguments as ``batch1_paths``.
+    """
+    full = _every_exit_classes(model, batch_size=None)
+    paths = {FULL: lambda images: full(images).numpy()}
+    for name, tensor in _threshold_tensors(model, predictor, thresholds).items():
+        paths[name] = _adaptive_path(predictor.predict_batch, tensor)
+    return paths
+
+
+def _check_images(images) -> np.ndarray:
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError("images must be a non-empty float32 array [N, H, W, 3]. "
+                         f"Received: shape={images.shape}")
+    return images
+
+
+def measure_latency(paths_by_model: Mapping[str, Mapping[str, Path]], images: np.ndarray,
+                    warmup: int = 10, clock: Callable[[], float] = time.perf_counter,
+                    progress: Optional[Callable[[int, int], None]] = None
+                    ) -> Dict[str, Dict[str, LatencyStats]]:
+    """Batch-1 latency of every path of every model, measured interleaved.
+
+    First every path runs on ``warmup`` images, untimed, so tracing, graph
+    optimisation and allocator growth happen before timing starts. Then for each
+    image i, every (model, path) runs once on ``images[i:i+1]``, each call timed
+    alone with ``clock``. The order of the paths rotates by one per image, so no
+    path always runs first after the idle gap between images, or always right
+    after the heaviest one.
+
+    Args:
+        paths_by_model: model name -> path name -> path (see ``batch1_paths``).
+        images: float32 [N, H, W, 3]; N timed calls per path.
+        warmup: untimed calls per path before timing (images reused cyclically).
+        clock: seconds, monotonic; injectable for tests.
+        progress: called as ``progress(images_done, N)`` about every 10% of the images.
+
+    Returns:
+        model name -> path name -> ``LatencyStats`` (milliseconds) over the N images.
+    """
+    images = _check_images(images)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0. Received: warmup={warmup}")
+    calls = [(model_name, path_name, path) for model_name, paths in paths_by_model.items()
+             for path_name, path in paths.items()]
+    if not calls:
+        raise ValueError("measure_latency needs at least one path. "
+                         f"Received: paths_by_model={dict(paths_by_model)}")
+
+    def rotated(i: int):
+        start = i % len(calls)
+        return calls[start:] + calls[:start]
+
+    num_images = len(images)
+    for i in range(warmup):
+        image = images[i % num_images:i % num_images + 1]
+        for _, _, path in rotated(i):
+            path(image)
+
+    seconds: Dict[tuple, List[float]] = {(m, p): [] for m, p, _ in calls}
+    report_every = max(1, num_images // 10)
+    for i in range(num_images):
+        image = images[i:i + 1]
+        for model_name, path_name, path in rotated(i):
+            start = clock()
+            path(image)
+            seconds[model_name, path_name].append(clock() - start)
+        if progress is not None and ((i + 1) % report_every == 0 or i + 1 == num_images):
+            progress(i + 1, num_images)
+
+    results: Dict[str, Dict[str, LatencyStats]] = {name: {} for name in paths_by_model}
+    for (model_name, path_name), times in seconds.items():
+        results[model_name][path_name] = summarize(times)
+    return results
+
+
+def measure_throughput(fn: Path, images: np.ndarray, batch_size: int, warmup_batches: int = 2,
+                       clock: Callable[[], float] = time.perf_counter) -> float:
+    """Images per second over one timed pass of ``images`` in batches of ``batch_size``.
+
+    The pass covers every image: a last partial batch runs at its own size (no
+    padding, so no work on images that are not there is counted), which is why
+    ``fn`` should accept any batch size without retracing (``batched_paths`` do).
+    Untimed first: ``warmup_batches`` calls on the first batch, and one on the
+    partial batch if there is one, so even a shape-specialised ``fn`` traces it
+    outside the timed pass. The pass is timed as a whole, batch slicing included.
+    """
+    images = _check_images(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
+    num_images = len(images)
+    for _ in range(warmup_batches):
+        fn(images[:batch_size])
+    remainder = num_images % batch_size
+    if remainder and num_images > batch_size:
+        fn(images[-remainder:])
+
+    start = clock()
+    for offset in range(0, num_images, batch_size):
+        fn(images[offset:offset + batch_size])
+    elapsed = clock() - start
+    if elapsed <= 0:
+        raise ValueError("The clock did not advance over the timed pass; use a clock with "
+                         f"finer resolution. Received: elapsed={elapsed}")
+    return num_images / elapsed
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # Not Linux: fall back to what the platform module knows.
+    return platform.processor() or platform.machine()
+
+
+def device_info() -> dict:
+    """Where the numbers were measured, to store beside them.
+
+    ``intra_op_threads`` / ``inter_op_threads`` of 0 mean TensorFlow's default:
+    all cores available to the process. ``"device"`` counts the cores this
+    process may run on, which in a container can be fewer than ``cpu_count``.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = f"CPU: {_cpu_name()}, {cores} cores"
+    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")]
+    return {
+        "device": f"GPU: {', '.join(gpus)}; {cpu}" if gpus else cpu,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
