@@ -27,6 +27,7 @@ the normalisation and where the weights came from. JSON has no infinities, so no
 thresholds are written as the strings "inf" / "-inf": ``float(t)`` reads every entry.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -117,15 +118,19 @@ def build_serving_module(model, thresholds: Sequence[float], mean: Sequence[floa
     return module
 
 
+def _refuse_non_empty(export_dir: str, overwrite: bool) -> None:
+    if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
+        raise ValueError(f"export_dir {export_dir} already exists and is not empty. Pass "
+                         f"--overwrite to replace it, or choose a new folder (TF Serving: a new "
+                         f"version number). Received: export_dir={export_dir}")
+
+
 def _check_export_dir(export_dir: str, model_dir: str, overwrite: bool) -> None:
     """Refuses a destination that holds something, unless overwriting, and never the model."""
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         raise ValueError(f"export_dir {export_dir} is a file, not a folder. Pass a folder path "
                          f"(e.g. /serving/ranet/1). Received: export_dir={export_dir}")
-    if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
-        raise ValueError(f"export_dir {export_dir} already exists and is not empty. Pass "
-                         f"--overwrite to replace it, or choose a new folder (TF Serving: a new "
-                         f"version number). Received: export_dir={export_dir}")
+    _refuse_non_empty(export_dir, overwrite)
     # Replacing a folder that holds the model directory would delete the checkpoints.
     export_real, model_real = os.path.realpath(export_dir), os.path.realpath(model_dir)
     if os.path.commonpath([export_real, model_real]) == export_real:
@@ -160,11 +165,11 @@ def _operating_point(num_exits: int, budget_mflops: Optional[float],
 
 
 def _json_float(value: float):
-    """A float as strict JSON: non-finite values become "inf", "-inf" or "nan"."""
+    """A float as strict JSON: infinities become the strings "inf" and "-inf"."""
     return value if math.isfinite(value) else str(value)
 
 
-def _write_atomically(module, metadata: dict, export_dir: str) -> None:
+def _write_atomically(module, metadata: dict, export_dir: str, overwrite: bool) -> None:
     """Saves into a hidden sibling folder, then renames it into place.
 
     A failure leaves export_dir as it was. TF Serving ignores the sibling, whose name is not
@@ -179,11 +184,19 @@ def _write_atomically(module, metadata: dict, export_dir: str) -> None:
     replaced = None
     try:
         logging.info("saving the SavedModel into %s", staging)
-        tf.saved_model.save(module, staging,
-                            signatures={name: getattr(module, name) for name in SIGNATURE_NAMES})
+        # At INFO, saving logs every variable each signature captures: thousands of names.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity(min(verbosity, logging.WARNING))  # absl: lower is quieter
+        try:
+            tf.saved_model.save(module, staging, signatures={
+                signature: getattr(module, signature) for signature in SIGNATURE_NAMES})
+        finally:
+            logging.set_verbosity(verbosity)
         os.makedirs(os.path.join(staging, EXTRA_DIR))
         with open(os.path.join(staging, EXTRA_DIR, METADATA_FILENAME), "w") as f:
             json.dump(metadata, f, indent=2, allow_nan=False)
+        # Again: something may have appeared there while the model was calibrated and saved.
+        _refuse_non_empty(export_dir, overwrite)
         if os.path.isdir(export_dir) and os.listdir(export_dir):
             # rename() replaces only an empty folder: move the old export aside first.
             replaced = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
@@ -197,6 +210,10 @@ def _write_atomically(module, metadata: dict, export_dir: str) -> None:
             raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if replaced is not None:
+            # Empty, unless the old export could not be moved back: then it stays there.
+            with contextlib.suppress(OSError):
+                os.rmdir(replaced)
         raise
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
@@ -267,7 +284,7 @@ def export(model_dir: str, export_dir: str, *, checkpoint: str = "best",
         "checkpoint": os.path.abspath(checkpoint_path),
         "tensorflow_version": tf.__version__,
     }
-    _write_atomically(module, metadata, export_dir)
+    _write_atomically(module, metadata, export_dir, overwrite)
     logging.info("exported to %s", os.path.abspath(export_dir))
     return metadata
 

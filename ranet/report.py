@@ -46,8 +46,10 @@ def _finite(values) -> str:
 
 def _label(result: BudgetedResult) -> str:
     (key, value), = result.label.items()
-    return {"q": f"q={value:g}", "budget_mflops": f"budget {value:g} M",
-            "threshold": f"fixed threshold {value:g}", "point": "default"}[key]
+    if key == "point":
+        return str(value)
+    prefix = {"q": "q=", "budget_mflops": "budget ", "threshold": "fixed threshold "}[key]
+    return f"{prefix}{value:g}" + (" M" if key == "budget_mflops" else "")
 
 
 def _budget_rows(results: List[BudgetedResult]) -> List[str]:
@@ -183,12 +185,15 @@ def write_tensorboard(report: dict, log_dir: str) -> None:
 
 def write(report: dict, evaluations: List[ModelEvaluation], report_dir: str) -> List[str]:
     """Writes every output into ``report_dir``; returns the paths written."""
+    # Rendered before anything is written, so a rendering error leaves no partial report.
+    texts = {REPORT_JSON: json.dumps(report, indent=2, default=_json_default),
+             REPORT_MD: markdown(report, evaluations)}
     os.makedirs(report_dir, exist_ok=True)
-    paths = [os.path.join(report_dir, REPORT_JSON), os.path.join(report_dir, REPORT_MD)]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=2, default=_json_default)
-    with open(paths[1], "w") as f:
-        f.write(markdown(report, evaluations))
+    paths = []
+    for name, text in texts.items():
+        paths.append(os.path.join(report_dir, name))
+        with open(paths[-1], "w") as f:
+            f.write(text)
     paths += plot(report, report_dir)
     write_tensorboard(report, os.path.join(report_dir, "tensorboard"))
     return paths

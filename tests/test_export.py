@@ -1,0 +1,283 @@
+"""The serving SavedModel answers as the in-process model does; the binary fails cleanly.
+
+The model directory is made without training: a tiny 3-exit RANet with its exit layers
+sharpened so that confidences spread, a config.json and one checkpoint.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ranet import adaptive, costs, data, export
+from ranet import config as config_lib
+from ranet.models import get_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RANET = config_lib.ModelConfig(
+    name="ranet", num_classes=10, scale_list=(1, 2, 3), growth_factors=(4, 2, 1),
+    bottleneck_factors=(4, 2, 1), base_channels=8, growth_rate=4, num_blocks=1, block_step=1,
+    step=2)
+DATA = config_lib.DataConfig(dataset="synthetic", synthetic_train_size=512,
+                             synthetic_test_size=64, validation_size=128)
+NUM_EXITS = 3
+# Random exit layers give near-uniform softmaxes; sharpened, the confidences spread.
+LOGIT_SCALE = 6.0
+
+
+def _write_model_dir(model_dir: Path, with_checkpoint: bool = True):
+    """A model directory as ranet.train leaves it: config.json and (optionally) a checkpoint."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = config_lib.ExperimentConfig(data=DATA, model=TINY_RANET,
+                                         optim=config_lib.OptimConfig(),
+                                         runtime=config_lib.RuntimeConfig(model_dir=str(model_dir)))
+    config_lib.save(config, str(model_dir))
+    if not with_checkpoint:
+        return None
+    keras.utils.set_random_seed(0)
+    model = get_model(TINY_RANET)
+    for stage in model.stages:
+        for layer in stage.layers:
+            if isinstance(layer, keras.layers.Dense):
+                layer.kernel.assign(layer.kernel * LOGIT_SCALE)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(model_dir / "checkpoints"),
+                               max_to_keep=1).save(checkpoint_number=1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("run")
+    return directory, _write_model_dir(directory)
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, tmp_path_factory):
+    """The default operating point exported in-process, over a stale export (--overwrite)."""
+    directory, model = model_dir
+    export_dir = tmp_path_factory.mktemp("serving") / "ranet" / "1"
+    export_dir.mkdir(parents=True)
+    (export_dir / "stale.txt").write_text("from an older export")
+    metadata = export.export(str(directory), str(export_dir), overwrite=True)
+    return export_dir, metadata, model
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return tf.saved_model.load(str(exported[0]))
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return data.load_splits(DATA)
+
+
+@pytest.fixture(scope="module")
+def raw_images(splits):
+    """Test-split pixels (not the calibration images, so no confidence ties a threshold)."""
+    return splits.test.images.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def predictor(exported):
+    return adaptive.AdaptivePredictor(exported[2])
+
+
+def _in_process(predictor, raw_images, splits, thresholds):
+    return predictor.predict_batch(data.normalized(raw_images, splits.mean, splits.std),
+                                   tf.constant(thresholds, tf.float32))
+
+
+def _assert_same_answers(served, expected):
+    np.testing.assert_array_equal(served["exits"].numpy(), expected["exits"].numpy())
+    np.testing.assert_array_equal(served["classes"].numpy(), expected["classes"].numpy())
+    np.testing.assert_allclose(served["probabilities"].numpy(),
+                               expected["probabilities"].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_export_replaces_the_stale_folder_and_leaves_no_staging_behind(exported):
+    export_dir, _, _ = exported
+    assert (export_dir / "saved_model.pb").is_file()
+    assert (export_dir / "assets.extra" / export.METADATA_FILENAME).is_file()
+    assert not (export_dir / "stale.txt").exists()
+    assert sorted(os.listdir(export_dir.parent)) == ["1"]
+
+
+def test_metadata_records_the_operating_point_and_normalisation(exported, splits):
+    export_dir, metadata, model = exported
+    with open(export_dir / "assets.extra" / export.METADATA_FILENAME) as f:
+        written = json.load(f)
+    assert written == metadata
+    assert len(written["thresholds"]) == NUM_EXITS and written["thresholds"][-1] == "-inf"
+    assert written["operating_point"]["rule"] == "default"
+    assert written["operating_point"]["num_images"] == DATA.validation_size
+    assert written["exit_macs"] == [e.macs for e in costs.count(model).exits]
+    assert written["num_classes"] == 10 and written["num_exits"] == NUM_EXITS
+    np.testing.assert_array_equal(written["normalization"]["mean"], splits.mean)
+    np.testing.assert_array_equal(written["normalization"]["std"], splits.std)
+    assert written["checkpoint"].endswith("ckpt-1")
+    assert written["tensorflow_version"] == tf.__version__
+
+
+def test_signatures_and_their_specs(loaded):
+    assert set(loaded.signatures) == set(export.SIGNATURE_NAMES)
+    images = tf.TensorSpec([None, 32, 32, 3], tf.float32, name="images")
+    thresholds = tf.TensorSpec([NUM_EXITS], tf.float32, name="thresholds")
+    answers = {"classes": tf.TensorSpec([None], tf.int32, name="classes"),
+               "probabilities": tf.TensorSpec([None, 10], tf.float32, name="probabilities"),
+               "exits": tf.TensorSpec([None], tf.int32, name="exits")}
+    expected = {
+        "serving_default": ({"images": images}, answers),
+        "adaptive": ({"images": images, "thresholds": thresholds}, answers),
+        "all_exits": ({"images": images},
+                      {f"logits_exit_{k}": tf.TensorSpec([None, 10], tf.float32,
+                                                         name=f"logits_exit_{k}")
+                       for k in range(1, NUM_EXITS + 1)}),
+    }
+    for name, (inputs, outputs) in expected.items():
+        signature = loaded.signatures[name]
+        assert signature.structured_input_signature == ((), inputs), name
+        assert signature.structured_outputs == outputs, name
+
+
+def test_serving_default_is_the_in_process_early_exit(exported, loaded, predictor, raw_images,
+                                                     splits):
+    metadata = exported[1]
+    thresholds = [float(t) for t in metadata["thresholds"]]
+    np.testing.assert_array_equal(loaded.thresholds.numpy(), np.float32(thresholds))
+    served = loaded.signatures["serving_default"](images=tf.constant(raw_images))
+    _assert_same_answers(served, _in_process(predictor, raw_images, splits, thresholds))
+
+
+@pytest.mark.parametrize("case", ["all_leave_at_1", "none_leave_early", "mixed"])
+def test_adaptive_takes_thresholds_per_call(case, exported, loaded, predictor, raw_images,
+                                            splits):
+    if case == "mixed":
+        # Median confidences of exits 1 and 2: images leave at every exit.
+        probabilities = adaptive.all_exit_probabilities(
+            exported[2], data.normalized(raw_images, splits.mean, splits.std))
+        thresholds = list(np.median(probabilities.max(axis=-1), axis=1)[:-1]) + [-np.inf]
+    else:
+        value = -np.inf if case == "all_leave_at_1" else np.inf
+        thresholds = [value] * NUM_EXITS
+    served = loaded.signatures["adaptive"](images=tf.constant(raw_images),
+                                           thresholds=tf.constant(thresholds, tf.float32))
+    _assert_same_answers(served, _in_process(predictor, raw_images, splits, thresholds))
+    expected_exits = {"all_leave_at_1": {1}, "none_leave_early": {NUM_EXITS},
+                      "mixed": {1, 2, 3}}[case]
+    assert set(served["exits"].numpy()) == expected_exits
+
+
+def test_the_thresholds_variable_steers_serving_default(loaded, raw_images):
+    stored = loaded.thresholds.numpy()
+    try:
+        loaded.thresholds.assign(np.full(NUM_EXITS, np.inf, np.float32))
+        served = loaded.signatures["serving_default"](images=tf.constant(raw_images))
+        assert set(served["exits"].numpy()) == {NUM_EXITS}
+    finally:
+        loaded.thresholds.assign(stored)
+
+
+def test_all_exits_are_the_model_logits(exported, loaded, raw_images, splits):
+    model = exported[2]
+    served = loaded.signatures["all_exits"](images=tf.constant(raw_images))
+    expected = model(data.normalized(raw_images, splits.mean, splits.std), training=False)
+    assert sorted(served) == [f"logits_exit_{k}" for k in range(1, NUM_EXITS + 1)]
+    for k, logits in enumerate(expected, start=1):
+        np.testing.assert_allclose(served[f"logits_exit_{k}"].numpy(), logits.numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_number_of_thresholds_is_refused(exported, splits):
+    with pytest.raises(ValueError, match=r"one value per exit \(3\).*Received: thresholds"):
+        export.build_serving_module(exported[2], [0.5, -np.inf], splits.mean, splits.std)
+
+
+def test_a_failed_save_keeps_the_old_export(model_dir, tmp_path, monkeypatch):
+    export_dir = tmp_path / "1"
+    export_dir.mkdir()
+    (export_dir / "old.txt").write_text("previous version")
+
+    def failing_save(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", failing_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export(str(model_dir[0]), str(export_dir), threshold=0.5, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+    assert sorted(os.listdir(export_dir)) == ["old.txt"]
+
+
+# --------------------------------------------------------------------------------------------
+# The binary, run as a user runs it.
+
+def _export_binary(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "ranet.export", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_binary_exports_a_fixed_threshold(model_dir, tmp_path):
+    export_dir = tmp_path / "ranet" / "1"
+    result = _export_binary(f"--model_dir={model_dir[0]}", f"--export_dir={export_dir}",
+                            "--threshold=0.85", "--checkpoint=latest")
+    assert result.returncode == 0, result.stderr
+    assert (export_dir / "saved_model.pb").is_file()
+    assert "exported to" in result.stderr
+    with open(export_dir / "assets.extra" / export.METADATA_FILENAME) as f:
+        metadata = json.load(f)
+    expected = [0.85] * (NUM_EXITS - 1) + [-np.inf]
+    assert [float(t) for t in metadata["thresholds"]] == expected
+    assert metadata["operating_point"] == {"rule": "fixed_threshold", "threshold": 0.85}
+    # The variable the serving graph reads, straight from the SavedModel's checkpoint.
+    reader = tf.train.load_checkpoint(str(export_dir / "variables" / "variables"))
+    np.testing.assert_array_equal(
+        reader.get_tensor("thresholds/.ATTRIBUTES/VARIABLE_VALUE"), np.float32(expected))
+
+
+def test_binary_without_checkpoint_names_the_directory(tmp_path):
+    model_dir = tmp_path / "untrained"
+    _write_model_dir(model_dir, with_checkpoint=False)
+    export_dir = tmp_path / "out"
+    result = _export_binary(f"--model_dir={model_dir}", f"--export_dir={export_dir}")
+    assert result.returncode != 0
+    assert f"error: {model_dir} has no checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not export_dir.exists()
+
+
+def test_binary_refuses_a_non_empty_export_dir(model_dir, tmp_path):
+    export_dir = tmp_path / "1"
+    export_dir.mkdir()
+    (export_dir / "keep.txt").write_text("someone's model")
+    result = _export_binary(f"--model_dir={model_dir[0]}", f"--export_dir={export_dir}")
+    assert result.returncode != 0
+    assert "already exists and is not empty" in result.stderr and "--overwrite" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(export_dir)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--budget_mflops=5", "--threshold=0.85"), "pass at most one"),
+    (("--budget_mflops=0",), "--budget_mflops must be a positive number"),
+    (("extra",), "unexpected arguments: extra"),
+])
+def test_binary_refuses_bad_flags(args, message, model_dir, tmp_path):
+    export_dir = tmp_path / "1"
+    result = _export_binary(f"--model_dir={model_dir[0]}", f"--export_dir={export_dir}", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not export_dir.exists()
+
+
+def test_binary_requires_export_dir(model_dir):
+    result = _export_binary(f"--model_dir={model_dir[0]}")
+    assert result.returncode != 0
+    assert "--export_dir" in result.stderr
