@@ -18,13 +18,15 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8"],
-        "plots": ["matplotlib>=3.8"],
+        "plots": ["matplotlib>=3.8"],  # the eval binary's PNG plots
+        "test": ["pytest>=8", "matplotlib>=3.8"],
     },
     entry_points={
         "console_scripts": [
             "ranet-train=ranet.train:run",
             "ranet-summary=ranet.summary:run",
+            "ranet-eval=ranet.eval:run",
+            "ranet-export=ranet.export:run",
         ],
     },
 )

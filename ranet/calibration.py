@@ -205,10 +205,8 @@ def best_within_budget(points: Sequence[OperatingPoint], budget_macs: float) -> 
         cheapest = min(p.expected_macs for p in points)
         raise ValueError(
             f"No operating point fits a budget of {budget_macs:,.1f} multiply-adds per image: "
-            f"the cheapest costs {cheapest:,.1f}. No thresholds cost less than the first exit, "
-            "which every image runs. Raise the budget, or add cheaper points: smaller q, or "
-            "fixed_threshold(-inf, num_exits) to send every image out at exit 1. "
-            f"Received: budget_macs={budget_macs}")
+            f"the cheapest costs {cheapest:,.1f}; no thresholds cost less than the first exit, "
+            f"which every image runs. Raise the budget. Received: budget_macs={budget_macs}")
     return max(affordable, key=lambda p: (p.accuracy, -p.expected_macs))
 
 
