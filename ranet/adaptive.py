@@ -128,7 +128,8 @@ class AdaptivePredictor(tf.Module):
     """
 
     def __init__(self, model: StagedClassifier, confidence_kind: str = MAX_SOFTMAX,
-                 count_stage_calls: bool = False, name: Optional[str] = None):
+                 count_stage_calls: bool = False, jit_compile: bool = False,
+                 name: Optional[str] = None):
         super().__init__(name=name)
         _check_kind(confidence_kind)
         self.model = model
@@ -147,7 +148,9 @@ class AdaptivePredictor(tf.Module):
         self.predict_batch = tf.function(self._predict_batch,
                                          input_signature=[self._feature_specs[IMAGES], threshold_spec])
         one_image_spec = tf.TensorSpec([1, *model.image_shape], tf.float32)
-        self.predict_one = tf.function(self._predict_one,
+        # XLA fuses the many small ops of a stage, which dominate batch-1 latency; the
+        # batched path gathers rows into data-dependent shapes, which XLA cannot compile.
+        self.predict_one = tf.function(self._predict_one, jit_compile=jit_compile,
                                        input_signature=[one_image_spec, threshold_spec])
 
     def reset_stage_counts(self) -> None:

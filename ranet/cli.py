@@ -59,6 +59,10 @@ def define_flags() -> None:
     flags.DEFINE_float("reduction", model.reduction, "RANet: transition compression.")
     flags.DEFINE_enum("pretrained", "none", ["none", "imagenet"],
                       "ResNet50 only: start from Keras' ImageNet weights (needs a network once).")
+    flags.DEFINE_bool("sync_batch_norm", model.sync_batch_norm,
+                      "Batch norm statistics over the global batch (all-reduced over replicas "
+                      "and workers) instead of each replica's share; N replicas then train like "
+                      "one. Costs three small all-reduces per batch norm layer and step.")
     # Optimisation.
     flags.DEFINE_integer("batch_size", optim.batch_size, "Global batch size, over all replicas.")
     flags.DEFINE_integer("epochs", optim.epochs, "Training epochs (unless --train_steps).")
@@ -121,7 +125,8 @@ def model_config() -> config_lib.ModelConfig:
         base_channels=FLAGS.base_channels, num_blocks=FLAGS.num_blocks,
         block_step=FLAGS.block_step, step=FLAGS.step, step_mode=FLAGS.step_mode,
         compress_factor=FLAGS.compress_factor, reduction=FLAGS.reduction,
-        pretrained=None if FLAGS.pretrained == "none" else FLAGS.pretrained)
+        pretrained=None if FLAGS.pretrained == "none" else FLAGS.pretrained,
+        sync_batch_norm=FLAGS.sync_batch_norm)
 
 
 def _floats(values, name) -> Optional[tuple]:

@@ -80,6 +80,8 @@ class ModelConfig:
     reduction: float = 0.5                   # --reduction
     # Baselines.
     pretrained: Optional[str] = None
+    # Every model: batch norm statistics over the global batch (all replicas), not per replica.
+    sync_batch_norm: bool = False
 
     def __post_init__(self):
         _choice("model", self.name, MODELS)

@@ -32,6 +32,8 @@ flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
 flags.DEFINE_string("data_dir", None, "Overrides the data location saved with the models.")
 flags.DEFINE_enum("precision", "fp32", ["fp32", "mixed_float16", "mixed_bfloat16"],
                   "Numeric precision of inference.")
+flags.DEFINE_bool("xla", False, "XLA-compile the batch-1 paths (full and adaptive) of every "
+                  "model alike.")
 flags.DEFINE_integer("latency_images", 300, "Images timed one by one for batch-1 latency.")
 flags.DEFINE_integer("warmup", 10, "Untimed calls per path before timing.")
 flags.DEFINE_integer("batch_size", 256, "Batch size of inference and of the throughput test.")
@@ -106,8 +108,10 @@ def main(argv):
             budgets_mflops=budgets, fixed_threshold=FLAGS.threshold,
             confidence_kind=FLAGS.confidence, batch_size=FLAGS.batch_size)
         evaluations.append(result)
-        predictor = adaptive.AdaptivePredictor(model, confidence_kind=FLAGS.confidence)
-        batch1[name] = latency.batch1_paths(model, predictor, result.thresholds_by_path)
+        predictor = adaptive.AdaptivePredictor(model, confidence_kind=FLAGS.confidence,
+                                               jit_compile=FLAGS.xla)
+        batch1[name] = latency.batch1_paths(model, predictor, result.thresholds_by_path,
+                                            jit_compile=FLAGS.xla)
         batched[name] = latency.batched_paths(model, predictor, result.thresholds_by_path)
 
     timed = images.report_images[:FLAGS.latency_images]
@@ -125,7 +129,7 @@ def main(argv):
         "split": images.report_name, "calibration_split": images.calibration_name,
         "num_images": len(images.report_labels), "device": environment["device"],
         "tensorflow": environment["tensorflow"], "environment": environment,
-        "precision": FLAGS.precision, "confidence": FLAGS.confidence,
+        "precision": FLAGS.precision, "xla": FLAGS.xla, "confidence": FLAGS.confidence,
         "latency_images": len(timed), "batch_size": FLAGS.batch_size,
         "models": [report.model_json(e, {p: s.to_json() for p, s in latency_ms[e.name].items()},
                                      throughput[e.name]) for e in evaluations]}

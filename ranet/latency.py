@@ -72,15 +72,17 @@ def _to_host(outputs):
     return tf.nest.map_structure(lambda tensor: tensor.numpy(), outputs)
 
 
-def _every_exit_classes(model: StagedClassifier, batch_size: Optional[int]):
+def _every_exit_classes(model: StagedClassifier, batch_size: Optional[int],
+                        jit_compile: bool = False):
     """A compiled full forward pass: images [B, H, W, 3] -> int32 [K, B], every exit's class.
 
     Fetching every exit's class keeps every exit head in the graph (an unfetched
     head would be pruned away) while handing back only K integers per image.
-    Not jit-compiled, like ``AdaptivePredictor``, so full and adaptive differ
+    ``jit_compile`` should match the predictor's, so that full and adaptive differ
     only in which stages run.
     """
-    @tf.function(input_signature=[tf.TensorSpec([batch_size, *model.image_shape], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([batch_size, *model.image_shape], tf.float32)],
+                 jit_compile=jit_compile)
     def every_exit_classes(images):
         return tf.stack([tf.argmax(logits, axis=-1, output_type=tf.int32)
                          for logits in model(images, training=False)])
@@ -117,7 +119,8 @@ def _adaptive_path(predict: Callable, thresholds: tf.Tensor) -> Path:
 
 
 def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
-                 thresholds: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, Path]:
+                 thresholds: Optional[Mapping[str, Sequence[float]]] = None,
+                 jit_compile: bool = False) -> Dict[str, Path]:
     """The batch-1 latency paths of one model, each taking images [1, H, W, 3] float32.
 
     Args:
@@ -125,13 +128,14 @@ def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor]
         predictor: ``AdaptivePredictor(model)``; needed only when ``thresholds`` is given.
         thresholds: operating point name (e.g. ``"adaptive"``, ``"adaptive@15"``) ->
             one threshold per exit. Empty or None for a baseline.
+        jit_compile: XLA-compile the full path (build the predictor with the same).
 
     Returns:
         ``{"full": every stage in one compiled graph, <each operating point>: compiled
         early exit (tf.cond chain), "keras_predict": model.predict(x) as the seed
         timed it}``. Each returns numpy arrays, only once they are on the host.
     """
-    full = _every_exit_classes(model, batch_size=1)
+    full = _every_exit_classes(model, batch_size=1, jit_compile=jit_compile)
     paths = {FULL: lambda images: full(images).numpy()}
     for name, tensor in _threshold_tensors(model, predictor, thresholds).items():
         paths[name] = _adaptive_path(predictor.predict_one, tensor)

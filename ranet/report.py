@@ -66,7 +66,8 @@ def _budget_rows(results: List[BudgetedResult]) -> List[str]:
 def markdown(report: dict, evaluations: List[ModelEvaluation]) -> str:
     lines = [f"# Evaluation on {report['split']} ({report['num_images']} images)", "",
              f"Thresholds calibrated on {report['calibration_split']}. Device: {report['device']}; "
-             f"TensorFlow {report['tensorflow']}; precision {report['precision']}; threads "
+             f"TensorFlow {report['tensorflow']}; precision {report['precision']}; XLA "
+             f"{'on' if report['xla'] else 'off'} (batch-1 paths); threads "
              f"intra {report['environment']['intra_op_threads']} / inter "
              f"{report['environment']['inter_op_threads']} (0: all cores); confidence "
              f"{report['confidence']}.", ""]

@@ -183,3 +183,17 @@ def test_saved_model_round_trip(predictor, images, probabilities, tmp_path):
     _assert_matches(restored.predict_batch(images, thresholds), probabilities, thresholds)
     _assert_matches(_predict_each(restored, images[:4], thresholds), probabilities[:, :4],
                     thresholds)
+
+
+def test_xla_compiled_predict_one_equals_simulate(model, images, probabilities):
+    # Medians of an even number of confidences sit between two images' values, so XLA's
+    # last-bit differences cannot move an image across a threshold.
+    confidences = np.asarray(adaptive.confidence(probabilities))
+    thresholds = np.median(confidences[:, :64], axis=1).astype(np.float32)
+    thresholds[-1] = -np.inf
+    compiled = adaptive.AdaptivePredictor(model, jit_compile=True)
+    outputs = _predict_each(compiled, images[:64], thresholds)
+    classes, exits = adaptive.simulate(probabilities[:, :64], thresholds)
+    np.testing.assert_array_equal(np.asarray(outputs["exits"]), exits)
+    np.testing.assert_array_equal(np.asarray(outputs["classes"]), classes)
+    assert len(set(exits)) > 1
