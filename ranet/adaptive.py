@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from ranet import calibration
-from ranet.models.staged import IMAGES, LOGITS, StagedClassifier
+from ranet.models.staged import IMAGES, StagedClassifier
 
 MAX_SOFTMAX = "max_softmax"
 ENTROPY = "entropy"

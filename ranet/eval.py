@@ -9,7 +9,6 @@ exit distributions, multiply-adds, and batch-1 latency of every path timed inter
 Writes report.json, report.md, PNG plots and TensorBoard scalars into --report_dir.
 """
 
-import dataclasses
 import os
 
 from absl import flags, logging
@@ -52,12 +51,6 @@ def _parse_budgets():
     return budgets
 
 
-def _unique_names(configs, model_dirs):
-    names = [c.model.name for c in configs]
-    return [name if names.count(name) == 1 else f"{name} ({os.path.basename(d.rstrip('/'))})"
-            for name, d in zip(names, model_dirs)]
-
-
 def main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -69,50 +62,38 @@ def main(argv):
     if FLAGS.latency_images <= 0 or FLAGS.batch_size <= 0:
         raise ValueError("--latency_images and --batch_size must be positive")
 
-    from ranet import adaptive, checkpoints, costs, data, evaluation, latency, report
+    from ranet import adaptive, evaluation, latency, report
     logging.set_verbosity(logging.INFO)
 
-    loaded = []
-    for model_dir in FLAGS.model_dir:
-        config, model, path = checkpoints.restore_model(model_dir, FLAGS.checkpoint,
-                                                        FLAGS.precision)
-        loaded.append((model_dir, config, model, path, costs.count(model)))
-        logging.info("loaded %s from %s", config.model.name, path)
-    first = loaded[0][1].data
-    split_fields = ("dataset", "validation_size", "split_seed")
-    for model_dir, config, *_ in loaded[1:]:
-        if any(getattr(config.data, f) != getattr(first, f) for f in split_fields):
-            raise ValueError(f"{model_dir} was trained on another dataset or split than "
-                             f"{loaded[0][0]}; models compared together must share them.")
-    for model_dir, config, model, _, cost in loaded:
-        if model.num_exits > 1 and budgets and min(budgets) * 1e6 < cost.exits[0].macs:
+    models = evaluation.load_models(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.precision)
+    for loaded in models:
+        first_exit = loaded.cost.exits[0].macs
+        if loaded.model.num_exits > 1 and budgets and min(budgets) * 1e6 < first_exit:
             raise ValueError(
-                f"--budget_mflops={min(budgets):g} is below the cost of {config.model.name}'s "
-                f"first exit ({cost.exits[0].macs / 1e6:.2f} M multiply-adds); no operating "
+                f"--budget_mflops={min(budgets):g} is below the cost of {loaded.name}'s "
+                f"first exit ({first_exit / 1e6:.2f} M multiply-adds); no operating "
                 "point fits. Raise the budget.")
-
-    data_config = first if FLAGS.data_dir is None else dataclasses.replace(
-        first, data_dir=FLAGS.data_dir)
-    splits = data.load_splits(data_config)
-    images = evaluation.evaluation_images(splits, FLAGS.split, FLAGS.seed)
+    images = evaluation.load_images(models, FLAGS.split, FLAGS.seed, FLAGS.data_dir)
     logging.info("calibrating on %s (%d images), reporting on %s (%d images)",
                  images.calibration_name, len(images.calibration_labels), images.report_name,
                  len(images.report_labels))
 
-    names = _unique_names([c for _, c, *_ in loaded], FLAGS.model_dir)
     evaluations, batch1, batched = [], {}, {}
-    for name, (model_dir, config, model, path, cost) in zip(names, loaded):
-        logging.info("%s: accuracy of every exit and operating points", name)
+    for loaded in models:
+        logging.info("%s: accuracy of every exit and operating points", loaded.name)
         result = evaluation.evaluate_model(
-            model, cost, images, name=name, model_dir=model_dir, checkpoint=path,
-            budgets_mflops=budgets, fixed_threshold=FLAGS.threshold,
-            confidence_kind=FLAGS.confidence, batch_size=FLAGS.batch_size)
+            loaded.model, loaded.cost, images, name=loaded.name, model_dir=loaded.model_dir,
+            checkpoint=loaded.checkpoint, budgets_mflops=budgets,
+            fixed_threshold=FLAGS.threshold, confidence_kind=FLAGS.confidence,
+            batch_size=FLAGS.batch_size)
         evaluations.append(result)
-        predictor = adaptive.AdaptivePredictor(model, confidence_kind=FLAGS.confidence,
+        predictor = adaptive.AdaptivePredictor(loaded.model, confidence_kind=FLAGS.confidence,
                                                jit_compile=FLAGS.xla)
-        batch1[name] = latency.batch1_paths(model, predictor, result.thresholds_by_path,
-                                            jit_compile=FLAGS.xla)
-        batched[name] = latency.batched_paths(model, predictor, result.thresholds_by_path)
+        batch1[loaded.name] = latency.batch1_paths(loaded.model, predictor,
+                                                   result.thresholds_by_path,
+                                                   jit_compile=FLAGS.xla)
+        batched[loaded.name] = latency.batched_paths(loaded.model, predictor,
+                                                     result.thresholds_by_path)
 
     timed = images.report_images[:FLAGS.latency_images]
     logging.info("timing %d paths on %d images one by one, interleaved",

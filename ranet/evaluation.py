@@ -7,6 +7,7 @@ the validation split when reporting the other half (``--split=validation``).
 """
 
 import dataclasses
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -17,6 +18,48 @@ from ranet.costs import ModelCost
 # The operating point where every image leaves at exit 1: the cheapest one there is,
 # so that any budget down to exit 1's cost maps to a point.
 _EVERYONE_AT_EXIT_1 = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A trained model restored from its directory, with its cost."""
+    name: str
+    model_dir: str
+    config: object
+    model: object
+    checkpoint: str
+    cost: ModelCost
+
+
+def load_models(model_dirs: Sequence[str], checkpoint: str = "best",
+                precision: str = "fp32") -> List[LoadedModel]:
+    """Restores models to compare on the same images: they must share dataset and split.
+
+    Names are the model names, made unique with the directory name where they repeat.
+    """
+    from ranet import checkpoints, costs
+
+    restored = [checkpoints.restore_model(d, checkpoint, precision) for d in model_dirs]
+    split_fields = ("dataset", "validation_size", "split_seed")
+    first = restored[0][0].data
+    for model_dir, (config, _, _) in zip(model_dirs[1:], restored[1:]):
+        if any(getattr(config.data, f) != getattr(first, f) for f in split_fields):
+            raise ValueError(f"{model_dir} was trained on another dataset or split than "
+                             f"{model_dirs[0]}; models compared together must share them.")
+    names = [config.model.name for config, _, _ in restored]
+    return [LoadedModel(
+        name=name if names.count(name) == 1 else f"{name} ({os.path.basename(d.rstrip('/'))})",
+        model_dir=d, config=config, model=model, checkpoint=path, cost=costs.count(model))
+        for name, d, (config, model, path) in zip(names, model_dirs, restored)]
+
+
+def load_images(models: Sequence[LoadedModel], split: str, seed: int = 0,
+                data_dir: Optional[str] = None) -> "EvaluationImages":
+    """The shared dataset of ``models`` (optionally from another folder), split for reporting."""
+    data_config = models[0].config.data
+    if data_dir is not None:
+        data_config = dataclasses.replace(data_config, data_dir=data_dir)
+    return evaluation_images(data.load_splits(data_config), split, seed)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
