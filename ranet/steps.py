@@ -76,11 +76,19 @@ class StepFunctions:
     sum(w**2)`` over every trainable variable (PyTorch SGD's weight_decay),
     scaled for the replicas; under mixed_float16 the loss is scaled and
     non-finite steps are skipped by the LossScaleOptimizer.
+
+    ``train_loop`` ends early, at a step boundary, when the global loss of a
+    step is not finite (with ``stop_on_nonfinite``; leave it off under
+    mixed_float16) or when any worker's ``stop_request`` (a local, non-
+    distributed variable another thread may set, e.g. on SIGTERM) is non-zero.
+    Both are summed over every replica of every worker in one all-reduce per
+    step, so all workers stop at the same step.
     """
 
     def __init__(self, model: StagedClassifier, optimizer, strategy: tf.distribute.Strategy, *,
                  global_batch_size: int, weight_decay: float, label_smoothing: float = 0.0,
-                 exit_weights: Optional[Sequence[float]] = None, xla: bool = False):
+                 exit_weights: Optional[Sequence[float]] = None, xla: bool = False,
+                 stop_on_nonfinite: bool = True, stop_request: Optional[tf.Variable] = None):
         num_exits = model.num_exits
         if exit_weights is not None and len(exit_weights) != num_exits:
             raise ValueError(f"--exit_weights needs one weight per exit ({num_exits}). "
@@ -90,6 +98,8 @@ class StepFunctions:
         self.weight_decay = weight_decay
         self.label_smoothing = label_smoothing
         self.exit_weights = tf.constant(exit_weights or [1.0] * num_exits, tf.float32)
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self.stop_request = stop_request
         with strategy.scope():
             self.metrics = TrainMetrics(num_exits)
             self.global_step = tf.Variable(0, dtype=tf.int64, name="global_step", trainable=False,
@@ -112,19 +122,41 @@ class StepFunctions:
                 loss += tf.nn.scale_regularization_loss(l2)
             scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, variables)
-        return gradients, loss_sums, correct, total
+        return gradients, loss_sums, correct, total, loss
 
-    def _replica_train_step(self, images, labels):
-        gradients, loss_sums, correct, total = self._forward_backward(images, labels)
+    def _replica_train_step(self, images, labels, stop_vote):
+        gradients, loss_sums, correct, total, loss = self._forward_backward(images, labels)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         self.metrics.update(loss_sums, correct, tf.cast(tf.shape(labels)[0], tf.float32), total)
+        # This replica's share of the global loss, and its worker's stop vote.
+        return tf.stack([tf.cast(loss, tf.float32), stop_vote])
 
     def _train_loop(self, iterator, num_steps):
-        """Runs ``num_steps`` steps in one call, so Python overhead is paid once per call."""
+        """Runs up to ``num_steps`` steps in one call, so Python overhead is paid once per call.
+
+        Returns ``{"steps": steps run, "finite": whether the last step's loss was finite,
+        "stop_requested": whether a worker asked to stop}``; ``global_step`` counts the steps
+        run, the last one included.
+        """
+        steps_run = tf.constant(0, tf.int32)
+        finite, stop_requested = tf.constant(True), tf.constant(False)
         for _ in tf.range(num_steps):
+            # Read on the host, passed in as an argument: one vote per worker per step.
+            stop_vote = (tf.cast(self.stop_request.read_value(), tf.float32)
+                         if self.stop_request is not None else tf.constant(0.0))
             images, labels = next(iterator)
-            self.strategy.run(self._replica_train_step, args=(images, labels))
+            per_replica = self.strategy.run(self._replica_train_step,
+                                            args=(images, labels, stop_vote))
+            loss, votes = tf.unstack(
+                self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
             self.global_step.assign_add(1)
+            steps_run += 1
+            if self.stop_on_nonfinite:
+                finite = tf.math.is_finite(loss)
+            stop_requested = votes > 0
+            if stop_requested or not finite:
+                break
+        return {"steps": steps_run, "finite": finite, "stop_requested": stop_requested}
 
     def _replica_eval_step(self, images, labels, weights):
         all_logits = self.model(images, training=False)

@@ -23,10 +23,21 @@ LOGITS = "logits"
 # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here), as the reference trains.
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
-# normal(0, sqrt(2 / (k * k * out_channels))): the reference's conv initialisation.
-CONV_INITIALIZER = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
-# PyTorch's nn.Linear default weight initialisation, uniform(+-1/sqrt(fan_in)).
-DENSE_INITIALIZER = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+# One initializer object per layer, made when the layer is: an unseeded Keras initializer
+# draws its integer seed from Python's `random` when it is constructed, so constructing it
+# at build time (after keras.utils.set_random_seed) makes the weights a function of --seed,
+# the same in every process. A single module-level instance would have drawn its seed at
+# import (different in every process) and given every kernel of one shape the same values.
+def conv_initializer() -> keras.initializers.Initializer:
+    """normal(0, sqrt(2 / (k * k * out_channels))): the reference's conv initialisation."""
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def dense_initializer() -> keras.initializers.Initializer:
+    """PyTorch's nn.Linear default weight initialisation, uniform(+-1/sqrt(fan_in))."""
+    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +51,7 @@ class ExitInfo:
 def conv_bn_relu(x, filters: int, kernel_size: int = 3, strides: int = 1, name: str = ""):
     """Conv (no bias) -> BatchNorm -> ReLU, the reference's ConvBasic."""
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                      kernel_initializer=CONV_INITIALIZER, name=f"{name}_conv")(x)
+                      kernel_initializer=conv_initializer(), name=f"{name}_conv")(x)
     x = batch_norm(x, name=f"{name}_bn")
     return layers.ReLU(name=f"{name}_relu")(x)
 
@@ -73,7 +84,7 @@ def batch_norm(x, name: str):
 
 def classifier_dense(x, num_classes: int, name: str):
     """The exit's linear layer, always float32 so logits and softmax are float32."""
-    return layers.Dense(num_classes, kernel_initializer=DENSE_INITIALIZER,
+    return layers.Dense(num_classes, kernel_initializer=dense_initializer(),
                         bias_initializer="zeros", dtype="float32", name=name)(x)
 
 
