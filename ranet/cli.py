@@ -105,6 +105,12 @@ def define_flags() -> None:
                          "End this invocation (with a checkpoint) once the global step reaches N; "
                          "the schedule still spans the whole run, and running again resumes. "
                          "For time-boxed jobs. 0: run to the end.")
+    flags.DEFINE_float("collective_timeout_seconds", 300.0,
+                       "multi_worker_mirrored: a collective (all-reduce) that waits longer than "
+                       "this on a worker that is alive but stuck fails the run, with exit "
+                       "status 144; a worker that dies is noticed by heartbeats in ~10 s "
+                       "anyway. Longer than the slowest checkpoint save or evaluation skew "
+                       "between workers. 0: wait forever.")
 
 
 def data_config() -> config_lib.DataConfig:
@@ -160,7 +166,8 @@ def runtime_config() -> config_lib.RuntimeConfig:
         precision=FLAGS.precision, xla=FLAGS.xla, seed=FLAGS.seed,
         deterministic=FLAGS.deterministic, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         keep_checkpoints=FLAGS.keep_checkpoints, eval_every_epochs=FLAGS.eval_every_epochs,
-        log_every_steps=FLAGS.log_every_steps, stop_at_step=FLAGS.stop_at_step or None)
+        log_every_steps=FLAGS.log_every_steps, stop_at_step=FLAGS.stop_at_step or None,
+        collective_timeout_seconds=FLAGS.collective_timeout_seconds)
 
 
 def experiment_config() -> config_lib.ExperimentConfig:
@@ -179,6 +186,6 @@ def run(main) -> None:
     def guarded(argv):
         try:
             return main(argv)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError, FloatingPointError) as error:
             fail(str(error))
     app.run(guarded)

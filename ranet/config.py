@@ -186,8 +186,12 @@ class RuntimeConfig:
     eval_every_epochs: int = 1
     log_every_steps: int = 100
     stop_at_step: Optional[int] = None       # end this invocation early; the schedule is unchanged
+    collective_timeout_seconds: float = 300.0  # multi-worker: a stuck peer ends the run; 0: wait
 
     def __post_init__(self):
+        _require(self.collective_timeout_seconds >= 0,
+                 "collective_timeout_seconds must be >= 0 (0: no timeout). Received: "
+                 f"collective_timeout_seconds={self.collective_timeout_seconds}")
         _require(self.stop_at_step is None or self.stop_at_step > 0,
                  f"stop_at_step must be positive. Received: stop_at_step={self.stop_at_step}")
         _require(bool(self.model_dir), "model_dir is required: pass --model_dir=/path/to/run")

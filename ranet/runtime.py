@@ -3,10 +3,13 @@
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from ranet.config import RuntimeConfig
 
@@ -53,11 +56,14 @@ def _local_devices(config: RuntimeConfig):
 
 
 def _all_reduce(config: RuntimeConfig):
+    """Collective options. A dead worker is noticed by the coordination service's heartbeats
+    (about 10 s); the timeout also ends a wait on a worker that is alive but stuck."""
     implementation = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
                       "ring": tf.distribute.experimental.CommunicationImplementation.RING,
                       "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}
     return tf.distribute.experimental.CommunicationOptions(
-        implementation=implementation[config.all_reduce])
+        implementation=implementation[config.all_reduce],
+        timeout_seconds=config.collective_timeout_seconds or None)
 
 
 def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
@@ -85,6 +91,15 @@ def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
     raise ValueError(f"Unknown strategy. Received: strategy={config.strategy!r}")
 
 
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Processes taking part in training (1 unless multi-worker)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    jobs = resolver.cluster_spec().as_dict()
+    return sum(len(jobs.get(job, ())) for job in ("chief", "worker"))
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the real checkpoints and summaries."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -110,6 +125,84 @@ class WorkerDirectory:
     def cleanup(self) -> None:
         if not self.chief:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (a preemption notice) into a flag the compiled train loop reads every step.
+
+    A Python signal handler runs only when the main thread is back in Python, i.e. after
+    the current ``train_loop`` call. So the handler's C half also writes the signal number
+    to a wake-up pipe, and a thread reading the pipe sets ``flag`` (a local
+    ``tf.Variable``, created outside any strategy scope) while the loop is still running:
+    the loop then ends at the next step boundary. Use as a context manager around
+    training; on exit the previous handler and wake-up fd are put back. Outside the main
+    thread signals cannot be caught: it then only logs a warning.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        if tf.distribute.has_strategy():
+            raise RuntimeError("create the PreemptionWatcher outside strategy.scope(): its flag "
+                               "must be one local variable per worker, not a mirrored one")
+        self.flag = tf.Variable(0, dtype=tf.int32, trainable=False, name="stop_request")
+        self.received = threading.Event()
+        self._lock = threading.RLock()  # the handler may interrupt itself in the main thread
+        self._previous_handlers, self._previous_wakeup_fd = {}, None
+        self._pipe, self._thread = None, None
+
+    @property
+    def requested(self) -> bool:
+        return self.received.is_set()
+
+    def _handle(self, signum, frame):
+        del frame
+        self._request(signum)
+
+    def _request(self, signum: int):
+        with self._lock:
+            if self.received.is_set():
+                return
+            self.flag.assign(1)
+            self.received.set()
+        logging.warning("received %s: stopping at the next step boundary with a checkpoint",
+                        signal.Signals(signum).name)
+
+    def _watch(self, read_fd: int):
+        while True:
+            data = os.read(read_fd, 1)
+            if not data or data[0] == 0:  # closed, or the stop sentinel
+                return
+            if data[0] in self.signals:
+                self._request(data[0])
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            logging.warning("training outside the main thread: %s will not be caught",
+                            ", ".join(signal.Signals(s).name for s in self.signals))
+            return self
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._pipe = (read_fd, write_fd)
+        self._thread = threading.Thread(target=self._watch, args=(read_fd,), daemon=True,
+                                        name="PreemptionWatcher")
+        self._thread.start()
+        for signum in self.signals:
+            self._previous_handlers[signum] = signal.signal(signum, self._handle)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._pipe is None:
+            return
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        read_fd, write_fd = self._pipe
+        os.write(write_fd, b"\0")
+        self._thread.join(timeout=5)
+        os.close(write_fd)
+        os.close(read_fd)
+        self._pipe = None
 
 
 def describe(strategy: tf.distribute.Strategy, config: RuntimeConfig) -> str:

@@ -5,10 +5,14 @@ flags. What one step does is in ``ranet.steps``; devices, strategy and
 precision are set in ``ranet.runtime``.
 """
 
+import contextlib
 import dataclasses
+import errno
+import glob
 import json
 import math
 import os
+import shutil
 import time
 
 import keras
@@ -23,6 +27,41 @@ from ranet.steps import StepFunctions
 
 BEST_RECORD = "best.json"
 FLAGS_RECORD = "flags.txt"
+
+# Exit statuses of a resumable stop: run the same command again to resume. Both lie in
+# 128-255, which schedulers such as Kubeflow's TFJob (restartPolicy: ExitCode) retry.
+PREEMPTED_EXIT_CODE = 143      # SIGTERM: a checkpoint was saved at the step it stopped
+WORKER_LOST_EXIT_CODE = 144    # multi-worker: another worker died or stopped answering
+
+# TensorFlow errors a collective raises when a peer dies, hangs or cannot be reached.
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.CancelledError, tf.errors.AbortedError)
+
+
+class TrainingInterrupted(SystemExit):
+    """A resumable stop: ends the process with ``exit_code``, no traceback.
+
+    A ``SystemExit`` so that the binary needs no handler; in-process callers catch it
+    like any exception (``pytest.raises(Preempted)``). The message is logged when raised.
+    """
+    exit_code = 1
+
+    def __init__(self, message: str, step: int):
+        super().__init__(self.exit_code)
+        self.message, self.step = message, step
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Preempted(TrainingInterrupted):
+    """SIGTERM arrived: every worker saved a checkpoint at the same step boundary."""
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+class WorkerLost(TrainingInterrupted):
+    """Multi-worker: a collective failed because another worker died or hung."""
+    exit_code = WORKER_LOST_EXIT_CODE
 
 
 class _Progress:
@@ -40,18 +79,47 @@ class _Progress:
         return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
-def _check_model_dir(config: config_lib.ExperimentConfig) -> None:
-    """Fails early if model_dir cannot be written or holds a different experiment."""
-    model_dir = config.runtime.model_dir
+_WRITE_FAILURES = {
+    errno.ENOSPC: "its disk is full", errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied", errno.ENOTDIR: "part of the path is a file",
+}
+
+
+def _check_writable(model_dir: str) -> None:
+    """Creates model_dir and writes a probe file in it, or fails with the reason."""
+    probe = os.path.join(model_dir, ".write_test")
     try:
         os.makedirs(model_dir, exist_ok=True)
-        probe = os.path.join(model_dir, ".write_test")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as error:
-        raise ValueError(f"--model_dir={model_dir} is not writable ({error.strerror}). "
-                         "Pick a directory you can write to.") from error
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        why = _WRITE_FAILURES.get(error.errno)
+        raise ValueError(
+            f"--model_dir={model_dir} is not writable ({why + ': ' if why else ''}"
+            f"{error.strerror}). Free space or pick a directory you can write to.") from error
+
+
+def _check_free_space(directory: str, variables, keep: int) -> None:
+    """Fails before training when the checkpoints to come cannot fit on the disk."""
+    one = sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables)
+    copies = keep + 2  # the kept ones, the best one, and the next one while it is written
+    free = shutil.disk_usage(directory).free
+    if free < one * copies:
+        raise ValueError(
+            f"--model_dir={directory} has {free / 2**20:.1f} MiB free but its checkpoints need "
+            f"about {one * copies / 2**20:.1f} MiB ({copies} x {one / 2**20:.1f} MiB: "
+            f"--keep_checkpoints={keep}, the best one and the one being written). Free space, "
+            "lower --keep_checkpoints or pick another --model_dir.")
+
+
+def _check_model_dir(config: config_lib.ExperimentConfig) -> None:
+    """Fails early if model_dir cannot be written or holds a different experiment."""
+    model_dir = config.runtime.model_dir
+    _check_writable(model_dir)
     if not os.path.exists(os.path.join(model_dir, config_lib.CONFIG_FILENAME)):
         if tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR)):
             raise ValueError(f"--model_dir={model_dir} holds checkpoints but no "
@@ -87,21 +155,26 @@ def _write_scalars(writer, scalars: dict, step: int) -> None:
 
 
 class _BestCheckpoint:
-    """Keeps the checkpoint with the best last-exit validation accuracy."""
+    """Keeps the checkpoint with the best last-exit validation accuracy.
 
-    def __init__(self, checkpoint, directory: str):
+    Every worker reads the chief's record (``record_dir``), so that all of them take the
+    same decision; each saves into its own ``directory``.
+    """
+
+    def __init__(self, checkpoint, directory: str, record_dir: str):
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1)
         self.record_path = os.path.join(directory, BEST_RECORD)
         self.best = -1.0
-        if os.path.exists(self.record_path):
-            with open(self.record_path) as f:
+        chief_record = os.path.join(record_dir, BEST_RECORD)
+        if os.path.exists(chief_record):
+            with open(chief_record) as f:
                 self.best = json.load(f)["accuracy"]
 
     def update(self, accuracy: float, step: int, write_record: bool) -> bool:
         if accuracy <= self.best:
             return False
         self.best = accuracy
-        self.manager.save(checkpoint_number=step)
+        _save(self.manager, step)
         if write_record:
             with open(self.record_path + ".tmp", "w") as f:
                 json.dump({"accuracy": accuracy, "step": step}, f)
@@ -109,17 +182,150 @@ class _BestCheckpoint:
         return True
 
 
+def _save(manager: tf.train.CheckpointManager, step: int) -> str:
+    """``manager.save`` with an error that says what is left when the disk refuses."""
+    try:
+        return manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as error:
+        reason = getattr(error, "message", None) or str(error)
+        raise RuntimeError(
+            f"could not save the checkpoint of step {step} in {manager.directory} ({reason}). "
+            f"The last complete checkpoint, {manager.latest_checkpoint}, is intact: free space "
+            "or fix permissions, then run the same command again to resume from it.") from error
+
+
+def _remove_partial_saves(directory: str) -> None:
+    """Deletes the ``ckpt-N_temp/`` folders of saves that a killed process left unfinished.
+
+    TensorFlow writes a checkpoint's shards there, renames them into place and rewrites the
+    ``checkpoint`` state file (atomically, write-then-rename) only after both files exist,
+    so such a folder is never the latest checkpoint, only litter.
+    """
+    for path in glob.glob(os.path.join(directory, "*_temp")):
+        logging.warning("removing %s, left by a save that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _checkpoint_candidates(directory: str) -> list:
+    """Checkpoints of ``directory``, newest first, as its state file lists them."""
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except Exception as error:  # noqa: BLE001 - an unreadable state file: scan the folder
+        logging.warning("unreadable checkpoint state in %s (%s); scanning for ckpt-* files",
+                        directory, error)
+        state = None
+    if state is not None:
+        paths = list(state.all_model_checkpoint_paths)
+        if state.model_checkpoint_path in paths:
+            paths.remove(state.model_checkpoint_path)
+        return [state.model_checkpoint_path] + paths[::-1]
+    indexes = glob.glob(os.path.join(directory, "ckpt-*.index"))
+    numbered = [(int(p[len(os.path.join(directory, "ckpt-")):-len(".index")]), p[:-len(".index")])
+                for p in indexes if p[len(os.path.join(directory, "ckpt-")):-len(".index")].isdigit()]
+    return [path for _, path in sorted(numbered, reverse=True)]
+
+
+def _restore_latest(checkpoint: tf.train.Checkpoint, directory: str):
+    """Restores the newest readable checkpoint of ``directory``; None when it has none.
+
+    A checkpoint that cannot be read (a crash of the machine, not of the process, can
+    leave files the state file names but the disk never received) is skipped with a
+    warning, and the one before it is used.
+    """
+    candidates = _checkpoint_candidates(directory)
+    for path in candidates:
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError) as error:
+            logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
+                            path, type(error).__name__,
+                            (getattr(error, "message", None) or str(error)).splitlines()[0])
+            continue
+        if path != candidates[0]:
+            logging.warning("resumed from %s, not from the latest (%s), which is unreadable",
+                            path, candidates[0])
+        return path
+    if candidates:
+        raise RuntimeError(
+            f"none of the checkpoints in {directory} can be restored ({', '.join(candidates)}); "
+            "move them away to start over, or point --model_dir elsewhere.")
+    return None
+
+
+@tf.function
+def _step_sums(strategy, step):
+    """Sum over every replica of (step, step**2): equal steps iff n * sum2 == sum**2."""
+    values = strategy.run(lambda: tf.stack([step, step * step]))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
+
+
+def _check_same_step(strategy: tf.distribute.Strategy, step: int) -> None:
+    """Multi-worker: every worker must resume from the same step, or collectives mismatch."""
+    total, squares = (int(v) for v in _step_sums(strategy, tf.constant(step, tf.int64)).numpy())
+    if strategy.num_replicas_in_sync * squares != total * total:
+        raise RuntimeError(
+            f"workers resumed from different steps (this one from {step}; the mean is "
+            f"{total / strategy.num_replicas_in_sync:g}): every worker must read the chief's "
+            "checkpoints, i.e. --model_dir must be the same shared folder on every worker.")
+
+
+def _peer_error_summary(error: tf.errors.OpError) -> str:
+    """The informative tail of a collective's error, without the graph traceback."""
+    tail = error.message.strip().split("\n\n")[-1]
+    lines = [line.strip() for line in tail.splitlines()
+             if line.strip() and not line.lstrip().startswith("[[")]
+    summary = " ".join(lines)
+    return summary if len(summary) <= 400 else summary[:400] + "..."
+
+
 def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = "") -> dict:
     """Trains (or resumes) the experiment in ``config.runtime.model_dir``.
 
     ``flags_text``, the resolved flags of the binary, is saved beside the
     config. Returns the last training-window metrics and validation metrics.
+
+    Stops: raises ``Preempted`` (exit status 143) after SIGTERM, once every worker saved a
+    checkpoint at the same step; ``WorkerLost`` (144) when another worker of a multi-worker
+    run dies or hangs past --collective_timeout_seconds; ``FloatingPointError`` at the first
+    step whose loss is not finite (except under mixed_float16, whose loss scaling skips such
+    steps), before anything is saved after it. Running the same command again resumes from
+    the chief's latest readable checkpoint.
     """
-    rt, oc = config.runtime, config.optim
+    rt = config.runtime
     runtime.configure_host_devices(rt.num_cpu_devices)
     runtime.set_precision(rt.precision)
     strategy = runtime.create_strategy(rt)
-    chief = runtime.is_chief(strategy)
+    # Created outside strategy.scope(): one local flag per worker.
+    watcher = runtime.PreemptionWatcher()
+    workdir = None
+    try:
+        with watcher:
+            workdir = runtime.WorkerDirectory(rt.model_dir, runtime.is_chief(strategy))
+            return _train(config, flags_text, strategy, watcher, workdir)
+    except _PEER_ERRORS as error:  # while setting up: the loop raises WorkerLost itself
+        if runtime.num_workers(strategy) == 1:
+            raise
+        raise _worker_lost(error, None, rt.model_dir) from error
+    finally:
+        if workdir is not None:
+            workdir.cleanup()
+
+
+def _worker_lost(error: tf.errors.OpError, step, model_dir: str) -> WorkerLost:
+    where = f"after step {step}" if step is not None else "before training"
+    message = (f"lost contact with another worker {where}: {_peer_error_summary(error)} "
+               "Check the other workers' logs for the first failure, then relaunch every "
+               "worker with the same command: training resumes from the chief's latest "
+               f"checkpoint in {os.path.join(model_dir, CHECKPOINT_SUBDIR)}. Exiting with "
+               f"status {WORKER_LOST_EXIT_CODE}.")
+    logging.error("%s", message)
+    return WorkerLost(message, step)
+
+
+def _train(config: config_lib.ExperimentConfig, flags_text: str, strategy, watcher,
+           workdir: "runtime.WorkerDirectory") -> dict:
+    rt, oc = config.runtime, config.optim
+    chief = workdir.chief
     if rt.deterministic:
         keras.utils.set_random_seed(rt.seed)
         tf.config.experimental.enable_op_determinism()
@@ -135,7 +341,8 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
     steps_per_epoch = data.steps_per_epoch(len(splits.train.labels), oc.batch_size)
     total_steps = optim.total_steps(oc, steps_per_epoch)
 
-    workdir = runtime.WorkerDirectory(rt.model_dir, chief)
+    # Every worker resumes from the chief's checkpoints; each saves into its own folder.
+    chief_checkpoints = os.path.join(rt.model_dir, CHECKPOINT_SUBDIR)
     with strategy.scope():
         keras.utils.set_random_seed(rt.seed)
         model = get_model(config.model)
@@ -143,23 +350,34 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
         optimizer.build(model.trainable_variables)
         steps = StepFunctions(model, optimizer, strategy, global_batch_size=oc.batch_size,
                               weight_decay=oc.weight_decay, label_smoothing=oc.label_smoothing,
-                              exit_weights=oc.exit_weights, xla=rt.xla)
+                              exit_weights=oc.exit_weights, xla=rt.xla,
+                              stop_on_nonfinite=rt.precision != "mixed_float16",
+                              stop_request=watcher.flag)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                          global_step=steps.global_step)
         manager = tf.train.CheckpointManager(
             checkpoint, os.path.join(workdir.path, CHECKPOINT_SUBDIR),
             max_to_keep=rt.keep_checkpoints, step_counter=steps.global_step)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            logging.info("resumed from %s", manager.latest_checkpoint)
-        best = _BestCheckpoint(checkpoint, os.path.join(workdir.path, BEST_SUBDIR))
+        _check_free_space(workdir.path, model.variables + optimizer.variables,
+                          rt.keep_checkpoints)
+        if chief:
+            _remove_partial_saves(chief_checkpoints)
+            _remove_partial_saves(os.path.join(rt.model_dir, BEST_SUBDIR))
+        restored = _restore_latest(checkpoint, chief_checkpoints)
+        if restored:
+            logging.info("resumed from %s", restored)
+        best = _BestCheckpoint(checkpoint, os.path.join(workdir.path, BEST_SUBDIR),
+                               record_dir=os.path.join(rt.model_dir, BEST_SUBDIR))
+    step = int(steps.global_step.numpy())
+    workers = runtime.num_workers(strategy)
+    if workers > 1:
+        _check_same_step(strategy, step)
     if chief:
         config_lib.save(config, rt.model_dir)
         if flags_text:
             with open(os.path.join(rt.model_dir, FLAGS_RECORD), "w") as f:
                 f.write(flags_text)
 
-    step = int(steps.global_step.numpy())
     train_writer = (tf.summary.create_file_writer(os.path.join(rt.model_dir, "train")) if chief
                     else tf.summary.create_noop_writer())
     eval_writer = (tf.summary.create_file_writer(os.path.join(rt.model_dir, "validation"))
@@ -178,6 +396,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
     iterator = iter(train_data)
     progress = _Progress(step, total_steps)
     train_metrics, eval_metrics = {}, {}
+    window_steps, window_seconds = 0, 0.0  # training time only, for images_per_second
     end_step = min(total_steps, rt.stop_at_step or total_steps)
     while step < end_step:
         boundaries = [end_step]
@@ -185,22 +404,37 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
             boundaries.append((step // interval + 1) * interval)
         num_steps = min(boundaries) - step
         started = time.time()
-        steps.train_loop(iterator, tf.constant(num_steps))
-        step = int(steps.global_step.numpy())  # waits for the steps to finish
-        elapsed = time.time() - started
+        try:
+            outcome = steps.train_loop(iterator, tf.constant(num_steps))
+            finite = bool(outcome["finite"])  # waits for the steps to finish
+        except _PEER_ERRORS as error:
+            if workers == 1:
+                raise
+            raise _worker_lost(error, step, rt.model_dir) from error
+        previous, step = step, int(steps.global_step.numpy())
+        window_steps += step - previous
+        window_seconds += time.time() - started
+        if not finite:
+            message = (f"non-finite training loss at step {step}; nothing was saved after step "
+                       f"{previous}: the last good checkpoint is {manager.latest_checkpoint}. "
+                       "Lower --learning_rate or check the input data.")
+            logging.error("%s", message)
+            raise FloatingPointError(message)
+        if bool(outcome["stop_requested"]):
+            path = _save(manager, step)
+            message = (f"preempted: saved {path} at step {step}; run the same command again to "
+                       f"resume. Exiting with status {PREEMPTED_EXIT_CODE}.")
+            logging.warning("%s", message)
+            raise Preempted(message, step)
 
         at_end = step >= end_step
         if step % rt.log_every_steps == 0 or at_end:
             train_metrics = steps.metrics.result()
             steps.metrics.reset()
-            if rt.precision == "fp32" and not math.isfinite(train_metrics["loss/total"]):
-                raise FloatingPointError(
-                    f"non-finite training loss at step {step} (in steps {step - num_steps + 1}-"
-                    f"{step}); the last good checkpoint is {manager.latest_checkpoint}. Lower "
-                    "--learning_rate or check the input data.")
             scalars = dict(train_metrics)
             scalars["learning_rate"] = float(optimizer.learning_rate.numpy())
-            scalars["images_per_second"] = num_steps * oc.batch_size / max(elapsed, 1e-9)
+            scalars["images_per_second"] = window_steps * oc.batch_size / max(window_seconds, 1e-9)
+            window_steps, window_seconds = 0, 0.0
             scale = _loss_scale(optimizer)
             if scale is not None:
                 scalars["loss_scale"] = scale
@@ -210,16 +444,20 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
                          train_metrics["loss/total"],
                          train_metrics[f"accuracy/exit_{model.num_exits}"],
                          scalars["images_per_second"], progress.eta(step))
-        if has_validation and (step % eval_every == 0 or at_end):
-            eval_metrics = steps.eval_metrics(eval_data)
-            accuracy = eval_metrics[f"accuracy/exit_{model.num_exits}"]
-            _write_scalars(eval_writer, {k: v for k, v in eval_metrics.items()
-                                         if k != "examples"}, step)
-            improved = best.update(accuracy, step, write_record=chief)
-            logging.info("validation at step %d: %s%s", step, " ".join(
-                f"{k.split('/')[1][5:]}:{v:.3f}" for k, v in eval_metrics.items()
-                if k.startswith("accuracy/")), " (best)" if improved else "")
-        if step % rt.checkpoint_every_steps == 0 or at_end:
-            manager.save(checkpoint_number=step)
-    workdir.cleanup()
+        try:
+            if has_validation and (step % eval_every == 0 or at_end):
+                eval_metrics = steps.eval_metrics(eval_data)
+                accuracy = eval_metrics[f"accuracy/exit_{model.num_exits}"]
+                _write_scalars(eval_writer, {k: v for k, v in eval_metrics.items()
+                                             if k != "examples"}, step)
+                improved = best.update(accuracy, step, write_record=chief)
+                logging.info("validation at step %d: %s%s", step, " ".join(
+                    f"{k.split('/')[1][5:]}:{v:.3f}" for k, v in eval_metrics.items()
+                    if k.startswith("accuracy/")), " (best)" if improved else "")
+            if step % rt.checkpoint_every_steps == 0 or at_end:
+                _save(manager, step)
+        except _PEER_ERRORS as error:
+            if workers == 1:
+                raise
+            raise _worker_lost(error, step, rt.model_dir) from error
     return {"step": step, "train": train_metrics, "validation": eval_metrics}

@@ -124,8 +124,14 @@ def build_ranet(config: ModelConfig) -> StagedClassifier:
                 else:
                     x = _dense_layer(x, growth, width, name=f"{name}_layer{j}")
                 dense_outputs.append(x)
+            # Each dense output is the channel prefix of the next one at its resolution
+            # (concatenation puts the input first); only the last of each run is cached.
             for j, tensor in enumerate(dense_outputs):
-                builder.put(f"{name}_dense{j}", tensor)
+                following = dense_outputs[j + 1] if j + 1 < len(dense_outputs) else None
+                if following is not None and following.shape[1] == tensor.shape[1]:
+                    builder.put_prefix(f"{name}_dense{j}", tensor, source=f"{name}_dense{j + 1}")
+                else:
+                    builder.put(f"{name}_dense{j}", tensor)
             if fusing:
                 # conv_last: a compressed copy of the low-resolution block output.
                 low = builder.get(f"flow{flow - 1}_block{block}_dense{num_layers}")
