@@ -29,3 +29,46 @@ def real_cifar10() -> Path:
         if (candidate / "data_batch_1").is_file():
             return candidate
     pytest.skip("real CIFAR-10 (../shared/data/cifar-10-batches-py) is not present")
+
+
+def _shared_configs():
+    """A 3-exit RANet (0.6 M parameters) and synthetic data, shared by the inference tests."""
+    from ranet import config as config_lib
+    return (config_lib.ModelConfig(
+                name="ranet", num_classes=10, scale_list=(1, 2, 3), growth_factors=(4, 2, 1),
+                bottleneck_factors=(4, 2, 1), base_channels=8, growth_rate=4, num_blocks=1,
+                block_step=1, step=2),
+            config_lib.DataConfig(dataset="synthetic", synthetic_train_size=512,
+                                  synthetic_test_size=64, validation_size=128))
+
+
+TINY_RANET, SYNTHETIC_DATA = _shared_configs()
+
+
+def write_model_dir(model_dir, model_config=TINY_RANET, data_config=SYNTHETIC_DATA,
+                    with_checkpoint=True, logit_scale=1.0):
+    """A model directory as ranet.train leaves it, without training: config.json and
+    (optionally) one checkpoint of a seeded model whose exit kernels are multiplied by
+    ``logit_scale`` (random exits give near-uniform softmaxes; sharpened, confidences spread).
+    Returns the model, or None without a checkpoint."""
+    import keras
+
+    from ranet import config as config_lib
+    from ranet.models import get_model
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save(config_lib.ExperimentConfig(
+        data=data_config, model=model_config, optim=config_lib.OptimConfig(),
+        runtime=config_lib.RuntimeConfig(model_dir=str(model_dir))), str(model_dir))
+    if not with_checkpoint:
+        return None
+    keras.utils.set_random_seed(0)
+    model = get_model(model_config)
+    for stage in model.stages:
+        for layer in stage.layers:
+            if isinstance(layer, keras.layers.Dense):
+                layer.kernel.assign(layer.kernel * logit_scale)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(model_dir / "checkpoints"),
+                               max_to_keep=1).save(checkpoint_number=1)
+    return model

@@ -5,36 +5,21 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from conftest import REPO_ROOT
 from ranet import config as config_lib
 from ranet import data, evaluation
-from ranet.models import get_model
 
-SYNTHETIC = config_lib.DataConfig(dataset="synthetic", synthetic_train_size=512,
-                                  synthetic_test_size=64, validation_size=128)
-RANET = config_lib.ModelConfig(
-    name="ranet", num_classes=10, scale_list=(1, 2, 3), growth_factors=(4, 2, 1),
-    bottleneck_factors=(4, 2, 1), base_channels=8, growth_rate=4, num_blocks=1, block_step=1,
-    step=2)
+SYNTHETIC, RANET = conftest.SYNTHETIC_DATA, conftest.TINY_RANET
 VGG16 = config_lib.ModelConfig(name="vgg16", num_classes=10)
 
 
-def _model_dir(path, model_config, data_config=SYNTHETIC):
-    """A model directory with config.json and an (untrained) checkpoint."""
-    os.makedirs(path, exist_ok=True)
-    keras.utils.set_random_seed(0)
-    model = get_model(model_config)
-    config_lib.save(config_lib.ExperimentConfig(
-        data=data_config, model=model_config, optim=config_lib.OptimConfig(),
-        runtime=config_lib.RuntimeConfig(model_dir=str(path))), str(path))
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
-                                         os.path.join(path, "checkpoints"), max_to_keep=1)
-    manager.save(checkpoint_number=1)
+def _model_dir(path, model_config):
+    conftest.write_model_dir(path, model_config, SYNTHETIC)
     return str(path)
 
 

@@ -10,45 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from ranet import adaptive, costs, data, export
-from ranet import config as config_lib
-from ranet.models import get_model
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_RANET = config_lib.ModelConfig(
-    name="ranet", num_classes=10, scale_list=(1, 2, 3), growth_factors=(4, 2, 1),
-    bottleneck_factors=(4, 2, 1), base_channels=8, growth_rate=4, num_blocks=1, block_step=1,
-    step=2)
-DATA = config_lib.DataConfig(dataset="synthetic", synthetic_train_size=512,
-                             synthetic_test_size=64, validation_size=128)
+REPO = conftest.REPO_ROOT
+TINY_RANET, DATA = conftest.TINY_RANET, conftest.SYNTHETIC_DATA
 NUM_EXITS = 3
-# Random exit layers give near-uniform softmaxes; sharpened, the confidences spread.
-LOGIT_SCALE = 6.0
 
 
 def _write_model_dir(model_dir: Path, with_checkpoint: bool = True):
-    """A model directory as ranet.train leaves it: config.json and (optionally) a checkpoint."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    config = config_lib.ExperimentConfig(data=DATA, model=TINY_RANET,
-                                         optim=config_lib.OptimConfig(),
-                                         runtime=config_lib.RuntimeConfig(model_dir=str(model_dir)))
-    config_lib.save(config, str(model_dir))
-    if not with_checkpoint:
-        return None
-    keras.utils.set_random_seed(0)
-    model = get_model(TINY_RANET)
-    for stage in model.stages:
-        for layer in stage.layers:
-            if isinstance(layer, keras.layers.Dense):
-                layer.kernel.assign(layer.kernel * LOGIT_SCALE)
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(model_dir / "checkpoints"),
-                               max_to_keep=1).save(checkpoint_number=1)
-    return model
+    return conftest.write_model_dir(model_dir, TINY_RANET, DATA, with_checkpoint, logit_scale=6.0)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +72,11 @@ def _in_process(predictor, raw_images, splits, thresholds):
 def _assert_same_answers(served, expected):
     np.testing.assert_array_equal(served["exits"].numpy(), expected["exits"].numpy())
     np.testing.assert_array_equal(served["classes"].numpy(), expected["classes"].numpy())
+    # The served graph normalises in TensorFlow and is optimised separately (oneDNN and
+    # grappler fuse differently), so float32 sums differ in the last bits; sharpened
+    # logits (x6) amplify that to ~6e-6 in the probabilities.
     np.testing.assert_allclose(served["probabilities"].numpy(),
-                               expected["probabilities"].numpy(), rtol=1e-5, atol=1e-6)
+                               expected["probabilities"].numpy(), rtol=1e-4, atol=2e-5)
 
 
 def test_export_replaces_the_stale_folder_and_leaves_no_staging_behind(exported):
