@@ -53,6 +53,7 @@ def write_model_dir(model_dir, model_config=TINY_RANET, data_config=SYNTHETIC_DA
     Returns the model, or None without a checkpoint."""
     import keras
 
+    from ranet import checkpoints
     from ranet import config as config_lib
     from ranet.models import get_model
 
@@ -69,6 +70,6 @@ def write_model_dir(model_dir, model_config=TINY_RANET, data_config=SYNTHETIC_DA
         for layer in stage.layers:
             if isinstance(layer, keras.layers.Dense):
                 layer.kernel.assign(layer.kernel * logit_scale)
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(model_dir / "checkpoints"),
-                               max_to_keep=1).save(checkpoint_number=1)
+    tf.train.CheckpointManager(tf.train.Checkpoint(**checkpoints.trackables(model)),
+                               str(model_dir / "checkpoints"), max_to_keep=1).save(checkpoint_number=1)
     return model
