@@ -1,0 +1,41 @@
+"""The benchmarks run end to end and report what they promise (numbers, not speed targets)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import conftest
+from ranet import config as config_lib
+
+VGG16 = config_lib.ModelConfig(name="vgg16", num_classes=10)
+
+
+def _run(module, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=conftest.REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path):
+    ranet_dir, vgg_dir = tmp_path / "ranet", tmp_path / "vgg16"
+    conftest.write_model_dir(ranet_dir, logit_scale=6.0)
+    conftest.write_model_dir(vgg_dir, VGG16)
+    out = tmp_path / "bench.json"
+    run = _run("ranet.bench.inference", f"--model_dir={ranet_dir}", f"--model_dir={vgg_dir}",
+               "--split=test", "--latency_images=5", "--batch_sizes=1,8",
+               "--throughput_images=16", f"--json={out}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["latency_ms"]["ranet"]) == {"full", "adaptive", "keras_predict"}
+    assert set(result["latency_ms"]["vgg16"]) == {"full", "keras_predict"}
+    assert set(result["throughput_ips"]["ranet"]) == {"1", "8"}
+    assert set(result["throughput_ips"]["ranet"]["8"]) == {"full", "adaptive"}
+    targets = [t["target"] for t in result["targets"]]
+    assert any("keras_predict / adaptive" in t for t in targets)
+    assert any("vgg16 full / ranet adaptive" in t for t in targets)
+    assert all(t["measured"] > 0 for t in result["targets"])
+    assert "target" in run.stdout and "b=8" in run.stdout
