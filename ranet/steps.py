@@ -108,6 +108,7 @@ class StepFunctions:
         # step (apply_gradients included) fails under MirroredStrategy.
         self._forward_backward = tf.function(self._forward_backward_fn, jit_compile=xla)
         self.train_loop = tf.function(self._train_loop)
+        self.repeat_step = tf.function(self._repeat_step)
         self.evaluate = tf.function(self._evaluate)
 
     def _forward_backward_fn(self, images, labels):
@@ -157,6 +158,14 @@ class StepFunctions:
             if stop_requested or not finite:
                 break
         return {"steps": steps_run, "finite": finite, "stop_requested": stop_requested}
+
+    def _repeat_step(self, images, labels, num_steps):
+        """The bare step, ``num_steps`` times on one distributed batch: no input, no checks.
+
+        What the training loop costs is measured against this (``ranet.bench.train``).
+        """
+        for _ in tf.range(num_steps):
+            self.strategy.run(self._replica_train_step, args=(images, labels, tf.constant(0.0)))
 
     def _replica_eval_step(self, images, labels, weights):
         all_logits = self.model(images, training=False)

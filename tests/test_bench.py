@@ -39,3 +39,17 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path):
     assert any("vgg16 full / ranet adaptive" in t for t in targets)
     assert all(t["measured"] > 0 for t in result["targets"])
     assert "target" in run.stdout and "b=8" in run.stdout
+
+
+@pytest.mark.slow
+def test_training_benchmark_measures_bare_step_loop_and_input(tmp_path):
+    out = tmp_path / "bench.json"
+    run = _run("ranet.bench.train", "--presets=ranet_smoke", "--precisions=fp32,mixed_bfloat16",
+               "--steps=3", "--warmup_steps=2", "--batch_size=16", f"--json={out}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["precision"] for r in rows] == ["fp32", "mixed_bfloat16"]
+    for row in rows:
+        assert row["bare_ips"] > 0 and row["loop_ips"] > 0 and row["input_ips"] > 0
+        assert row["loop_overhead"] == pytest.approx(1 - row["loop_ips"] / row["bare_ips"])
+    assert "bare img/s" in run.stdout
