@@ -104,9 +104,12 @@ class StepFunctions:
             self.metrics = TrainMetrics(num_exits)
             self.global_step = tf.Variable(0, dtype=tf.int64, name="global_step", trainable=False,
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        # Compile only the per-replica forward/backward: XLA of the whole distributed
-        # step (apply_gradients included) fails under MirroredStrategy.
-        self._forward_backward = tf.function(self._forward_backward_fn, jit_compile=xla)
+        # XLA compiles only the per-replica forward/backward: XLA of the whole distributed
+        # step (apply_gradients included) fails under MirroredStrategy. Without XLA it runs
+        # inline in the compiled loop: synchronized batch norm's cross-replica merge_call
+        # fails inside a nested tf.function.
+        self._forward_backward = (tf.function(self._forward_backward_fn, jit_compile=True)
+                                  if xla else self._forward_backward_fn)
         self.train_loop = tf.function(self._train_loop)
         self.repeat_step = tf.function(self._repeat_step)
         self.evaluate = tf.function(self._evaluate)

@@ -1,0 +1,1 @@
+"""Launchers: they set the environment (TF_CONFIG, devices) and run ``ranet.train``; see README.md."""
