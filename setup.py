@@ -19,7 +19,8 @@ setup(
     ],
     extras_require={
         "plots": ["matplotlib>=3.8"],  # the eval binary's PNG plots
-        "test": ["pytest>=8", "matplotlib>=3.8"],
+        # pyyaml: tests/test_launch.py checks the Kubernetes manifest.
+        "test": ["pytest>=8", "matplotlib>=3.8", "pyyaml>=6"],
     },
     entry_points={
         "console_scripts": [

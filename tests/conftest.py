@@ -5,6 +5,7 @@ TensorFlow, so MirroredStrategy can be tested in-process: TensorFlow freezes
 its device list at the first op.
 """
 
+import glob
 import os
 from pathlib import Path
 
@@ -19,6 +20,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * NUM_TEST_CPU_DEVICES)
+
+
+def event_scalars(model_dir, subdir="train") -> dict:
+    """{tag: {step: value}} from the TensorBoard event files of one writer of a model dir."""
+    values = {}
+    for path in sorted(glob.glob(os.path.join(str(model_dir), subdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") \
+                    else value.simple_value
+                values.setdefault(value.tag, {})[event.step] = number
+    return values
 
 
 @pytest.fixture

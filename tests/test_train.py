@@ -1,7 +1,6 @@
 """The training loop end to end: distribution, resume, precision, events, real data."""
 
 import dataclasses
-import glob
 import os
 
 import keras
@@ -9,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import event_scalars as _scalars
 from ranet import config as config_lib
-from ranet import optim, trainer
+from ranet import checkpoints, optim, trainer
 from ranet.models import get_model
 
 TINY_RANET = config_lib.ModelConfig(
@@ -30,18 +30,6 @@ def _experiment(model_dir, *, steps=20, batch_size=32, lr=0.05, data=SYNTHETIC, 
         runtime=config_lib.RuntimeConfig(model_dir=str(model_dir), **runtime))
 
 
-def _scalars(model_dir, subdir="train") -> dict:
-    """{tag: {step: value}} from the event files of one writer."""
-    values = {}
-    for path in sorted(glob.glob(os.path.join(model_dir, subdir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") \
-                    else value.simple_value
-                values.setdefault(value.tag, {})[event.step] = number
-    return values
-
-
 def _restore_variables(model_dir, checkpoint_name, precision="fp32"):
     """Model and optimizer variables of a saved checkpoint, as (path, value) lists in order."""
     config = config_lib.load(model_dir)
@@ -51,7 +39,7 @@ def _restore_variables(model_dir, checkpoint_name, precision="fp32"):
     optimizer = optim.create_optimizer(config.optim, 1, precision)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=step)
+    checkpoint = tf.train.Checkpoint(**checkpoints.trackables(model, optimizer), global_step=step)
     checkpoint.restore(os.path.join(model_dir, "checkpoints", checkpoint_name)).expect_partial()
     keras.mixed_precision.set_global_policy("float32")
     return ([(v.path, v.numpy()) for v in model.variables],
