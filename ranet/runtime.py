@@ -1,5 +1,7 @@
 """Devices, distribution strategy and numeric precision: where every runtime flag takes effect."""
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -115,16 +117,32 @@ class WorkerDirectory:
     """The model directory for the chief; a throw-away directory for other workers.
 
     Every worker must take part in saving a checkpoint (mirrored variables are
-    read collectively), but only the chief's copy is kept.
+    read collectively), but only the chief's copy is kept. A worker's folder is
+    named after its task and the model directory, so that a relaunch after a
+    SIGKILL (which leaves no chance to clean up) removes what the killed one left.
     """
 
-    def __init__(self, model_dir: str, chief: bool):
+    def __init__(self, model_dir: str, chief: bool, task: str = "worker"):
         self.chief = chief
-        self.path = model_dir if chief else tempfile.mkdtemp(prefix="ranet_worker_")
+        if chief:
+            self.path = model_dir
+            return
+        digest = hashlib.sha1(os.path.abspath(model_dir).encode()).hexdigest()[:12]
+        self.path = os.path.join(tempfile.gettempdir(), f"ranet_{task}_{digest}")
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.makedirs(self.path)
 
     def cleanup(self) -> None:
         if not self.chief:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+    """``<type>_<index>`` of this process in its cluster; ``worker_0`` outside one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return "worker_0"
+    return f"{resolver.task_type}_{resolver.task_id}"
 
 
 class PreemptionWatcher:
@@ -144,15 +162,12 @@ class PreemptionWatcher:
         if tf.distribute.has_strategy():
             raise RuntimeError("create the PreemptionWatcher outside strategy.scope(): its flag "
                                "must be one local variable per worker, not a mirrored one")
-        self.flag = tf.Variable(0, dtype=tf.int32, trainable=False, name="stop_request")
+        with tf.device("/cpu:0"):  # read by the host part of the loop, set by a host thread
+            self.flag = tf.Variable(0, dtype=tf.int32, trainable=False, name="stop_request")
         self.received = threading.Event()
         self._lock = threading.RLock()  # the handler may interrupt itself in the main thread
         self._previous_handlers, self._previous_wakeup_fd = {}, None
         self._pipe, self._thread = None, None
-
-    @property
-    def requested(self) -> bool:
-        return self.received.is_set()
 
     def _handle(self, signum, frame):
         del frame
@@ -174,6 +189,9 @@ class PreemptionWatcher:
                 return
             if data[0] in self.signals:
                 self._request(data[0])
+            if self._previous_wakeup_fd not in (None, -1):  # e.g. an asyncio loop's
+                with contextlib.suppress(OSError):
+                    os.write(self._previous_wakeup_fd, data)
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
@@ -196,7 +214,7 @@ class PreemptionWatcher:
             return
         signal.set_wakeup_fd(self._previous_wakeup_fd)
         for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         read_fd, write_fd = self._pipe
         os.write(write_fd, b"\0")
         self._thread.join(timeout=5)

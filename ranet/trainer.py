@@ -12,8 +12,10 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import time
+import zlib
 
 import keras
 import tensorflow as tf
@@ -21,6 +23,7 @@ from absl import logging
 
 from ranet import config as config_lib
 from ranet import data, optim, runtime
+from ranet import checkpoints
 from ranet.checkpoints import BEST_SUBDIR, CHECKPOINT_SUBDIR
 from ranet.models import get_model
 from ranet.steps import StepFunctions
@@ -219,9 +222,11 @@ def _checkpoint_candidates(directory: str) -> list:
         if state.model_checkpoint_path in paths:
             paths.remove(state.model_checkpoint_path)
         return [state.model_checkpoint_path] + paths[::-1]
-    indexes = glob.glob(os.path.join(directory, "ckpt-*.index"))
-    numbered = [(int(p[len(os.path.join(directory, "ckpt-")):-len(".index")]), p[:-len(".index")])
-                for p in indexes if p[len(os.path.join(directory, "ckpt-")):-len(".index")].isdigit()]
+    numbered = []
+    for index in glob.glob(os.path.join(directory, "ckpt-*.index")):
+        match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(index))
+        if match:
+            numbered.append((int(match.group(1)), index[:-len(".index")]))
     return [path for _, path in sorted(numbered, reverse=True)]
 
 
@@ -233,40 +238,56 @@ def _restore_latest(checkpoint: tf.train.Checkpoint, directory: str):
     warning, and the one before it is used.
     """
     candidates = _checkpoint_candidates(directory)
+    failures = []
     for path in candidates:
         try:
             checkpoint.restore(path).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as error:
-            logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
-                            path, type(error).__name__,
-                            (getattr(error, "message", None) or str(error)).splitlines()[0])
+        except Exception as error:  # noqa: BLE001 - truncated files raise IndexError, too
+            reason = f"{type(error).__name__}: " + (
+                getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+            failures.append(f"{path} ({reason})")
+            logging.warning("checkpoint %s cannot be restored (%s); trying the one before it",
+                            path, reason)
             continue
-        if path != candidates[0]:
+        if failures:
             logging.warning("resumed from %s, not from the latest (%s), which is unreadable",
                             path, candidates[0])
         return path
     if candidates:
         raise RuntimeError(
-            f"none of the checkpoints in {directory} can be restored ({', '.join(candidates)}); "
-            "move them away to start over, or point --model_dir elsewhere.")
+            f"no checkpoint in {directory} can be restored: {'; '.join(failures)}. Move them "
+            "away to start over, or point --model_dir elsewhere.")
     return None
 
 
 @tf.function
-def _step_sums(strategy, step):
-    """Sum over every replica of (step, step**2): equal steps iff n * sum2 == sum**2."""
-    values = strategy.run(lambda: tf.stack([step, step * step]))
-    return strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
+def _sums(strategy, values):
+    """Sum over every replica of ``values`` and of their squares."""
+    per_replica = strategy.run(lambda: tf.concat([values, values * values], axis=0))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
 
-def _check_same_step(strategy: tf.distribute.Strategy, step: int) -> None:
-    """Multi-worker: every worker must resume from the same step, or collectives mismatch."""
-    total, squares = (int(v) for v in _step_sums(strategy, tf.constant(step, tf.int64)).numpy())
-    if strategy.num_replicas_in_sync * squares != total * total:
-        raise RuntimeError(
+def _check_workers_agree(strategy: tf.distribute.Strategy, config: config_lib.ExperimentConfig,
+                         step: int) -> None:
+    """Multi-worker: every worker must run the same configuration from the same step.
+
+    Otherwise their collectives stop matching and they wait on each other until
+    --collective_timeout_seconds. Values agree iff n * sum(v**2) == sum(v)**2.
+    """
+    settings = config_lib.to_dict(config)
+    settings["data"].pop("data_dir")  # each machine may read its own copy
+    fingerprint = zlib.crc32(json.dumps(settings, sort_keys=True).encode()) % 2**20
+    n = strategy.num_replicas_in_sync
+    sums = _sums(strategy, tf.constant([step, fingerprint], tf.int64)).numpy().tolist()
+    (step_sum, fingerprint_sum), (step_squares, fingerprint_squares) = sums[:2], sums[2:]
+    if n * fingerprint_squares != fingerprint_sum ** 2:
+        raise ValueError("the workers were started with different flags; start every worker "
+                         "with the same command (only TF_CONFIG and --data_dir may differ).")
+    if n * step_squares != step_sum ** 2:
+        raise ValueError(
             f"workers resumed from different steps (this one from {step}; the mean is "
-            f"{total / strategy.num_replicas_in_sync:g}): every worker must read the chief's "
-            "checkpoints, i.e. --model_dir must be the same shared folder on every worker.")
+            f"{step_sum / n:g}): every worker must read the chief's checkpoints, i.e. "
+            "--model_dir must be the same shared folder on every worker.")
 
 
 def _peer_error_summary(error: tf.errors.OpError) -> str:
@@ -300,23 +321,31 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
     workdir = None
     try:
         with watcher:
-            workdir = runtime.WorkerDirectory(rt.model_dir, runtime.is_chief(strategy))
+            workdir = runtime.WorkerDirectory(rt.model_dir, runtime.is_chief(strategy),
+                                              task=runtime.task_name(strategy))
             return _train(config, flags_text, strategy, watcher, workdir)
     except _PEER_ERRORS as error:  # while setting up: the loop raises WorkerLost itself
         if runtime.num_workers(strategy) == 1:
             raise
-        raise _worker_lost(error, None, rt.model_dir) from error
+        raise _worker_lost(error, None, config) from error
     finally:
         if workdir is not None:
             workdir.cleanup()
 
 
-def _worker_lost(error: tf.errors.OpError, step, model_dir: str) -> WorkerLost:
+def _worker_lost(error: tf.errors.OpError, step, config: config_lib.ExperimentConfig) -> WorkerLost:
     where = f"after step {step}" if step is not None else "before training"
-    message = (f"lost contact with another worker {where}: {_peer_error_summary(error)} "
-               "Check the other workers' logs for the first failure, then relaunch every "
-               "worker with the same command: training resumes from the chief's latest "
-               f"checkpoint in {os.path.join(model_dir, CHECKPOINT_SUBDIR)}. Exiting with "
+    summary = _peer_error_summary(error)
+    if isinstance(error, tf.errors.DeadlineExceededError) or "timed out" in summary:
+        what = (f"a collective waited more than --collective_timeout_seconds="
+                f"{config.runtime.collective_timeout_seconds:g} for another worker {where} "
+                "(is one stuck, or started with other flags?)")
+    else:
+        what = f"lost contact with another worker {where}"
+    message = (f"{what}: {summary} Check the other workers' logs for the first failure, then "
+               "relaunch every worker with the same command: training resumes from the "
+               "chief's latest checkpoint in "
+               f"{os.path.join(config.runtime.model_dir, CHECKPOINT_SUBDIR)}. Exiting with "
                f"status {WORKER_LOST_EXIT_CODE}.")
     logging.error("%s", message)
     return WorkerLost(message, step)
@@ -353,7 +382,7 @@ def _train(config: config_lib.ExperimentConfig, flags_text: str, strategy, watch
                               exit_weights=oc.exit_weights, xla=rt.xla,
                               stop_on_nonfinite=rt.precision != "mixed_float16",
                               stop_request=watcher.flag)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+        checkpoint = tf.train.Checkpoint(**checkpoints.trackables(model, optimizer),
                                          global_step=steps.global_step)
         manager = tf.train.CheckpointManager(
             checkpoint, os.path.join(workdir.path, CHECKPOINT_SUBDIR),
@@ -371,7 +400,7 @@ def _train(config: config_lib.ExperimentConfig, flags_text: str, strategy, watch
     step = int(steps.global_step.numpy())
     workers = runtime.num_workers(strategy)
     if workers > 1:
-        _check_same_step(strategy, step)
+        _check_workers_agree(strategy, config, step)
     if chief:
         config_lib.save(config, rt.model_dir)
         if flags_text:
@@ -398,53 +427,50 @@ def _train(config: config_lib.ExperimentConfig, flags_text: str, strategy, watch
     train_metrics, eval_metrics = {}, {}
     window_steps, window_seconds = 0, 0.0  # training time only, for images_per_second
     end_step = min(total_steps, rt.stop_at_step or total_steps)
-    while step < end_step:
-        boundaries = [end_step]
-        for interval in (rt.log_every_steps, rt.checkpoint_every_steps, eval_every):
-            boundaries.append((step // interval + 1) * interval)
-        num_steps = min(boundaries) - step
-        started = time.time()
-        try:
+    try:
+        while step < end_step:
+            boundaries = [end_step]
+            for interval in (rt.log_every_steps, rt.checkpoint_every_steps, eval_every):
+                boundaries.append((step // interval + 1) * interval)
+            num_steps = min(boundaries) - step
+            started = time.time()
             outcome = steps.train_loop(iterator, tf.constant(num_steps))
             finite = bool(outcome["finite"])  # waits for the steps to finish
-        except _PEER_ERRORS as error:
-            if workers == 1:
-                raise
-            raise _worker_lost(error, step, rt.model_dir) from error
-        previous, step = step, int(steps.global_step.numpy())
-        window_steps += step - previous
-        window_seconds += time.time() - started
-        if not finite:
-            message = (f"non-finite training loss at step {step}; nothing was saved after step "
-                       f"{previous}: the last good checkpoint is {manager.latest_checkpoint}. "
-                       "Lower --learning_rate or check the input data.")
-            logging.error("%s", message)
-            raise FloatingPointError(message)
-        if bool(outcome["stop_requested"]):
-            path = _save(manager, step)
-            message = (f"preempted: saved {path} at step {step}; run the same command again to "
-                       f"resume. Exiting with status {PREEMPTED_EXIT_CODE}.")
-            logging.warning("%s", message)
-            raise Preempted(message, step)
+            previous, step = step, int(steps.global_step.numpy())
+            window_steps += step - previous
+            window_seconds += time.time() - started
+            if not finite:
+                message = (f"non-finite training loss at step {step}; nothing was saved after "
+                           f"step {previous}: the last good checkpoint is "
+                           f"{manager.latest_checkpoint}. Lower --learning_rate or check the "
+                           "input data.")
+                logging.error("%s", message)
+                raise FloatingPointError(message)
+            if bool(outcome["stop_requested"]):
+                path = _save(manager, step)
+                message = (f"preempted: saved {path} at step {step}; run the same command again "
+                           f"to resume. Exiting with status {PREEMPTED_EXIT_CODE}.")
+                logging.warning("%s", message)
+                raise Preempted(message, step)
 
-        at_end = step >= end_step
-        if step % rt.log_every_steps == 0 or at_end:
-            train_metrics = steps.metrics.result()
-            steps.metrics.reset()
-            scalars = dict(train_metrics)
-            scalars["learning_rate"] = float(optimizer.learning_rate.numpy())
-            scalars["images_per_second"] = window_steps * oc.batch_size / max(window_seconds, 1e-9)
-            window_steps, window_seconds = 0, 0.0
-            scale = _loss_scale(optimizer)
-            if scale is not None:
-                scalars["loss_scale"] = scale
-            _write_scalars(train_writer, scalars, step)
-            logging.info("step %d/%d (epoch %.2f) loss %.4f last-exit acc %.3f | %.0f img/s | "
-                         "ETA %s", step, total_steps, step / steps_per_epoch,
-                         train_metrics["loss/total"],
-                         train_metrics[f"accuracy/exit_{model.num_exits}"],
-                         scalars["images_per_second"], progress.eta(step))
-        try:
+            at_end = step >= end_step
+            if step % rt.log_every_steps == 0 or at_end:
+                train_metrics = steps.metrics.result()
+                steps.metrics.reset()
+                scalars = dict(train_metrics)
+                scalars["learning_rate"] = float(optimizer.learning_rate.numpy())
+                scalars["images_per_second"] = (window_steps * oc.batch_size
+                                                / max(window_seconds, 1e-9))
+                window_steps, window_seconds = 0, 0.0
+                scale = _loss_scale(optimizer)
+                if scale is not None:
+                    scalars["loss_scale"] = scale
+                _write_scalars(train_writer, scalars, step)
+                logging.info("step %d/%d (epoch %.2f) loss %.4f last-exit acc %.3f | %.0f img/s "
+                             "| ETA %s", step, total_steps, step / steps_per_epoch,
+                             train_metrics["loss/total"],
+                             train_metrics[f"accuracy/exit_{model.num_exits}"],
+                             scalars["images_per_second"], progress.eta(step))
             if has_validation and (step % eval_every == 0 or at_end):
                 eval_metrics = steps.eval_metrics(eval_data)
                 accuracy = eval_metrics[f"accuracy/exit_{model.num_exits}"]
@@ -456,8 +482,12 @@ def _train(config: config_lib.ExperimentConfig, flags_text: str, strategy, watch
                     if k.startswith("accuracy/")), " (best)" if improved else "")
             if step % rt.checkpoint_every_steps == 0 or at_end:
                 _save(manager, step)
-        except _PEER_ERRORS as error:
-            if workers == 1:
-                raise
-            raise _worker_lost(error, step, rt.model_dir) from error
+    except _PEER_ERRORS as error:
+        if workers == 1:
+            raise
+        raise _worker_lost(error, step, config) from error
+    finally:
+        # An exception's traceback keeps this frame alive until the interpreter exits, and a
+        # live distributed iterator then delays the exit by ~20 s (mirrored, 2 CPU devices).
+        del iterator, train_data, eval_data
     return {"step": step, "train": train_metrics, "validation": eval_metrics}
