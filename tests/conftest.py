@@ -44,6 +44,17 @@ def real_cifar10() -> Path:
     pytest.skip("real CIFAR-10 (../shared/data/cifar-10-batches-py) is not present")
 
 
+@pytest.fixture(autouse=True)
+def _float32_policy():
+    """Every test starts and ends under float32, even if one fails inside a mixed policy."""
+    import keras
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def _shared_configs():
     """A 3-exit RANet (0.6 M parameters) and synthetic data, shared by the inference tests."""
     from ranet import config as config_lib

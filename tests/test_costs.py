@@ -41,15 +41,6 @@ REFERENCE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _float32_policy():
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 @pytest.fixture(scope="module", params=sorted(REFERENCE))
 def reference_case(request):
     """(expected params, exit MACs, exit params, measured ModelCost): each model built once."""

@@ -40,16 +40,6 @@ def _dtype(tensor) -> str:
     return keras.backend.standardize_dtype(tensor.dtype)
 
 
-@pytest.fixture(autouse=True)
-def _float32_policy():
-    """Every test starts and ends under float32, even if one fails inside a mixed policy."""
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 # ---------------------------------------------------------------------------------------------
 # The contract, over every registered model.
 

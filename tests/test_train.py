@@ -46,12 +46,6 @@ def _restore_variables(model_dir, checkpoint_name, precision="fp32"):
             [(v.path, v.numpy()) for v in optimizer.variables], int(step.numpy()))
 
 
-@pytest.fixture(autouse=True)
-def _float32_policy():
-    yield
-    keras.mixed_precision.set_global_policy("float32")
-
-
 def test_mirrored_on_two_cpus_lowers_the_loss(tmp_path):
     result = trainer.train_and_evaluate(
         _experiment(tmp_path, strategy="mirrored", num_cpu_devices=2))
