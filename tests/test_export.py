@@ -168,8 +168,10 @@ def test_all_exits_are_the_model_logits(exported, loaded, raw_images, splits):
     expected = model(data.normalized(raw_images, splits.mean, splits.std), training=False)
     assert sorted(served) == [f"logits_exit_{k}" for k in range(1, NUM_EXITS + 1)]
     for k, logits in enumerate(expected, start=1):
+        # The serving graph lets Grappler fold batch norm into the convolutions, so it rounds
+        # differently from the eager call: agreement to float32 precision of the largest logit.
         np.testing.assert_allclose(served[f"logits_exit_{k}"].numpy(), logits.numpy(),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-5, atol=2e-6 * float(np.abs(logits).max()))
 
 
 def test_wrong_number_of_thresholds_is_refused(exported, splits):
