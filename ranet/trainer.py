@@ -12,7 +12,6 @@ import glob
 import json
 import math
 import os
-import re
 import shutil
 import time
 import zlib
@@ -209,57 +208,6 @@ def _remove_partial_saves(directory: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _checkpoint_candidates(directory: str) -> list:
-    """Checkpoints of ``directory``, newest first, as its state file lists them."""
-    try:
-        state = tf.train.get_checkpoint_state(directory)
-    except Exception as error:  # noqa: BLE001 - an unreadable state file: scan the folder
-        logging.warning("unreadable checkpoint state in %s (%s); scanning for ckpt-* files",
-                        directory, error)
-        state = None
-    if state is not None:
-        paths = list(state.all_model_checkpoint_paths)
-        if state.model_checkpoint_path in paths:
-            paths.remove(state.model_checkpoint_path)
-        return [state.model_checkpoint_path] + paths[::-1]
-    numbered = []
-    for index in glob.glob(os.path.join(directory, "ckpt-*.index")):
-        match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(index))
-        if match:
-            numbered.append((int(match.group(1)), index[:-len(".index")]))
-    return [path for _, path in sorted(numbered, reverse=True)]
-
-
-def _restore_latest(checkpoint: tf.train.Checkpoint, directory: str):
-    """Restores the newest readable checkpoint of ``directory``; None when it has none.
-
-    A checkpoint that cannot be read (a crash of the machine, not of the process, can
-    leave files the state file names but the disk never received) is skipped with a
-    warning, and the one before it is used.
-    """
-    candidates = _checkpoint_candidates(directory)
-    failures = []
-    for path in candidates:
-        try:
-            checkpoint.restore(path).assert_existing_objects_matched()
-        except Exception as error:  # noqa: BLE001 - truncated files raise IndexError, too
-            reason = f"{type(error).__name__}: " + (
-                getattr(error, "message", None) or str(error)).strip().splitlines()[0]
-            failures.append(f"{path} ({reason})")
-            logging.warning("checkpoint %s cannot be restored (%s); trying the one before it",
-                            path, reason)
-            continue
-        if failures:
-            logging.warning("resumed from %s, not from the latest (%s), which is unreadable",
-                            path, candidates[0])
-        return path
-    if candidates:
-        raise RuntimeError(
-            f"no checkpoint in {directory} can be restored: {'; '.join(failures)}. Move them "
-            "away to start over, or point --model_dir elsewhere.")
-    return None
-
-
 @tf.function
 def _sums(strategy, values):
     """Sum over every replica of ``values`` and of their squares."""
@@ -392,7 +340,7 @@ def _train(config: config_lib.ExperimentConfig, flags_text: str, strategy, watch
         if chief:
             _remove_partial_saves(chief_checkpoints)
             _remove_partial_saves(os.path.join(rt.model_dir, BEST_SUBDIR))
-        restored = _restore_latest(checkpoint, chief_checkpoints)
+        restored = checkpoints.restore_newest_readable(checkpoint, chief_checkpoints)
         if restored:
             logging.info("resumed from %s", restored)
         best = _BestCheckpoint(checkpoint, os.path.join(workdir.path, BEST_SUBDIR),

@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, event_scalars
-from ranet import trainer
+from ranet import checkpoints, trainer
 from ranet.checkpoints import restore_model
 from test_train import _experiment
 
@@ -236,6 +236,23 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path
     assert tf.train.latest_checkpoint(str(checkpoints)).endswith("ckpt-30")
 
 
+def test_eval_and_export_restore_the_newest_readable_checkpoint(tmp_path, caplog):
+    trainer.train_and_evaluate(_experiment(tmp_path, steps=20))
+    data = tmp_path / "checkpoints" / "ckpt-20.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:100])
+    caplog.set_level(logging.INFO, logger="absl")
+    _, _, path = restore_model(str(tmp_path), "latest")
+    assert path == str(tmp_path / "checkpoints" / "ckpt-10")
+    assert "ckpt-20 cannot be restored" in caplog.text
+
+
+def test_restoring_a_model_dir_without_checkpoints_says_to_train_it_first(tmp_path):
+    trainer.train_and_evaluate(_experiment(tmp_path, steps=10))
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        restore_model(str(tmp_path))
+
+
 def _assert_clean_failure(run, message):
     assert run.returncode == 2, run.stderr[-3000:]
     assert message in run.stderr, run.stderr[-3000:]
@@ -283,5 +300,5 @@ def test_an_unreadable_checkpoint_state_file_falls_back_to_the_files(tmp_path):
         (tmp_path / f"ckpt-{number}.index").write_bytes(b"")
     (tmp_path / "ckpt-best.index").write_bytes(b"")
     (tmp_path / "checkpoint").write_text("model_checkpoint_path: {{{ not a text proto")
-    assert trainer._checkpoint_candidates(str(tmp_path)) == [
+    assert checkpoints.candidates(str(tmp_path)) == [
         str(tmp_path / f"ckpt-{number}") for number in (12, 7, 5)]
