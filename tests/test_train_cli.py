@@ -39,3 +39,27 @@ def test_bad_input_fails_with_a_message_that_says_how_to_fix_it(tmp_path, args, 
     assert message in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _preset(name: str):
+    from absl import flags
+
+    from ranet import cli
+    values = flags.FlagValues()
+    cli.define_flags(values)
+    values(["train", f"--flagfile={os.path.join(REPO_ROOT, 'flags', name)}"])
+    return cli.experiment_config(values)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO_ROOT, "flags"))))
+def test_every_preset_parses_into_a_valid_config(name):
+    config = _preset(name)
+    assert config.runtime.model_dir.startswith("runs/")
+    assert config.optim.batch_size > 0
+
+
+def test_gpu_short_preset_is_the_cifar_network_on_a_shorter_mixed_precision_schedule():
+    full, short = _preset("ranet_cifar10.cfg"), _preset("ranet_cifar10_gpu_short.cfg")
+    assert short.model == full.model
+    assert short.optim.epochs == 15 < full.optim.epochs
+    assert (short.runtime.precision, short.runtime.xla) == ("mixed_float16", True)
