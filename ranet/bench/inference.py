@@ -1,7 +1,7 @@
 """Inference benchmark: batch-1 latency of every path, and how cost grows with batch size.
 
     python -m ranet.bench.inference --model_dir=runs/ranet --model_dir=runs/vgg16 \\
-        --model_dir=runs/resnet50 --split=validation --xla --json=bench_inference.json
+        --model_dir=runs/resnet50 --split=validation --json=bench_inference.json
 
 Every model runs the same compiled paths on the same images, timed interleaved in one
 process (``ranet.latency``). It prints the latency table, the throughput of the adaptive
@@ -19,7 +19,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("model_dir", None, "Trained model directories (repeat).")
 flags.DEFINE_enum("split", "validation", ["test", "validation"], "Images to time on.")
 flags.DEFINE_string("data_dir", None, "Overrides the data location saved with the models.")
-flags.DEFINE_bool("xla", True, "XLA-compile the batch-1 paths of every model alike.")
+flags.DEFINE_bool("xla", False, "XLA-compile the batch-1 paths of every model alike (on a CPU "
+                  "it speeds RANet up and slows VGG16 down: BUILD_NOTES.md).")
 flags.DEFINE_integer("latency_images", 200, "Images timed one by one.")
 flags.DEFINE_list("batch_sizes", ["1", "8", "64", "256"], "Batch sizes of the throughput sweep.")
 flags.DEFINE_integer("throughput_images", 1024, "Images per throughput measurement.")
