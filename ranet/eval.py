@@ -33,6 +33,9 @@ flags.DEFINE_enum("precision", "fp32", ["fp32", "mixed_float16", "mixed_bfloat16
                   "Numeric precision of inference.")
 flags.DEFINE_bool("xla", False, "XLA-compile the batch-1 paths (full and adaptive) of every "
                   "model alike.")
+flags.DEFINE_integer("intra_op_threads", 0, "Threads one op may use; 0: every core. 1 "
+                     "suits batch-1 latency of small networks (BUILD_NOTES.md).", lower_bound=0)
+flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: every core.", lower_bound=0)
 flags.DEFINE_integer("latency_images", 300, "Images timed one by one for batch-1 latency.")
 flags.DEFINE_integer("warmup", 10, "Untimed calls per path before timing.")
 flags.DEFINE_integer("batch_size", 256, "Batch size of inference and of the throughput test.")
@@ -62,7 +65,8 @@ def main(argv):
     if FLAGS.latency_images <= 0 or FLAGS.batch_size <= 0:
         raise ValueError("--latency_images and --batch_size must be positive")
 
-    from ranet import adaptive, evaluation, latency, report
+    from ranet import adaptive, evaluation, latency, report, runtime
+    runtime.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     logging.set_verbosity(logging.INFO)
 
     models = evaluation.load_models(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.precision)

@@ -39,10 +39,13 @@ def test_report_has_every_section_for_ranet_and_a_baseline(model_dirs, tmp_path)
     ranet_dir, vgg_dir = model_dirs
     run = _eval(f"--model_dir={ranet_dir}", f"--model_dir={vgg_dir}", "--split=test",
                 "--budget_mflops=7,9", "--threshold=0.85", f"--report_dir={tmp_path}",
-                "--latency_images=8", "--warmup=2", "--throughput_images=32", "--batch_size=16")
+                "--latency_images=8", "--warmup=2", "--throughput_images=32", "--batch_size=16",
+                "--intra_op_threads=1", "--inter_op_threads=2")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["split"] == "test" and report["calibration_split"] == "validation"
+    assert (report["environment"]["intra_op_threads"],
+            report["environment"]["inter_op_threads"]) == (1, 2)
     assert report["num_images"] == SYNTHETIC.synthetic_test_size
     assert report["tensorflow"] == tf.__version__ and report["device"].startswith("CPU")
     ranet, vgg = report["models"]
@@ -100,6 +103,7 @@ def test_missing_test_split_is_a_clear_error():
     (["--budget_mflops=1"], "below the cost of ranet's first exit"),
     (["--budget_mflops=x"], "--budget_mflops takes comma-separated numbers"),
     ([], "pass --report_dir"),
+    (["--intra_op_threads=-1"], "intra_op_threads"),
 ])
 def test_bad_requests_fail_cleanly(model_dirs, tmp_path, args, message):
     report_args = [] if args == [] else [f"--report_dir={tmp_path / 'out'}"]

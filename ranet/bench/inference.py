@@ -21,6 +21,9 @@ flags.DEFINE_enum("split", "validation", ["test", "validation"], "Images to time
 flags.DEFINE_string("data_dir", None, "Overrides the data location saved with the models.")
 flags.DEFINE_bool("xla", False, "XLA-compile the batch-1 paths of every model alike (on a CPU "
                   "it speeds RANet up and slows VGG16 down: BUILD_NOTES.md).")
+flags.DEFINE_integer("intra_op_threads", 0, "Threads one op may use; 0: every core. 1 "
+                     "suits batch-1 latency of small networks (BUILD_NOTES.md).", lower_bound=0)
+flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: every core.", lower_bound=0)
 flags.DEFINE_integer("latency_images", 200, "Images timed one by one.")
 flags.DEFINE_list("batch_sizes", ["1", "8", "64", "256"], "Batch sizes of the throughput sweep.")
 flags.DEFINE_integer("throughput_images", 1024, "Images per throughput measurement.")
@@ -56,7 +59,8 @@ def main(argv):
     if not FLAGS.model_dir:
         raise ValueError("pass at least one --model_dir (repeat it to compare models)")
     batch_sizes = sorted({int(b) for b in FLAGS.batch_sizes})
-    from ranet import adaptive, evaluation, latency
+    from ranet import adaptive, evaluation, latency, runtime
+    runtime.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     logging.set_verbosity(logging.INFO)
 
     models = evaluation.load_models(FLAGS.model_dir)
