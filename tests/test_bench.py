@@ -53,3 +53,23 @@ def test_training_benchmark_measures_bare_step_loop_and_input(tmp_path):
         assert row["bare_ips"] > 0 and row["loop_ips"] > 0 and row["input_ips"] > 0
         assert row["loop_overhead"] == pytest.approx(1 - row["loop_ips"] / row["bare_ips"])
     assert "bare img/s" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, fused_op", [("train", "FusedBatchNormGradV3"),
+                                            ("inference", "FusedConv2D")])
+def test_profile_attributes_the_step_to_op_types(tmp_path, mode, fused_op):
+    out = tmp_path / "profile.json"
+    run = _run("ranet.bench.profile", "--preset=ranet_smoke", f"--mode={mode}", "--steps=1",
+               "--warmup_steps=1", "--batch_size=8", f"--logdir={tmp_path / 'trace'}",
+               f"--json={out}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    op_types = result["op_types"]
+    # The smoke preset has 24 convolutions; at inference Grappler fuses each with its
+    # batch norm and ReLU, in training the fused batch norm has its fused gradient.
+    conv = next(op for op in op_types if op.endswith("Conv2D"))
+    assert op_types[conv]["calls_per_step"] == 24
+    assert any(op.endswith(fused_op) for op in op_types), sorted(op_types)
+    assert result["ops_per_step"] > 24 and result["wall_ms_per_step"] > 0
+    assert list(tmp_path.glob("trace/**/*.xplane.pb"))

@@ -24,6 +24,7 @@ import time
 from absl import flags, logging
 
 from ranet import cli
+from ranet.bench.common import build_training, preset_model, synthetic_data
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["ranet_small_cifar10", "ranet_cifar10", "vgg16_cifar10",
@@ -37,18 +38,6 @@ flags.DEFINE_integer("num_cpu_devices", 0, "Logical CPU devices (for mirrored on
 flags.DEFINE_string("data_dir", None, "Real CIFAR-10 instead of synthetic data.")
 flags.DEFINE_string("json", None, "Also write the results here.")
 
-_FLAGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "flags")
-
-
-def _preset_model(name: str):
-    """The ModelConfig of a flagfile preset, parsed apart from this binary's own flags."""
-    preset_flags = flags.FlagValues()
-    cli.define_flags(preset_flags)
-    preset_flags(["preset", f"--flagfile={os.path.join(_FLAGS_DIR, name + '.cfg')}"])
-    return cli.model_config(preset_flags)
-
-
 def _timed(fn, steps: int) -> float:
     """Seconds per step of ``fn(steps)``, which must block until its work is done."""
     started = time.perf_counter()
@@ -61,28 +50,9 @@ def measure(model_config, precision: str, strategy_name: str, batch_size: int, s
     import keras
     import tensorflow as tf
 
-    from ranet import config as config_lib
-    from ranet import data, optim, runtime
-    from ranet.models import get_model
-    from ranet.steps import StepFunctions
-
-    rt = config_lib.RuntimeConfig(model_dir="unused", strategy=strategy_name,
-                                  num_cpu_devices=FLAGS.num_cpu_devices, precision=precision)
-    runtime.set_precision(precision)
-    strategy = runtime.create_strategy(rt)
-    splits = data.load_splits(data_config)
-    input_fn = data.train_input_fn(splits.train, global_batch_size=batch_size, mean=splits.mean,
-                                   std=splits.std, seed=0)
-    with strategy.scope():
-        model = get_model(model_config)
-        optimizer = optim.create_optimizer(config_lib.OptimConfig(batch_size=batch_size), 100,
-                                           precision)
-        optimizer.build(model.trainable_variables)
-        step_functions = StepFunctions(model, optimizer, strategy, global_batch_size=batch_size,
-                                       weight_decay=1e-4,
-                                       stop_on_nonfinite=precision != "mixed_float16")
-    dataset = strategy.distribute_datasets_from_function(input_fn)
-
+    strategy, step_functions, dataset = build_training(model_config, precision, strategy_name,
+                                                       batch_size, data_config,
+                                                       FLAGS.num_cpu_devices)
     iterator = iter(dataset)
     fixed_batch = next(iterator)
 
@@ -123,12 +93,10 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     runtime.configure_host_devices(FLAGS.num_cpu_devices)
     data_config = (config_lib.DataConfig(dataset="cifar10", data_dir=FLAGS.data_dir)
-                   if FLAGS.data_dir else
-                   config_lib.DataConfig(dataset="synthetic", validation_size=0,
-                                         synthetic_train_size=max(2048, 4 * FLAGS.batch_size)))
+                   if FLAGS.data_dir else synthetic_data(FLAGS.batch_size))
     rows = []
     for preset in FLAGS.presets:
-        model_config = _preset_model(preset)
+        model_config = preset_model(preset)
         for precision in FLAGS.precisions:
             for strategy in FLAGS.strategies:
                 logging.info("measuring %s, %s, %s", preset, precision, strategy)
