@@ -32,6 +32,10 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["latency_ms"]["ranet"]) == {"full", "adaptive", "keras_predict"}
     assert set(result["latency_ms"]["vgg16"]) == {"full", "keras_predict"}
+    point = result["operating_points"]["ranet"]
+    assert abs(sum(point["exit_fractions"]) - 1.0) < 1e-6
+    assert {"accuracy", "last_exit_accuracy", "expected_macs", "thresholds"} <= set(point)
+    assert "vgg16" not in result["operating_points"]
     assert set(result["throughput_ips"]["ranet"]) == {"1", "8"}
     assert set(result["throughput_ips"]["ranet"]["8"]) == {"full", "adaptive"}
     targets = [t["target"] for t in result["targets"]]

@@ -65,7 +65,7 @@ def main(argv):
 
     models = evaluation.load_models(FLAGS.model_dir)
     images = evaluation.load_images(models, FLAGS.split, data_dir=FLAGS.data_dir)
-    batch1, batched, expected_macs = {}, {}, {}
+    batch1, batched, expected_macs, operating_points = {}, {}, {}, {}
     for m in models:
         result = evaluation.evaluate_model(m.model, m.cost, images, name=m.name,
                                            model_dir=m.model_dir, checkpoint=m.checkpoint)
@@ -73,6 +73,9 @@ def main(argv):
         thresholds = {k: v for k, v in result.thresholds_by_path.items() if k == "adaptive"}
         expected_macs[m.name] = (result.default.point.expected_macs if result.default
                                  else m.cost.exits[-1].macs)
+        if result.default:
+            operating_points[m.name] = {"last_exit_accuracy": result.exit_accuracy[-1],
+                                        **result.default.to_json()}
         predictor = adaptive.AdaptivePredictor(m.model, jit_compile=FLAGS.xla)
         batch1[m.name] = latency.batch1_paths(m.model, predictor, thresholds, FLAGS.xla)
         batched[m.name] = latency.batched_paths(m.model, predictor, thresholds)
@@ -94,7 +97,12 @@ def main(argv):
     environment = latency.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; "
           f"XLA {'on' if FLAGS.xla else 'off'} (batch-1 paths)\n")
-    print(f"{'model':<28} {'path':<14} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+    for name, point in operating_points.items():
+        print(f"{name}: default operating point {point['accuracy']:.2%} (every exit: "
+              f"{point['last_exit_accuracy']:.2%}), {point['expected_macs'] / 1e6:.2f} M "
+              f"multiply-adds expected, exit fractions "
+              + ", ".join(f"{f:.3f}" for f in point["exit_fractions"]))
+    print(f"\n{'model':<28} {'path':<14} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
     for name, paths in latency_ms.items():
         for path, s in paths.items():
             print(f"{name:<28} {path:<14} {s['p50']:>8.2f} {s['p90']:>8.2f} {s['p99']:>8.2f}")
@@ -112,6 +120,7 @@ def main(argv):
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump({"environment": environment, "xla": FLAGS.xla,
+                       "operating_points": operating_points,
                        "latency_ms": latency_ms, "throughput_ips": throughput,
                        "targets": [{"target": label, "measured": measured, "needed": needed}
                                    for label, measured, needed in targets]}, f, indent=2)

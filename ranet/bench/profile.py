@@ -33,15 +33,14 @@ flags.DEFINE_integer("top", 25, "Op types printed.", lower_bound=1)
 flags.DEFINE_string("logdir", "/tmp/ranet_profile", "Where the trace is written (replaced).")
 flags.DEFINE_string("json", None, "Also write the per-op-type table here.")
 
-# Events that contain other events: counting them would count their ops twice.
-_CONTAINERS = ("Process", "Run")
 
 
 def op_type_table(logdir: str) -> dict:
     """{op type: (seconds, calls)} summed over every TF op event of the trace in ``logdir``.
 
-    TensorFlow names a CPU op's event ``<op name>:<op type>``; events without a type
-    (function and executor spans, Python) are skipped.
+    TensorFlow names a CPU op's event ``<op name>:<op type>``. Events without a type,
+    the runtime's own (``ThreadpoolListener::Record``, ``ExecutorState::Process``: C++
+    names) and whole-function spans contain or bracket ops, and are skipped.
     """
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
     paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
@@ -56,8 +55,8 @@ def op_type_table(logdir: str) -> dict:
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
                 op_type = name.rpartition(":")[2].strip() if ":" in name else ""
-                if not op_type or name.startswith("$") or op_type.startswith("__inference") \
-                        or op_type in _CONTAINERS:
+                if (not op_type or "::" in name or name.startswith("$")
+                        or op_type.startswith("__inference")):
                     continue
                 seconds[op_type] += event.duration_ps / 1e12
                 calls[op_type] += 1
