@@ -30,9 +30,9 @@ flags.DEFINE_integer("steps", 3, "Traced steps (or forward passes).", lower_boun
 flags.DEFINE_integer("warmup_steps", 3, "Untraced steps first (tracing happens here).",
                      lower_bound=1)
 flags.DEFINE_integer("top", 25, "Op types printed.", lower_bound=1)
-flags.DEFINE_string("logdir", "/tmp/ranet_profile", "Where the trace is written (replaced).")
+flags.DEFINE_string("logdir", "/tmp/ranet_profile", "Where the trace is written; the "
+                    "table reads the newest trace there.")
 flags.DEFINE_string("json", None, "Also write the per-op-type table here.")
-
 
 
 def op_type_table(logdir: str) -> dict:
@@ -66,8 +66,6 @@ def op_type_table(logdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    import shutil
-
     import tensorflow as tf
 
     from ranet import latency
@@ -89,7 +87,6 @@ def main(argv):
                 [logits.numpy() for logits in forward(images)]
 
     run(FLAGS.warmup_steps)
-    shutil.rmtree(FLAGS.logdir, ignore_errors=True)
     tf.profiler.experimental.start(FLAGS.logdir)
     started = time.perf_counter()
     run(FLAGS.steps)
