@@ -9,7 +9,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["ranet", "ranet.*"]),
+    packages=find_packages(include=["ranet", "ranet.*", "launch", "launch.*"]) + ["ranet.presets"],
+    # The flagfiles in flags/ install as ranet.presets, so --preset=<name> works from any
+    # installation; the launchers' scripts and manifests travel with launch/.
+    package_dir={"ranet.presets": "flags"},
+    package_data={"ranet.presets": ["*.cfg"], "launch": ["*.sbatch", "*.md", "k8s/*.yaml"]},
     install_requires=[
         "tensorflow==2.21.*",
         "keras>=3.10,<4",
@@ -19,8 +23,9 @@ setup(
     ],
     extras_require={
         "plots": ["matplotlib>=3.8"],  # the eval binary's PNG plots
-        # pyyaml: tests/test_launch.py checks the Kubernetes manifest.
-        "test": ["pytest>=8", "matplotlib>=3.8", "pyyaml>=6"],
+        # pyyaml: tests/end_to_end/test_launch.py checks the Kubernetes manifest; pytest-xdist
+        # runs the test files in as many processes as there are cores.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8", "pyyaml>=6"],
     },
     entry_points={
         "console_scripts": [

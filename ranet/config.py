@@ -1,14 +1,20 @@
-"""Frozen, validated configuration objects: one per concern.
+"""Frozen, validated configuration objects, one per concern, and the plan of a run in steps.
 
-The binaries turn flags into these once; library modules never read ``FLAGS``.
-Every object round-trips through JSON so that a model directory records the
-exact configuration it was trained with (``<model_dir>/config.json``).
+The binaries turn flags into these once (``ranet.cli`` generates the flags from the fields
+below: each field that is a flag carries its help text); library modules never read flags.
+Every object round-trips through JSON, so that a model directory records the exact
+configuration it was trained with (``<model_dir>/config.json``). Durations (epochs, warm-up,
+evaluation intervals, decay points) become steps in one place: ``plan_steps``.
+
+Model-specific rules (RANet's architecture arguments) are checked by the model's own module,
+through ``ranet.models.validate``.
 """
 
 import dataclasses
-import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+from ranet import jsonio
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
 MODELS = ("ranet", "vgg16", "resnet50")
@@ -20,36 +26,72 @@ STEP_MODES = ("even", "lg")
 CONFIG_FILENAME = "config.json"
 
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+_IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "synthetic": 32}
+# The Keras dtype policy of each --precision.
+_POLICIES = {"fp32": "float32", "mixed_float16": "mixed_float16",
+             "mixed_bfloat16": "mixed_bfloat16"}
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raises ``ValueError(message)`` unless ``condition``: the form of every config check."""
     if not condition:
         raise ValueError(message)
 
 
-def _choice(name: str, value: Any, choices) -> None:
-    _require(value in choices,
-             f"{name} must be one of {', '.join(map(str, choices))}. Received: {name}={value!r}")
+def check_choice(name: str, value: Any, choices: Sequence) -> None:
+    """The one phrasing of an unknown choice: what is allowed, then what was received."""
+    require(value in choices, f"{name} must be one of {', '.join(map(str, choices))}. "
+                              f"Received: {name}={value!r}")
+
+
+def dtype_policy(precision: str) -> str:
+    """The Keras dtype policy name of a ``--precision`` value."""
+    check_choice("precision", precision, PRECISIONS)
+    return _POLICIES[precision]
+
+
+def flag(default, help: str, *, name: Optional[str] = None, kind: Optional[str] = None,
+         choices: Optional[Sequence] = None, unset=None, lower_bound=None):
+    """A config field that is also a command-line flag (``ranet.cli`` defines it).
+
+    Args:
+        default: the field's default, also the flag's.
+        help: the flag's help text.
+        name: the flag's name, when it is not the field's.
+        kind: how the flag is typed, when the default does not tell: "int", "float", "str",
+            "ints" (integers joined by '-', e.g. 4-2-1), "floats" (comma-separated) or
+            "strings" (the flag repeated).
+        choices: an enum flag's allowed values.
+        unset: the flag value that stands for ``None`` in the config (e.g. 0 or "none").
+        lower_bound: the smallest value an integer or float flag takes.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "name": name, "kind": kind, "choices": choices, "unset": unset,
+        "lower_bound": lower_bound})
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Which images, how many are held out for validation, how they are augmented."""
-    dataset: str = "cifar10"
-    data_dir: Optional[str] = None
-    validation_size: int = 5000
-    split_seed: int = 0
-    augment: bool = True
-    synthetic_train_size: int = 2048
-    synthetic_test_size: int = 512
+    dataset: str = flag("cifar10", "Which images.", choices=DATASETS)
+    data_dir: Optional[str] = flag(
+        None, "Folder holding cifar-10-batches-py or cifar-100-python (or that folder "
+        "itself). Default: the Keras cache, then a download.", kind="str")
+    validation_size: int = flag(
+        5000, "Training images held out (class-balanced, fixed seed) for model selection "
+        "and threshold calibration.")
+    split_seed: int = flag(0, "Seed of the validation split.")
+    augment: bool = flag(True, "Pad-4 random crop and horizontal flip.")
+    synthetic_train_size: int = flag(2048, "Training images of --dataset=synthetic.")
+    synthetic_test_size: int = flag(512, "Test images of --dataset=synthetic.")
 
     def __post_init__(self):
-        _choice("dataset", self.dataset, DATASETS)
-        _require(self.validation_size >= 0,
-                 f"validation_size must be >= 0. Received: validation_size={self.validation_size}")
-        _require(self.synthetic_train_size > 0 and self.synthetic_test_size > 0,
-                 "synthetic_train_size and synthetic_test_size must be positive. Received: "
-                 f"{self.synthetic_train_size}, {self.synthetic_test_size}")
+        check_choice("dataset", self.dataset, DATASETS)
+        require(self.validation_size >= 0,
+                f"validation_size must be >= 0. Received: validation_size={self.validation_size}")
+        require(self.synthetic_train_size > 0 and self.synthetic_test_size > 0,
+                "synthetic_train_size and synthetic_test_size must be positive. Received: "
+                f"{self.synthetic_train_size}, {self.synthetic_test_size}")
 
     @property
     def num_classes(self) -> int:
@@ -57,111 +99,102 @@ class DataConfig:
 
     @property
     def image_size(self) -> int:
-        return 32
+        return _IMAGE_SIZES[self.dataset]
+
+    def with_data_dir(self, data_dir: Optional[str]) -> "DataConfig":
+        """The same data read from ``data_dir`` (unchanged when it is None)."""
+        return self if data_dir is None else dataclasses.replace(self, data_dir=data_dir)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture. The RANet fields mirror the reference's arguments (names spelled out)."""
-    name: str = "ranet"
-    num_classes: int = 10
-    image_size: int = 32
-    # RANet (reference argument in brackets).
-    scale_list: tuple = (1, 2, 3)            # --scale-list
-    growth_rate: int = 6                     # --growthRate
-    growth_factors: tuple = (4, 2, 1)        # --grFactor
-    bottleneck_factors: tuple = (4, 2, 1)    # --bnFactor
-    base_channels: int = 16                  # --nChannels
-    num_blocks: int = 2                      # --nBlocks
-    block_step: int = 2                      # --block-step
-    step: int = 4                            # --step
-    step_mode: str = "even"                  # --stepmode
-    compress_factor: float = 0.25            # --compress-factor
-    reduction: float = 0.5                   # --reduction
-    # Baselines.
-    pretrained: Optional[str] = None
-    # Every model: batch norm statistics over the global batch (all replicas), not per replica.
-    sync_batch_norm: bool = False
+    name: str = flag("ranet", "Which architecture.", name="model", choices=MODELS)
+    num_classes: int = 10                    # from the dataset
+    image_size: int = 32                     # from the dataset
+    # RANet (reference argument in brackets); checked by ranet.models.ranet.validate.
+    scale_list: tuple = flag(                                         # --scale-list
+        (1, 2, 3), "RANet: scale of each flow, low to high resolution.", kind="ints")
+    growth_rate: int = flag(6, "RANet: base growth rate.")            # --growthRate
+    growth_factors: tuple = flag(                                     # --grFactor
+        (4, 2, 1), "RANet: growth factor of each flow.", kind="ints")
+    bottleneck_factors: tuple = flag(                                 # --bnFactor
+        (4, 2, 1), "RANet: bottleneck factor of each flow.", kind="ints")
+    base_channels: int = flag(16, "RANet: stem channels (x factor).")  # --nChannels
+    num_blocks: int = flag(2, "RANet: blocks (and exits) of the first flow.")  # --nBlocks
+    block_step: int = flag(                                           # --block-step
+        2, "RANet: extra blocks (and exits) of each further flow.")
+    step: int = flag(4, "RANet: dense layers per block.")             # --step
+    step_mode: str = flag(                                            # --stepmode
+        "even", "RANet: 'even' (same layers per block) or 'lg' (growing).", choices=STEP_MODES)
+    compress_factor: float = flag(                                    # --compress-factor
+        0.25, "RANet: share of channels from the lower-resolution flow.")
+    reduction: float = flag(0.5, "RANet: transition compression.")    # --reduction
+    pretrained: Optional[str] = flag(
+        None, "ResNet50 only: start from Keras' ImageNet weights (needs a network once).",
+        choices=("none", "imagenet"), unset="none")
+    sync_batch_norm: bool = flag(
+        False, "Batch norm statistics over the global batch (all-reduced over replicas and "
+        "workers) instead of each replica's share; N replicas then train like one. Costs "
+        "three small all-reduces per batch norm layer and step.")
 
     def __post_init__(self):
-        _choice("model", self.name, MODELS)
+        check_choice("model", self.name, MODELS)
         for field in ("scale_list", "growth_factors", "bottleneck_factors"):
             object.__setattr__(self, field, tuple(int(v) for v in getattr(self, field)))
-        _require(self.num_classes > 1, f"num_classes must be > 1. Received: {self.num_classes}")
-        _require(self.image_size >= 32 and self.image_size % 8 == 0,
-                 f"image_size must be a multiple of 8, at least 32. Received: {self.image_size}")
-        _choice("pretrained", self.pretrained, (None, "imagenet"))
-        _require(self.pretrained is None or self.name == "resnet50",
-                 f"--pretrained=imagenet exists only for resnet50. Received: model={self.name}")
-        if self.name != "ranet":
-            return
-        scales = self.scale_list
-        _require(len(scales) >= 1 and scales[0] == 1 and
-                 all(b - a in (0, 1) for a, b in zip(scales, scales[1:])),
-                 "scale_list must start at 1 and rise by 0 or 1 per flow, e.g. 1-2-3 or 1-2-3-3. "
-                 f"Received: scale_list={'-'.join(map(str, scales))}")
-        _require(len(self.growth_factors) == len(scales) == len(self.bottleneck_factors),
-                 "growth_factors and bottleneck_factors need one entry per scale flow "
-                 f"({len(scales)}). Received: growth_factors={self.growth_factors}, "
-                 f"bottleneck_factors={self.bottleneck_factors}")
-        _require(self.image_size // 2 ** (max(scales) - 1) >= 4,
-                 f"image_size {self.image_size} is too small for {max(scales)} resolutions")
-        for field in ("growth_rate", "base_channels", "num_blocks", "step"):
-            _require(getattr(self, field) > 0,
-                     f"{field} must be positive. Received: {field}={getattr(self, field)}")
-        _require(self.block_step >= 1 or len(scales) == 1,
-                 "block_step must be >= 1 with several flows: each later flow's exits are its "
-                 f"block_step plain blocks. Received: block_step={self.block_step}")
-        _choice("step_mode", self.step_mode, STEP_MODES)
-        if len(scales) > 1:
-            smallest_growth = self.growth_rate * min(self.growth_factors[1:])
-            _require(int(smallest_growth * self.compress_factor) >= 1,
-                     "growth_rate x growth_factor x compress_factor must be >= 1 for every "
-                     "fusing flow, or its fusion layers get no channels. Received: "
-                     f"growth_rate={self.growth_rate}, growth_factors={self.growth_factors}, "
-                     f"compress_factor={self.compress_factor}")
-        _require(0 < self.compress_factor < 1 and 0 < self.reduction <= 1,
-                 "compress_factor must be in (0, 1) and reduction in (0, 1]. Received: "
-                 f"compress_factor={self.compress_factor}, reduction={self.reduction}")
+        require(self.num_classes > 1, f"num_classes must be > 1. Received: {self.num_classes}")
+        require(self.image_size >= 32 and self.image_size % 8 == 0,
+                f"image_size must be a multiple of 8, at least 32. Received: {self.image_size}")
+        check_choice("pretrained", self.pretrained, (None, "imagenet"))
+        require(self.pretrained is None or self.name == "resnet50",
+                f"--pretrained=imagenet exists only for resnet50. Received: model={self.name}")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimizer, schedule and duration. Defaults are the reference CIFAR recipe."""
-    batch_size: int = 64                     # global, over all replicas
-    epochs: int = 300
-    train_steps: Optional[int] = None        # overrides epochs when set
-    learning_rate: float = 0.1               # at reference_batch_size, scaled linearly
-    reference_batch_size: int = 64
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4               # coupled L2, as PyTorch's SGD(weight_decay=)
-    schedule: str = "multistep"
-    decay_rate: float = 0.1
-    decay_fractions: tuple = (0.5, 0.75)
-    warmup_epochs: float = 0.0
-    exit_weights: Optional[tuple] = None     # None: the plain sum over exits
-    label_smoothing: float = 0.0
+    batch_size: int = flag(64, "Global batch size, over all replicas.")
+    epochs: int = flag(300, "Training epochs (unless --train_steps).")
+    train_steps: Optional[int] = flag(
+        None, "Training steps; overrides --epochs when > 0.", kind="int", unset=0)
+    learning_rate: float = flag(
+        0.1, "Learning rate at --reference_batch_size, scaled linearly with the batch.")
+    reference_batch_size: int = flag(64, "Batch size at which --learning_rate applies.")
+    momentum: float = flag(0.9, "SGD momentum.")
+    nesterov: bool = flag(False, "Nesterov momentum.")
+    weight_decay: float = flag(1e-4, "Coupled L2, as PyTorch SGD.")
+    schedule: str = flag("multistep", "multistep: x decay_rate at --decay_fractions; cosine: "
+                         "cosine decay.", choices=SCHEDULES)
+    decay_rate: float = flag(0.1, "Multistep decay factor.")
+    decay_fractions: tuple = flag(
+        (0.5, 0.75), "Fractions of training at which multistep decays.", kind="floats")
+    warmup_epochs: float = flag(0.0, "Linear warm-up (cosine only).")
+    exit_weights: Optional[tuple] = flag(
+        None, "Loss weight of each exit (default: all 1).", kind="floats")
+    label_smoothing: float = flag(0.0, "Label smoothing.")
 
     def __post_init__(self):
         object.__setattr__(self, "decay_fractions", tuple(float(v) for v in self.decay_fractions))
         if self.exit_weights is not None:
             object.__setattr__(self, "exit_weights", tuple(float(v) for v in self.exit_weights))
-        _require(self.batch_size > 0, f"batch_size must be positive. Received: {self.batch_size}")
-        _require(self.epochs > 0, f"epochs must be positive. Received: epochs={self.epochs}")
-        _require(self.train_steps is None or self.train_steps > 0,
-                 f"train_steps must be positive. Received: train_steps={self.train_steps}")
-        _require(self.learning_rate > 0, f"learning_rate must be positive. Received: {self.learning_rate}")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0. Received: {self.weight_decay}")
-        _choice("schedule", self.schedule, SCHEDULES)
-        _require(all(0 < f < 1 for f in self.decay_fractions),
-                 f"decay_fractions must lie in (0, 1). Received: {self.decay_fractions}")
-        _require(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0. Received: {self.warmup_epochs}")
-        _require(self.warmup_epochs == 0 or self.schedule == "cosine",
-                 "warm-up exists for the cosine schedule only: pass --schedule=cosine. "
-                 f"Received: schedule={self.schedule}, warmup_epochs={self.warmup_epochs}")
-        _require(0 <= self.label_smoothing < 1,
-                 f"label_smoothing must be in [0, 1). Received: {self.label_smoothing}")
+        require(self.batch_size > 0, f"batch_size must be positive. Received: {self.batch_size}")
+        require(self.epochs > 0, f"epochs must be positive. Received: epochs={self.epochs}")
+        require(self.train_steps is None or self.train_steps > 0,
+                f"train_steps must be positive. Received: train_steps={self.train_steps}")
+        require(self.learning_rate > 0,
+                f"learning_rate must be positive. Received: {self.learning_rate}")
+        require(self.weight_decay >= 0,
+                f"weight_decay must be >= 0. Received: {self.weight_decay}")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        require(all(0 < f < 1 for f in self.decay_fractions),
+                f"decay_fractions must lie in (0, 1). Received: {self.decay_fractions}")
+        require(self.warmup_epochs >= 0,
+                f"warmup_epochs must be >= 0. Received: {self.warmup_epochs}")
+        require(self.warmup_epochs == 0 or self.schedule == "cosine",
+                "warm-up exists for the cosine schedule only: pass --schedule=cosine. "
+                f"Received: schedule={self.schedule}, warmup_epochs={self.warmup_epochs}")
+        require(0 <= self.label_smoothing < 1,
+                f"label_smoothing must be in [0, 1). Received: {self.label_smoothing}")
 
     @property
     def scaled_learning_rate(self) -> float:
@@ -171,40 +204,50 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how the job runs: devices, precision, checkpoints, logging."""
-    model_dir: str = ""
-    strategy: str = "default"
-    num_gpus: int = 0
-    num_cpu_devices: int = 0
-    tpu: str = ""
-    all_reduce: str = "auto"
-    precision: str = "fp32"
-    xla: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 3
-    eval_every_epochs: int = 1
-    log_every_steps: int = 100
-    stop_at_step: Optional[int] = None       # end this invocation early; the schedule is unchanged
-    collective_timeout_seconds: float = 300.0  # multi-worker: a stuck peer ends the run; 0: wait
+    model_dir: str = flag("", "Checkpoints, TensorBoard events and config.json.")
+    strategy: str = flag("default", "tf.distribute strategy.", choices=STRATEGIES)
+    num_gpus: int = flag(0, "GPUs for mirrored/one_device (0: all).")
+    num_cpu_devices: int = flag(
+        0, "Split the host CPU into N logical devices (to exercise distribution without "
+        "GPUs); 0 leaves it alone.")
+    tpu: str = flag("", "TPU name or address for --strategy=tpu.")
+    all_reduce: str = flag("auto", "Collective implementation for multi_worker_mirrored.",
+                           choices=ALL_REDUCE)
+    precision: str = flag("fp32", "fp32, mixed_float16 (NVIDIA GPUs, loss scaling) or "
+                          "mixed_bfloat16.", choices=PRECISIONS)
+    xla: bool = flag(False, "XLA-compile the per-replica forward and backward pass.")
+    seed: int = flag(0, "Seed of initialisation, data order and augmentation.")
+    deterministic: bool = flag(False, "Deterministic ops (slower).")
+    checkpoint_every_steps: int = flag(1000, "Checkpoint interval.")
+    keep_checkpoints: int = flag(3, "How many recent checkpoints to keep.")
+    eval_every_epochs: int = flag(1, "Validation interval in epochs.")
+    log_every_steps: int = flag(100, "Logging and summary interval.")
+    stop_at_step: Optional[int] = flag(
+        None, "End this invocation (with a checkpoint) once the global step reaches N; the "
+        "schedule still spans the whole run, and running again resumes. For time-boxed "
+        "jobs. 0: run to the end.", kind="int", unset=0)
+    collective_timeout_seconds: float = flag(
+        300.0, "multi_worker_mirrored: a collective (all-reduce) that waits longer than this "
+        "on a worker that is alive but stuck fails the run, with exit status 144; a worker "
+        "that dies is noticed by heartbeats in ~10 s anyway. Longer than the slowest "
+        "checkpoint save or evaluation skew between workers. 0: wait forever.")
 
     def __post_init__(self):
-        _require(self.collective_timeout_seconds >= 0,
-                 "collective_timeout_seconds must be >= 0 (0: no timeout). Received: "
-                 f"collective_timeout_seconds={self.collective_timeout_seconds}")
-        _require(self.stop_at_step is None or self.stop_at_step > 0,
-                 f"stop_at_step must be positive. Received: stop_at_step={self.stop_at_step}")
-        _require(bool(self.model_dir), "model_dir is required: pass --model_dir=/path/to/run")
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("all_reduce", self.all_reduce, ALL_REDUCE)
+        require(self.collective_timeout_seconds >= 0,
+                "collective_timeout_seconds must be >= 0 (0: no timeout). Received: "
+                f"collective_timeout_seconds={self.collective_timeout_seconds}")
+        require(self.stop_at_step is None or self.stop_at_step > 0,
+                f"stop_at_step must be positive. Received: stop_at_step={self.stop_at_step}")
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("all_reduce", self.all_reduce, ALL_REDUCE)
         for field in ("num_gpus", "num_cpu_devices"):
-            _require(getattr(self, field) >= 0,
-                     f"{field} must be >= 0. Received: {field}={getattr(self, field)}")
+            require(getattr(self, field) >= 0,
+                    f"{field} must be >= 0. Received: {field}={getattr(self, field)}")
         for field in ("checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs",
                       "log_every_steps"):
-            _require(getattr(self, field) > 0,
-                     f"{field} must be positive. Received: {field}={getattr(self, field)}")
+            require(getattr(self, field) > 0,
+                    f"{field} must be positive. Received: {field}={getattr(self, field)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,9 +258,36 @@ class ExperimentConfig:
     runtime: RuntimeConfig
 
     def __post_init__(self):
-        _require(self.model.num_classes == self.data.num_classes,
-                 f"model.num_classes ({self.model.num_classes}) does not match dataset "
-                 f"{self.data.dataset} ({self.data.num_classes} classes)")
+        require(self.model.num_classes == self.data.num_classes,
+                f"model.num_classes ({self.model.num_classes}) does not match dataset "
+                f"{self.data.dataset} ({self.data.num_classes} classes)")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """A run's durations in steps: what the schedule, the loop and the evaluations follow."""
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    decay_steps: tuple          # multistep: the steps after which the rate drops
+    eval_every_steps: int
+
+
+def plan_steps(optim: OptimConfig, runtime: RuntimeConfig, steps_per_epoch: int) -> StepPlan:
+    """Turns epochs, fractions and intervals into steps, for ``steps_per_epoch`` of data.
+
+    Epoch-based runs decay at epoch boundaries, as the reference's per-epoch schedule does;
+    a run given in steps decays at those fractions of its steps.
+    """
+    total = optim.train_steps or optim.epochs * steps_per_epoch
+    if optim.train_steps is None:
+        decay = sorted({round(f * optim.epochs) * steps_per_epoch for f in optim.decay_fractions})
+    else:
+        decay = sorted({int(f * total) for f in optim.decay_fractions})
+    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total,
+                    warmup_steps=min(int(optim.warmup_epochs * steps_per_epoch), total - 1),
+                    decay_steps=tuple(decay),
+                    eval_every_steps=runtime.eval_every_epochs * steps_per_epoch)
 
 
 def to_dict(config) -> dict:
@@ -225,20 +295,23 @@ def to_dict(config) -> dict:
 
 
 def save(config: ExperimentConfig, directory: str) -> str:
-    path = os.path.join(directory, CONFIG_FILENAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(config), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+    return jsonio.write(os.path.join(directory, CONFIG_FILENAME), to_dict(config))
 
 
 def load(directory: str) -> ExperimentConfig:
+    """The configuration a model directory was trained with."""
     path = os.path.join(directory, CONFIG_FILENAME)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} does not exist: {directory} is not a model directory written by ranet.train")
-    with open(path) as f:
-        raw = json.load(f)
-    return ExperimentConfig(data=DataConfig(**raw["data"]), model=ModelConfig(**raw["model"]),
-                            optim=OptimConfig(**raw["optim"]), runtime=RuntimeConfig(**raw["runtime"]))
+    how_to_fix = ("It is the configuration ranet.train wrote for this model directory: restore "
+                  "it from a backup, or write it again by running ranet.train with the same "
+                  "flags and --model_dir (training resumes from the checkpoints).")
+    raw = jsonio.read(path, how_to_fix)
+    sections = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                "runtime": RuntimeConfig}
+    try:
+        return ExperimentConfig(**{name: cls(**raw[name]) for name, cls in sections.items()})
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} does not hold a valid configuration ({type(error).__name__}: "
+                         f"{error}). {how_to_fix}") from None

@@ -15,7 +15,8 @@ from typing import List
 import keras
 from keras import layers
 
-from ranet.models.staged import BilinearResize, StagedClassifier
+from ranet.models.layers import BilinearResize
+from ranet.models.staged import StagedClassifier
 
 _FREE_LAYERS = (layers.InputLayer, layers.BatchNormalization, layers.Concatenate, layers.Add,
                 layers.Flatten, layers.ZeroPadding2D, BilinearResize)

@@ -1,37 +1,35 @@
 """Prints a model's parameters and per-exit cumulative multiply-adds.
 
-``python -m ranet.summary --flagfile=flags/ranet_cifar10.cfg [--json]``
+``python -m ranet.summary --preset=ranet_cifar10 [--json]``
 """
 
 import json
-import os
 
 from absl import flags
 
 from ranet import cli
 
-FLAGS = flags.FLAGS
-cli.define_flags()
-flags.DEFINE_bool("json", False, 'Print {"model", "params", "exits": [{"exit", "macs"}]}.')
+
+def define_flags(values: flags.FlagValues) -> None:
+    cli.define_config_flags(values)
+    flags.DEFINE_bool("json", False, 'Print {"model", "params", "exits": [{"exit", "macs"}]}.',
+                      flag_values=values)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    model_config = cli.model_config()
-    from ranet import costs
-    from ranet.models import get_model
-    cost = costs.count(get_model(model_config))
-    if FLAGS.json:
+def main(values: flags.FlagValues) -> None:
+    model_config = cli.model_config(values)
+    # Imported here so that --help and flag errors answer without loading TensorFlow.
+    from ranet import costs, models
+    cost = costs.count(models.get_model(model_config))
+    if values.json:
         print(json.dumps({"model": model_config.name, "params": cost.params,
                           "exits": [{"exit": e.exit, "macs": e.macs} for e in cost.exits]}))
     else:
         print(costs.format_table(cost))
 
 
-def run():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    cli.run(main)
+def run() -> None:
+    cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

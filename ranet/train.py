@@ -1,32 +1,29 @@
-"""Trains RANet or a baseline: ``python -m ranet.train --flagfile=flags/ranet_cifar10.cfg``.
+"""Trains RANet or a baseline: ``python -m ranet.train --preset=ranet_cifar10 --data_dir=...``.
 
-Running the same command again resumes from the latest checkpoint in --model_dir.
+``--flagfile=flags/ranet_cifar10.cfg`` does the same from a checkout. Running the same command
+again resumes from the latest checkpoint in --model_dir.
 """
-
-import os
 
 from absl import flags, logging
 
 from ranet import cli
 
-FLAGS = flags.FLAGS
-cli.define_flags()
+
+def define_flags(values: flags.FlagValues) -> None:
+    cli.define_config_flags(values)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = cli.experiment_config()
+def main(values: flags.FlagValues) -> dict:
+    config = cli.experiment_config(values)
     # Imported here so that --help and flag errors answer without loading TensorFlow.
-    from ranet import trainer
-    logging.set_verbosity(logging.INFO)
-    result = trainer.train_and_evaluate(config, flags_text=FLAGS.flags_into_string())
+    from ranet import training
+    result = training.train_and_evaluate(config, flags_text=cli.config_flags_text(values))
     logging.info("done at step %d: validation %s", result["step"], result["validation"])
+    return result
 
 
-def run():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cli.run(main)
+def run() -> None:
+    cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from keras import layers
 from ranet import costs
 from ranet.config import ModelConfig
 from ranet.models import ExitInfo, StagedClassifier, get_model
-from ranet.models.staged import StageBuilder, classifier_dense
+from ranet.models.layers import classifier_dense
+from ranet.models.staged import StageBuilder
 
 _SCRIPT = dict(scale_list=(1, 2, 3, 3), growth_factors=(4, 2, 1, 1), bottleneck_factors=(4, 2, 1, 1))
 

@@ -15,24 +15,31 @@ import json
 import os
 import time
 
-from absl import flags, logging
+import tensorflow as tf
+from absl import flags
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from ranet import cli
-from ranet.bench.common import build_training, preset_model, synthetic_data
+from ranet.bench.common import preset_experiment
+from ranet.config import PRECISIONS
+from ranet.inference import latency
+from ranet.training import setup
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "ranet_cifar10", "Flagfile in flags/ (without .cfg).")
-flags.DEFINE_enum("mode", "train", ["train", "inference"], "What to trace.")
-flags.DEFINE_enum("precision", "fp32", ["fp32", "mixed_float16", "mixed_bfloat16"],
-                  "Precision of the model.")
-flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
-flags.DEFINE_integer("steps", 3, "Traced steps (or forward passes).", lower_bound=1)
-flags.DEFINE_integer("warmup_steps", 3, "Untraced steps first (tracing happens here).",
-                     lower_bound=1)
-flags.DEFINE_integer("top", 25, "Op types printed.", lower_bound=1)
-flags.DEFINE_string("logdir", "/tmp/ranet_profile", "Where the trace is written; the "
-                    "table reads the newest trace there.")
-flags.DEFINE_string("json", None, "Also write the per-op-type table here.")
+
+def define_flags(values: flags.FlagValues) -> None:
+    define = {"flag_values": values}
+    flags.DEFINE_string("preset", "ranet_cifar10", "Preset (flags/*.cfg) by name.", **define)
+    flags.DEFINE_enum("mode", "train", ["train", "inference"], "What to trace.", **define)
+    flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "Precision of the model.", **define)
+    flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1, **define)
+    flags.DEFINE_integer("steps", 3, "Traced steps (or forward passes).", lower_bound=1,
+                         **define)
+    flags.DEFINE_integer("warmup_steps", 3, "Untraced steps first (tracing happens here).",
+                         lower_bound=1, **define)
+    flags.DEFINE_integer("top", 25, "Op types printed.", lower_bound=1, **define)
+    flags.DEFINE_string("logdir", "/tmp/ranet_profile", "Where the trace is written; the "
+                        "table reads the newest trace there.", **define)
+    flags.DEFINE_string("json", None, "Also write the per-op-type table here.", **define)
 
 
 def op_type_table(logdir: str) -> dict:
@@ -42,7 +49,6 @@ def op_type_table(logdir: str) -> dict:
     the runtime's own (``ThreadpoolListener::Record``, ``ExecutorState::Process``: C++
     names) and whole-function spans contain or bracket ops, and are skipped.
     """
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
     paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
         raise FileNotFoundError(f"no trace (*.xplane.pb) under {logdir}")
@@ -63,61 +69,58 @@ def op_type_table(logdir: str) -> dict:
     return {op: (seconds[op], calls[op]) for op, _ in seconds.most_common()}
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    import tensorflow as tf
-
-    from ranet import latency
-    logging.set_verbosity(logging.INFO)
-    model_config = preset_model(FLAGS.preset)
-    strategy, step_functions, dataset = build_training(
-        model_config, FLAGS.precision, "default", FLAGS.batch_size,
-        synthetic_data(FLAGS.batch_size))
-    images, labels = next(iter(dataset))
-    if FLAGS.mode == "train":
-        def run(n):
+def main(values: flags.FlagValues) -> dict:
+    config = preset_experiment(values.preset, batch_size=values.batch_size,
+                               precision=values.precision)
+    strategy = setup.create_strategy(config.runtime)
+    setup.check(config, strategy)
+    training = setup.build(config, strategy)
+    step_functions = training.steps
+    images, labels = next(iter(training.train_dataset()))
+    if values.mode == "train":
+        def run_traced(n):
             step_functions.repeat_step(images, labels, tf.constant(n))
             step_functions.global_step.numpy()
     else:
         forward = tf.function(lambda x: step_functions.model(x, training=False))
 
-        def run(n):
+        def run_traced(n):
             for _ in range(n):
                 [logits.numpy() for logits in forward(images)]
 
-    run(FLAGS.warmup_steps)
-    tf.profiler.experimental.start(FLAGS.logdir)
+    run_traced(values.warmup_steps)
+    tf.profiler.experimental.start(values.logdir)
     started = time.perf_counter()
-    run(FLAGS.steps)
-    wall = (time.perf_counter() - started) / FLAGS.steps
+    run_traced(values.steps)
+    wall = (time.perf_counter() - started) / values.steps
     tf.profiler.experimental.stop()
 
-    table = op_type_table(FLAGS.logdir)
+    table = op_type_table(values.logdir)
     total = sum(s for s, _ in table.values())
-    ops_per_step = sum(c for _, c in table.values()) / FLAGS.steps
+    ops_per_step = sum(c for _, c in table.values()) / values.steps
     environment = latency.device_info()
-    print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; {FLAGS.preset}, "
-          f"{FLAGS.mode}, {FLAGS.precision}, batch {FLAGS.batch_size}\n"
+    print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; {values.preset}, "
+          f"{values.mode}, {values.precision}, batch {values.batch_size}\n"
           f"wall {1e3 * wall:.1f} ms per step (traced); {ops_per_step:.0f} ops per step; "
-          f"trace in {FLAGS.logdir}\n")
+          f"trace in {values.logdir}\n")
     print(f"{'op type':<36} {'share':>6} {'ms/step':>9} {'calls/step':>10} {'us/call':>9}")
-    for op, (seconds, calls) in list(table.items())[:FLAGS.top]:
-        print(f"{op:<36} {100 * seconds / total:>5.1f}% {1e3 * seconds / FLAGS.steps:>9.1f} "
-              f"{calls / FLAGS.steps:>10.0f} {1e6 * seconds / calls:>9.1f}")
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump({"environment": environment, "preset": FLAGS.preset, "mode": FLAGS.mode,
-                       "precision": FLAGS.precision, "batch_size": FLAGS.batch_size,
-                       "wall_ms_per_step": 1e3 * wall, "ops_per_step": ops_per_step,
-                       "op_types": {op: {"ms_per_step": 1e3 * s / FLAGS.steps,
-                                         "calls_per_step": c / FLAGS.steps}
-                                    for op, (s, c) in table.items()}}, f, indent=2)
+    for op, (seconds, calls) in list(table.items())[:values.top]:
+        print(f"{op:<36} {100 * seconds / total:>5.1f}% {1e3 * seconds / values.steps:>9.1f} "
+              f"{calls / values.steps:>10.0f} {1e6 * seconds / calls:>9.1f}")
+    result = {"environment": environment, "preset": values.preset, "mode": values.mode,
+              "precision": values.precision, "batch_size": values.batch_size,
+              "wall_ms_per_step": 1e3 * wall, "ops_per_step": ops_per_step,
+              "op_types": {op: {"ms_per_step": 1e3 * s / values.steps,
+                                "calls_per_step": c / values.steps}
+                           for op, (s, c) in table.items()}}
+    if values.json:
+        with open(values.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
-def run():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cli.run(main)
+def run() -> None:
+    cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

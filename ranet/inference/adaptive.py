@@ -14,7 +14,8 @@ from typing import Dict, Optional
 import numpy as np
 import tensorflow as tf
 
-from ranet import calibration
+from ranet.config import check_choice
+from ranet.inference import calibration
 from ranet.models.staged import IMAGES, StagedClassifier
 
 MAX_SOFTMAX = "max_softmax"
@@ -23,9 +24,7 @@ CONFIDENCE_KINDS = (MAX_SOFTMAX, ENTROPY)
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in CONFIDENCE_KINDS:
-        raise ValueError(f"Unknown confidence kind. Expected one of {', '.join(CONFIDENCE_KINDS)}. "
-                         f"Received: kind={kind!r}")
+    check_choice("confidence", kind, CONFIDENCE_KINDS)
 
 
 def confidence(probabilities, kind: str = MAX_SOFTMAX):

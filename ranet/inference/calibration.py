@@ -3,7 +3,7 @@
 Reference: yangle15/RANet-pytorch, adaptive_inference.py (``dynamic_evaluate``,
 ``Tester.dynamic_eval_find_threshold``, ``Tester.dynamic_eval_with_threshold``).
 Everything here is numpy on per-exit confidences and predictions, which
-``ranet.adaptive`` computes from a model.
+``ranet.inference.adaptive`` computes from a model.
 
 The protocol: for a target exit distribution p_k proportional to q^k, pick on
 the VALIDATION split the thresholds T_k that let floor(n * p_k) of the images

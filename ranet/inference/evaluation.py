@@ -1,5 +1,5 @@
 """What adaptive inference buys, per model: anytime accuracy, budgeted operating points,
-exit distributions. Latency is measured in ``ranet.latency``; rendering is ``ranet.report``.
+exit distributions. Latency is measured in ``latency``; rendering is ``report``.
 
 Thresholds are always calibrated on images that are NOT the ones reported: on the
 validation split when reporting the test split, and on one class-balanced half of
@@ -12,8 +12,12 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ranet import adaptive, calibration, data
+from ranet import costs, data, jsonio
+from ranet.config import ExperimentConfig
 from ranet.costs import ModelCost
+from ranet.inference import adaptive, calibration
+from ranet.models import StagedClassifier
+from ranet.training import model_dir as model_dir_lib
 
 # The operating point where every image leaves at exit 1: the cheapest one there is,
 # so that any budget down to exit 1's cost maps to a point.
@@ -25,8 +29,8 @@ class LoadedModel:
     """A trained model restored from its directory, with its cost."""
     name: str
     model_dir: str
-    config: object
-    model: object
+    config: ExperimentConfig
+    model: StagedClassifier
     checkpoint: str
     cost: ModelCost
 
@@ -37,9 +41,7 @@ def load_models(model_dirs: Sequence[str], checkpoint: str = "best",
 
     Names are the model names, made unique with the directory name where they repeat.
     """
-    from ranet import checkpoints, costs
-
-    restored = [checkpoints.restore_model(d, checkpoint, precision) for d in model_dirs]
+    restored = [model_dir_lib.restore_model(d, checkpoint, precision) for d in model_dirs]
     split_fields = ("dataset", "validation_size", "split_seed")
     first = restored[0][0].data
     for model_dir, (config, _, _) in zip(model_dirs[1:], restored[1:]):
@@ -56,10 +58,8 @@ def load_models(model_dirs: Sequence[str], checkpoint: str = "best",
 def load_images(models: Sequence[LoadedModel], split: str, seed: int = 0,
                 data_dir: Optional[str] = None) -> "EvaluationImages":
     """The shared dataset of ``models`` (optionally from another folder), split for reporting."""
-    data_config = models[0].config.data
-    if data_dir is not None:
-        data_config = dataclasses.replace(data_config, data_dir=data_dir)
-    return evaluation_images(data.load_splits(data_config), split, seed)
+    return evaluation_images(data.load_splits(models[0].config.data.with_data_dir(data_dir)),
+                             split, seed)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,16 +90,11 @@ def evaluation_images(splits: data.DataSplits, split: str, seed: int) -> Evaluat
         raise ValueError(f"split must be test or validation. Received: split={split!r}")
     return EvaluationImages(
         calibration_name=names[0],
-        calibration_images=data.normalized(calibration_split.images, splits.mean, splits.std),
+        calibration_images=data.normalize(calibration_split.images, splits.mean, splits.std),
         calibration_labels=calibration_split.labels,
         report_name=names[1],
-        report_images=data.normalized(report_split.images, splits.mean, splits.std),
+        report_images=data.normalize(report_split.images, splits.mean, splits.std),
         report_labels=report_split.labels, num_classes=splits.num_classes)
-
-
-def _json_threshold(value: float):
-    """Infinite thresholds as "inf"/"-inf" strings: JSON has no infinity."""
-    return float(value) if np.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +105,7 @@ class BudgetedResult:
     point: calibration.OperatingPoint    # measured on the report split
 
     def to_json(self) -> dict:
-        return {**self.label, "thresholds": [_json_threshold(t) for t in self.point.thresholds],
+        return {**self.label, "thresholds": [jsonio.number(t) for t in self.point.thresholds],
                 "expected_macs": float(self.point.expected_macs),
                 "accuracy": float(self.point.accuracy),
                 "calibration_accuracy": float(self.calibration_accuracy),
@@ -155,52 +150,78 @@ def _calibrated_points(confidences, predictions, labels, exit_macs, num_classes,
     return points, cheapest
 
 
-def evaluate_model(model, cost: ModelCost, images: EvaluationImages, *, name: str,
-                   model_dir: str, checkpoint: str, budgets_mflops: Sequence[float] = (),
-                   fixed_threshold: Optional[float] = None, confidence_kind: str = "max_softmax",
-                   qs: Sequence[float] = calibration.reference_sweep(),
-                   batch_size: int = 256) -> ModelEvaluation:
-    """Anytime accuracy and budgeted operating points of one model."""
+def check_budgets(models: Sequence[LoadedModel], budgets_mflops: Sequence[float]) -> None:
+    """Refuses budgets that no operating point of some model can meet."""
+    for loaded in models:
+        first_exit = loaded.cost.exits[0].macs
+        if loaded.model.num_exits > 1 and budgets_mflops and min(budgets_mflops) * 1e6 < first_exit:
+            raise ValueError(
+                f"--budget_mflops={min(budgets_mflops):g} is below the cost of {loaded.name}'s "
+                f"first exit ({first_exit / 1e6:.2f} M multiply-adds); no operating point "
+                "fits. Raise the budget.")
+
+
+def evaluate_exits(calibration_probabilities: np.ndarray, report_probabilities: np.ndarray,
+                   cost: ModelCost, images: EvaluationImages, *, name: str, model_dir: str,
+                   checkpoint: str, budgets_mflops: Sequence[float] = (),
+                   fixed_threshold: Optional[float] = None,
+                   confidence_kind: str = adaptive.MAX_SOFTMAX,
+                   qs: Sequence[float] = calibration.reference_sweep()) -> ModelEvaluation:
+    """Anytime accuracy and budgeted operating points from every exit's softmax.
+
+    Args:
+        calibration_probabilities, report_probabilities: [K, N, C] softmax of every exit on
+            the calibration and the report images, from whichever runtime is evaluated;
+            thresholds are calibrated on the former and reported on the latter.
+    """
     exit_macs = [e.macs for e in cost.exits]
-    cal_conf, cal_pred = _confidences_and_predictions(
-        adaptive.all_exit_probabilities(model, images.calibration_images, batch_size),
-        confidence_kind)
-    rep_conf, rep_pred = _confidences_and_predictions(
-        adaptive.all_exit_probabilities(model, images.report_images, batch_size),
-        confidence_kind)
-    exit_accuracy = [float(np.mean(p == images.report_labels)) for p in rep_pred]
-    if model.num_exits == 1:
+    calibration_confidences, calibration_predictions = _confidences_and_predictions(
+        calibration_probabilities, confidence_kind)
+    report_confidences, report_predictions = _confidences_and_predictions(
+        report_probabilities, confidence_kind)
+    exit_accuracy = [float(np.mean(p == images.report_labels)) for p in report_predictions]
+    if len(exit_macs) == 1:
         return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, [], [], None, None)
 
     def report(label, point):
-        measured = calibration.evaluate(rep_conf, rep_pred, images.report_labels,
-                                        point.thresholds, exit_macs, images.num_classes)
+        measured = calibration.evaluate(report_confidences, report_predictions,
+                                        images.report_labels, point.thresholds, exit_macs,
+                                        images.num_classes)
         return BudgetedResult(label, point.accuracy, measured)
 
-    def calibrated(thresholds):
-        return calibration.evaluate(cal_conf, cal_pred, images.calibration_labels, thresholds,
-                                    exit_macs, images.num_classes)
-
-    points, cheapest = _calibrated_points(cal_conf, cal_pred, images.calibration_labels,
-                                          exit_macs, images.num_classes, qs)
+    points, cheapest = _calibrated_points(calibration_confidences, calibration_predictions,
+                                          images.calibration_labels, exit_macs,
+                                          images.num_classes, qs)
     sweep = [report({"q": float(q)}, point) for q, point in zip(qs, points)]
     budgets = [report({"budget_mflops": float(b)},
                       calibration.best_within_budget(points + [cheapest], b * 1e6))
                for b in budgets_mflops]
-    last_exit_accuracy = float(np.mean(cal_pred[-1] == images.calibration_labels))
+    last_exit_accuracy = float(np.mean(calibration_predictions[-1] == images.calibration_labels))
     default = report({"point": "default"}, calibration.default_point(points, last_exit_accuracy))
     fixed = None
     if fixed_threshold is not None:
-        fixed = report({"threshold": float(fixed_threshold)}, calibrated(
-            calibration.fixed_threshold(fixed_threshold, model.num_exits)))
+        fixed = report({"threshold": float(fixed_threshold)}, calibration.evaluate(
+            calibration_confidences, calibration_predictions, images.calibration_labels,
+            calibration.fixed_threshold(fixed_threshold, len(exit_macs)), exit_macs,
+            images.num_classes))
     return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, sweep, budgets,
                            fixed, default)
+
+
+def evaluate_model(model: StagedClassifier, cost: ModelCost, images: EvaluationImages, *,
+                   batch_size: int = 256, **options) -> ModelEvaluation:
+    """``evaluate_exits`` of a TensorFlow model; ``options`` are its keyword arguments."""
+    return evaluate_exits(
+        adaptive.all_exit_probabilities(model, images.calibration_images, batch_size),
+        adaptive.all_exit_probabilities(model, images.report_images, batch_size), cost, images,
+        **options)
 
 
 def operating_thresholds(model, cost: ModelCost, splits: data.DataSplits, *,
                          budget_mflops: Optional[float] = None,
                          threshold: Optional[float] = None,
-                         confidence_kind: str = "max_softmax", batch_size: int = 256) -> List[float]:
+                         confidence_kind: str = adaptive.MAX_SOFTMAX,
+                         batch_size: int = 256) -> List[float]:
     """Thresholds of one operating point, calibrated on the whole validation split.
 
     The default point (cheapest within 1 point of the last exit's accuracy), the best
@@ -214,14 +235,14 @@ def operating_thresholds(model, cost: ModelCost, splits: data.DataSplits, *,
         raise ValueError("Calibrating exit thresholds needs the validation split, but this model "
                          "was trained with --validation_size=0. Pass --threshold instead.")
     exit_macs = [e.macs for e in cost.exits]
-    conf, pred = _confidences_and_predictions(adaptive.all_exit_probabilities(
-        model, data.normalized(splits.validation.images, splits.mean, splits.std), batch_size),
+    confidences, predictions = _confidences_and_predictions(adaptive.all_exit_probabilities(
+        model, data.normalize(splits.validation.images, splits.mean, splits.std), batch_size),
         confidence_kind)
     labels = splits.validation.labels
-    points, cheapest = _calibrated_points(conf, pred, labels, exit_macs, splits.num_classes,
-                                          calibration.reference_sweep())
+    points, cheapest = _calibrated_points(confidences, predictions, labels, exit_macs,
+                                          splits.num_classes, calibration.reference_sweep())
     if budget_mflops is None:
-        chosen = calibration.default_point(points, float(np.mean(pred[-1] == labels)))
+        chosen = calibration.default_point(points, float(np.mean(predictions[-1] == labels)))
     else:
         chosen = calibration.best_within_budget(points + [cheapest], budget_mflops * 1e6)
     return [float(t) for t in chosen.thresholds]

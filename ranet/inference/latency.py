@@ -29,10 +29,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ranet.adaptive import AdaptivePredictor
+from ranet.inference.adaptive import AdaptivePredictor
 from ranet.models.staged import StagedClassifier
 
-Path = Callable[[np.ndarray], object]
+PathCallable = Callable[[np.ndarray], object]
 FULL = "full"
 KERAS_PREDICT = "keras_predict"
 _RESERVED = (FULL, KERAS_PREDICT)
@@ -114,13 +114,13 @@ def _threshold_tensors(model: StagedClassifier, predictor: Optional[AdaptivePred
     return tensors
 
 
-def _adaptive_path(predict: Callable, thresholds: tf.Tensor) -> Path:
+def _adaptive_path(predict: Callable, thresholds: tf.Tensor) -> PathCallable:
     return lambda images: _to_host(predict(images, thresholds))
 
 
 def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
                  thresholds: Optional[Mapping[str, Sequence[float]]] = None,
-                 jit_compile: bool = False) -> Dict[str, Path]:
+                 jit_compile: bool = False) -> Dict[str, PathCallable]:
     """The batch-1 latency paths of one model, each taking images [1, H, W, 3] float32.
 
     Args:
@@ -145,7 +145,8 @@ def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor]
 
 
 def batched_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
-                  thresholds: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, Path]:
+                  thresholds: Optional[Mapping[str, Sequence[float]]] = None
+                  ) -> Dict[str, PathCallable]:
     """Throughput paths of one model, each taking images [B, H, W, 3] of any B.
 
     ``"full"`` runs every stage on the whole batch; each operating point runs
@@ -168,8 +169,8 @@ def _check_images(images) -> np.ndarray:
     return images
 
 
-def measure_latency(paths_by_model: Mapping[str, Mapping[str, Path]], images: np.ndarray,
-                    warmup: int = 10, clock: Callable[[], float] = time.perf_counter,
+def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
+                    images: np.ndarray, warmup: int = 10, clock: Callable[[], float] = time.perf_counter,
                     progress: Optional[Callable[[int, int], None]] = None
                     ) -> Dict[str, Dict[str, LatencyStats]]:
     """Batch-1 latency of every path of every model, measured interleaved.
@@ -227,8 +228,8 @@ def measure_latency(paths_by_model: Mapping[str, Mapping[str, Path]], images: np
     return results
 
 
-def measure_throughput(fn: Path, images: np.ndarray, batch_size: int, warmup_batches: int = 2,
-                       clock: Callable[[], float] = time.perf_counter) -> float:
+def measure_throughput(fn: PathCallable, images: np.ndarray, batch_size: int,
+                       warmup_batches: int = 2, clock: Callable[[], float] = time.perf_counter) -> float:
     """Images per second over one timed pass of ``images`` in batches of ``batch_size``.
 
     The pass covers every image: a last partial batch runs at its own size (no

@@ -1,19 +1,36 @@
-"""Renders an evaluation: report.json, report.md, PNG plots and TensorBoard scalars."""
+"""Renders a comparison: report.json, report.md, PNG plots and TensorBoard scalars."""
 
-import json
 import math
 import os
 from typing import Dict, List, Optional
 
-import numpy as np
 import tensorflow as tf
 
-from ranet.evaluation import BudgetedResult, ModelEvaluation
+from ranet import jsonio
+from ranet.inference import latency
+from ranet.inference.evaluation import BudgetedResult, ModelEvaluation
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_MACS = "accuracy_vs_macs.png"
 PLOT_LATENCY = "accuracy_vs_latency.png"
+
+
+def build(comparison, options) -> dict:
+    """The report.json content of a ``comparison.Comparison`` made with ``options``."""
+    environment = latency.device_info()
+    images = comparison.images
+    throughput = {name: by_batch[options.batch_size]
+                  for name, by_batch in comparison.throughput.items()}
+    return {
+        "split": images.report_name, "calibration_split": images.calibration_name,
+        "num_images": len(images.report_labels), "device": environment["device"],
+        "tensorflow": environment["tensorflow"], "environment": environment,
+        "precision": options.precision, "xla": options.xla, "confidence": options.confidence,
+        "latency_images": min(options.latency_images, len(images.report_labels)),
+        "batch_size": options.batch_size,
+        "models": [model_json(e, {p: s.to_json() for p, s in comparison.latency[e.name].items()},
+                              throughput[e.name]) for e in comparison.evaluations]}
 
 
 def model_json(evaluation: ModelEvaluation, latency_ms: Dict[str, dict],
@@ -39,9 +56,8 @@ def model_json(evaluation: ModelEvaluation, latency_ms: Dict[str, dict],
     return entry
 
 
-def _finite(values) -> str:
-    return ", ".join("-inf" if math.isinf(v) and v < 0 else "inf" if math.isinf(v)
-                     else f"{v:.3f}" for v in values)
+def _thresholds_text(values) -> str:
+    return ", ".join(f"{v:.3f}" if math.isfinite(v) else jsonio.number(v) for v in values)
 
 
 def _label(result: BudgetedResult) -> str:
@@ -59,7 +75,7 @@ def _budget_rows(results: List[BudgetedResult]) -> List[str]:
         rows.append(f"| {_label(r)} | {r.point.expected_macs / 1e6:.2f} | "
                     f"{100 * r.point.accuracy:.2f}% | {100 * r.calibration_accuracy:.2f}% | "
                     f"{', '.join(f'{f:.3f}' for f in r.point.exit_fractions)} | "
-                    f"{_finite(r.point.thresholds)} |")
+                    f"{_thresholds_text(r.point.thresholds)} |")
     return rows
 
 
@@ -146,9 +162,9 @@ def plot(report: dict, report_dir: str) -> List[str]:
             accuracy = _path_accuracy(model, path)
             if accuracy is not None:
                 points.append((stats["p50"], 100 * accuracy, path))
-        for latency, accuracy, path in points:
-            axes.scatter([latency], [accuracy], s=40)
-            axes.annotate(f"{model['name']} {path}", (latency, accuracy), fontsize=7)
+        for milliseconds, accuracy, path in points:
+            axes.scatter([milliseconds], [accuracy], s=40)
+            axes.annotate(f"{model['name']} {path}", (milliseconds, accuracy), fontsize=7)
     axes.set(xlabel="batch-1 latency p50 (ms)", ylabel="accuracy (%)",
              title=f"Accuracy vs latency ({report['device']})")
     axes.grid(True, alpha=0.3)
@@ -187,8 +203,7 @@ def write_tensorboard(report: dict, log_dir: str) -> None:
 def write(report: dict, evaluations: List[ModelEvaluation], report_dir: str) -> List[str]:
     """Writes every output into ``report_dir``; returns the paths written."""
     # Rendered before anything is written, so a rendering error leaves no partial report.
-    texts = {REPORT_JSON: json.dumps(report, indent=2, default=_json_default),
-             REPORT_MD: markdown(report, evaluations)}
+    texts = {REPORT_JSON: jsonio.dumps(report), REPORT_MD: markdown(report, evaluations)}
     os.makedirs(report_dir, exist_ok=True)
     paths = []
     for name, text in texts.items():
@@ -199,8 +214,3 @@ def write(report: dict, evaluations: List[ModelEvaluation], report_dir: str) -> 
     write_tensorboard(report, os.path.join(report_dir, "tensorboard"))
     return paths
 
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

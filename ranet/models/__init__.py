@@ -1,27 +1,44 @@
-"""Model registry: ``get_model(config)`` builds any registered staged classifier."""
+"""Model registry: ``get_model(config)`` builds any registered staged classifier.
 
-from typing import Callable, Dict
+Each model module holds its builder and the checks of its own architecture arguments.
+"""
 
-from ranet.config import ModelConfig
-from ranet.models.baselines import build_resnet50, build_vgg16
-from ranet.models.ranet import build_ranet
-from ranet.models.staged import ExitInfo, StagedClassifier, synchronized_batch_norm
+import dataclasses
+from typing import Callable, Dict, Optional
 
-_REGISTRY: Dict[str, Callable[[ModelConfig], StagedClassifier]] = {
-    "ranet": build_ranet,
-    "vgg16": build_vgg16,
-    "resnet50": build_resnet50,
+from ranet.config import ModelConfig, check_choice
+from ranet.models import baselines, ranet
+from ranet.models.layers import synchronized_batch_norm
+from ranet.models.staged import ExitInfo, StagedClassifier
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[ModelConfig], StagedClassifier]
+    validate: Optional[Callable[[ModelConfig], None]] = None
+
+
+_REGISTRY: Dict[str, ModelSpec] = {
+    "ranet": ModelSpec(ranet.build_ranet, ranet.validate),
+    "vgg16": ModelSpec(baselines.build_vgg16),
+    "resnet50": ModelSpec(baselines.build_resnet50),
 }
 MODEL_NAMES = tuple(_REGISTRY)
 
 
+def validate(config: ModelConfig) -> None:
+    """Raises ``ValueError`` when ``config`` does not describe a model this registry builds."""
+    check_choice("model", config.name, MODEL_NAMES)
+    spec = _REGISTRY[config.name]
+    if spec.validate is not None:
+        spec.validate(config)
+
+
 def get_model(config: ModelConfig) -> StagedClassifier:
     """Builds the model under the current Keras dtype policy (set precision first)."""
-    if config.name not in _REGISTRY:
-        raise ValueError(f"Unknown model. Expected one of {', '.join(MODEL_NAMES)}. "
-                         f"Received: model={config.name!r}")
+    validate(config)
     with synchronized_batch_norm(config.sync_batch_norm):
-        return _REGISTRY[config.name](config)
+        return _REGISTRY[config.name].build(config)
 
 
-__all__ = ["ExitInfo", "MODEL_NAMES", "StagedClassifier", "get_model"]
+__all__ = ["ExitInfo", "MODEL_NAMES", "StagedClassifier", "get_model", "validate"]

@@ -10,8 +10,8 @@ import keras
 from keras import layers
 
 from ranet.config import ModelConfig
-from ranet.models.staged import (ExitInfo, StageBuilder, StagedClassifier, batch_norm,
-                                  classifier_dense, conv_bn_relu, conv_initializer)
+from ranet.models.layers import batch_norm, classifier_dense, conv_bn_relu, conv_initializer
+from ranet.models.staged import ExitInfo, StageBuilder, StagedClassifier
 
 _VGG16_LAYOUT = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool",
                  512, 512, 512, "pool", 512, 512, 512, "pool")

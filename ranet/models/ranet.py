@@ -19,13 +19,46 @@ Cross-stage features are named ``stem{f}`` (stem output for flow f),
 """
 
 import math
+
 from keras import layers
 
-from ranet.config import ModelConfig
-from ranet.models.staged import (ExitInfo, StageBuilder, StagedClassifier, classifier_dense,
-                                 conv_bn_relu, resize_to)
+from ranet.config import STEP_MODES, ModelConfig, check_choice, require
+from ranet.models.layers import classifier_dense, conv_bn_relu, resize_to
+from ranet.models.staged import ExitInfo, StageBuilder, StagedClassifier
 
 _HEAD_CHANNELS = 128  # MSDNet's CIFAR classifier width, kept by RANet.
+
+
+def validate(config: ModelConfig) -> None:
+    """Raises ``ValueError`` unless the architecture arguments make a RANet the reference builds."""
+    scales = config.scale_list
+    require(len(scales) >= 1 and scales[0] == 1 and
+            all(b - a in (0, 1) for a, b in zip(scales, scales[1:])),
+            "scale_list must start at 1 and rise by 0 or 1 per flow, e.g. 1-2-3 or 1-2-3-3. "
+            f"Received: scale_list={'-'.join(map(str, scales))}")
+    require(len(config.growth_factors) == len(scales) == len(config.bottleneck_factors),
+            "growth_factors and bottleneck_factors need one entry per scale flow "
+            f"({len(scales)}). Received: growth_factors={config.growth_factors}, "
+            f"bottleneck_factors={config.bottleneck_factors}")
+    require(config.image_size // 2 ** (max(scales) - 1) >= 4,
+            f"image_size {config.image_size} is too small for {max(scales)} resolutions")
+    for field in ("growth_rate", "base_channels", "num_blocks", "step"):
+        require(getattr(config, field) > 0,
+                f"{field} must be positive. Received: {field}={getattr(config, field)}")
+    require(config.block_step >= 1 or len(scales) == 1,
+            "block_step must be >= 1 with several flows: each later flow's exits are its "
+            f"block_step plain blocks. Received: block_step={config.block_step}")
+    check_choice("step_mode", config.step_mode, STEP_MODES)
+    if len(scales) > 1:
+        smallest_growth = config.growth_rate * min(config.growth_factors[1:])
+        require(int(smallest_growth * config.compress_factor) >= 1,
+                "growth_rate x growth_factor x compress_factor must be >= 1 for every fusing "
+                f"flow, or its fusion layers get no channels. Received: growth_rate="
+                f"{config.growth_rate}, growth_factors={config.growth_factors}, "
+                f"compress_factor={config.compress_factor}")
+    require(0 < config.compress_factor < 1 and 0 < config.reduction <= 1,
+            "compress_factor must be in (0, 1) and reduction in (0, 1]. Received: "
+            f"compress_factor={config.compress_factor}, reduction={config.reduction}")
 
 
 def _bottleneck_conv(x, filters: int, bottleneck_width: int, strides: int, name: str):

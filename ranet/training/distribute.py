@@ -1,65 +1,17 @@
-"""Devices, distribution strategy and numeric precision: where every runtime flag takes effect."""
+"""Distribution: the tf.distribute strategy of ``--strategy``, and what workers must agree on."""
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
-import signal
-import tempfile
-import threading
+import zlib
 
-import keras
 import tensorflow as tf
-from absl import logging
 
+from ranet import config as config_lib
 from ranet.config import RuntimeConfig
 
-_POLICIES = {"fp32": "float32", "mixed_float16": "mixed_float16",
-             "mixed_bfloat16": "mixed_bfloat16"}
-
-
-def configure_host_devices(num_cpu_devices: int) -> None:
-    """Splits the host CPU into ``num_cpu_devices`` logical devices (0 leaves it alone).
-
-    Must run before TensorFlow creates any op or variable: afterwards the
-    device list is frozen ("Virtual devices cannot be modified after being
-    initialized").
-    """
-    if num_cpu_devices <= 0:
-        return
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    config = [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices
-    try:
-        tf.config.set_logical_device_configuration(cpu, config)
-    except RuntimeError as error:
-        existing = len(tf.config.list_logical_devices("CPU"))
-        if existing != num_cpu_devices:
-            raise RuntimeError(
-                f"--num_cpu_devices={num_cpu_devices} must be applied before TensorFlow "
-                f"initialises its devices; it already has {existing} CPU device(s).") from error
-
-
-def configure_threads(intra_op: int, inter_op: int) -> None:
-    """Sizes TensorFlow's thread pools; 0 keeps its default (every core).
-
-    Must run before TensorFlow executes its first op. At batch 1 RANet's convolutions
-    are too small to split: one intra-op thread cut its latency by a quarter on a 2-core
-    CPU, while ResNet50's got 46% slower (BUILD_NOTES.md, Performance).
-    """
-    try:
-        if intra_op:
-            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-        if inter_op:
-            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
-    except RuntimeError as error:
-        raise RuntimeError("--intra_op_threads/--inter_op_threads must be applied before "
-                           "TensorFlow runs its first op") from error
-
-
-def set_precision(precision: str) -> None:
-    """Sets the global Keras dtype policy; models must be built afterwards."""
-    keras.mixed_precision.set_global_policy(_POLICIES[precision])
+# TensorFlow errors a collective raises when a peer dies, hangs or cannot be reached.
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+               tf.errors.CancelledError, tf.errors.AbortedError)
 
 
 def _local_devices(config: RuntimeConfig):
@@ -102,12 +54,11 @@ def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
                     else tf.distribute.cluster_resolver.SlurmClusterResolver())
         return tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver, communication_options=_all_reduce(config))
-    if config.strategy == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"Unknown strategy. Received: strategy={config.strategy!r}")
+    # "tpu", the last of config.STRATEGIES, which RuntimeConfig has checked.
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:
@@ -130,30 +81,6 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-class WorkerDirectory:
-    """The model directory for the chief; a throw-away directory for other workers.
-
-    Every worker must take part in saving a checkpoint (mirrored variables are
-    read collectively), but only the chief's copy is kept. A worker's folder is
-    named after its task and the model directory, so that a relaunch after a
-    SIGKILL (which leaves no chance to clean up) removes what the killed one left.
-    """
-
-    def __init__(self, model_dir: str, chief: bool, task: str = "worker"):
-        self.chief = chief
-        if chief:
-            self.path = model_dir
-            return
-        digest = hashlib.sha1(os.path.abspath(model_dir).encode()).hexdigest()[:12]
-        self.path = os.path.join(tempfile.gettempdir(), f"ranet_{task}_{digest}")
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.makedirs(self.path)
-
-    def cleanup(self) -> None:
-        if not self.chief:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-
 def task_name(strategy: tf.distribute.Strategy) -> str:
     """``<type>_<index>`` of this process in its cluster; ``worker_0`` outside one."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -162,86 +89,49 @@ def task_name(strategy: tf.distribute.Strategy) -> str:
     return f"{resolver.task_type}_{resolver.task_id}"
 
 
-class PreemptionWatcher:
-    """Turns SIGTERM (a preemption notice) into a flag the compiled train loop reads every step.
-
-    A Python signal handler runs only when the main thread is back in Python, i.e. after
-    the current ``train_loop`` call. So the handler's C half also writes the signal number
-    to a wake-up pipe, and a thread reading the pipe sets ``flag`` (a local
-    ``tf.Variable``, created outside any strategy scope) while the loop is still running:
-    the loop then ends at the next step boundary. Use as a context manager around
-    training; on exit the previous handler and wake-up fd are put back. Outside the main
-    thread signals cannot be caught: it then only logs a warning.
-    """
-
-    def __init__(self, signals=(signal.SIGTERM,)):
-        self.signals = tuple(signals)
-        if tf.distribute.has_strategy():
-            raise RuntimeError("create the PreemptionWatcher outside strategy.scope(): its flag "
-                               "must be one local variable per worker, not a mirrored one")
-        with tf.device("/cpu:0"):  # read by the host part of the loop, set by a host thread
-            self.flag = tf.Variable(0, dtype=tf.int32, trainable=False, name="stop_request")
-        self.received = threading.Event()
-        self._lock = threading.RLock()  # the handler may interrupt itself in the main thread
-        self._previous_handlers, self._previous_wakeup_fd = {}, None
-        self._pipe, self._thread = None, None
-
-    def _handle(self, signum, frame):
-        del frame
-        self._request(signum)
-
-    def _request(self, signum: int):
-        with self._lock:
-            if self.received.is_set():
-                return
-            self.flag.assign(1)
-            self.received.set()
-        logging.warning("received %s: stopping at the next step boundary with a checkpoint",
-                        signal.Signals(signum).name)
-
-    def _watch(self, read_fd: int):
-        while True:
-            data = os.read(read_fd, 1)
-            if not data or data[0] == 0:  # closed, or the stop sentinel
-                return
-            if data[0] in self.signals:
-                self._request(data[0])
-            if self._previous_wakeup_fd not in (None, -1):  # e.g. an asyncio loop's
-                with contextlib.suppress(OSError):
-                    os.write(self._previous_wakeup_fd, data)
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            logging.warning("training outside the main thread: %s will not be caught",
-                            ", ".join(signal.Signals(s).name for s in self.signals))
-            return self
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        self._pipe = (read_fd, write_fd)
-        self._thread = threading.Thread(target=self._watch, args=(read_fd,), daemon=True,
-                                        name="PreemptionWatcher")
-        self._thread.start()
-        for signum in self.signals:
-            self._previous_handlers[signum] = signal.signal(signum, self._handle)
-        self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        return self
-
-    def __exit__(self, *exc_info):
-        if self._pipe is None:
-            return
-        signal.set_wakeup_fd(self._previous_wakeup_fd)
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        read_fd, write_fd = self._pipe
-        os.write(write_fd, b"\0")
-        self._thread.join(timeout=5)
-        os.close(write_fd)
-        os.close(read_fd)
-        self._pipe = None
-
-
 def describe(strategy: tf.distribute.Strategy, config: RuntimeConfig) -> str:
     return json.dumps({"strategy": type(strategy).__name__,
                        "replicas": strategy.num_replicas_in_sync,
                        "precision": config.precision, "xla": config.xla,
                        "tensorflow": tf.__version__})
+
+
+@tf.function
+def _sums(strategy, values):
+    """Sum over every replica of ``values`` and of their squares."""
+    per_replica = strategy.run(lambda: tf.concat([values, values * values], axis=0))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+
+def check_workers_agree(strategy: tf.distribute.Strategy, config: config_lib.ExperimentConfig,
+                        step: int) -> None:
+    """Multi-worker: every worker must run the same configuration from the same step.
+
+    Otherwise their collectives stop matching and they wait on each other until
+    --collective_timeout_seconds. Values agree iff n * sum(v**2) == sum(v)**2.
+    """
+    settings = config_lib.to_dict(config)
+    settings["data"].pop("data_dir")  # each machine may read its own copy
+    fingerprint = zlib.crc32(json.dumps(settings, sort_keys=True).encode()) % 2**20
+    n = strategy.num_replicas_in_sync
+    sums = _sums(strategy, tf.constant([step, fingerprint], tf.int64)).numpy().tolist()
+    (step_sum, fingerprint_sum), (step_squares, fingerprint_squares) = sums[:2], sums[2:]
+    if n * fingerprint_squares != fingerprint_sum ** 2:
+        raise ValueError("the workers were started with different flags; start every worker "
+                         "with the same command (only TF_CONFIG and --data_dir may differ).")
+    if n * step_squares != step_sum ** 2:
+        raise ValueError(
+            f"workers resumed from different steps (this one from {step}; the mean is "
+            f"{step_sum / n:g}): every worker must read the chief's checkpoints, i.e. "
+            "--model_dir must be the same shared folder on every worker.")
+
+
+def peer_error_summary(error: tf.errors.OpError) -> str:
+    """The informative tail of a collective's error, without the graph traceback."""
+    tail = error.message.strip().split("\n\n")[-1]
+    lines = [line.strip() for line in tail.splitlines()
+             if line.strip() and not line.lstrip().startswith("[[")]
+    summary = " ".join(lines)
+    return summary if len(summary) <= 400 else summary[:400] + "..."
+
+

@@ -1,23 +1,196 @@
-"""Where a model directory keeps its checkpoints, and loading a trained model from one."""
+"""A model directory: its layout, the checks before writing into it, and its checkpoints.
 
+    <model_dir>/config.json, flags.txt      the resolved configuration
+    <model_dir>/checkpoints/ckpt-<step>     every --checkpoint_every_steps and at the end
+    <model_dir>/checkpoints/best/           the best on validation, and best.json
+    <model_dir>/train/, validation/         TensorBoard events
+
+Checkpoints are keyed by variable name (``trackables``). ``restore_model`` rebuilds a trained
+model for evaluation and export, falling back to the newest readable checkpoint as training does.
+"""
+
+import contextlib
+import dataclasses
+import errno
 import glob
+import hashlib
+import math
 import os
 import re
+import shutil
+import tempfile
 from typing import Dict, List, Optional, Tuple
 
-import keras
 import tensorflow as tf
 from absl import logging
 
 from ranet import config as config_lib
+from ranet import devices, jsonio
 from ranet.models import StagedClassifier, get_model
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_SUBDIR = os.path.join(CHECKPOINT_SUBDIR, "best")
-CHOICES = ("best", "latest")
+BEST_RECORD = "best.json"
+FLAGS_RECORD = "flags.txt"
+TRAIN_EVENTS, VALIDATION_EVENTS = "train", "validation"
+CHECKPOINT_CHOICES = ("best", "latest")
 # Keras numbers a second optimizer instance in a process ("sgd_1"); checkpoints must not.
 _INSTANCE_SUFFIX = re.compile(r"_\d+$")
 
+
+# --------------------------------------------------------------------------------------------
+# Before writing: can the directory take this run?
+
+_WRITE_FAILURES = {
+    errno.ENOSPC: "its disk is full", errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied", errno.ENOTDIR: "part of the path is a file",
+}
+
+
+def _check_writable(model_dir: str) -> None:
+    """Creates model_dir and writes a probe file in it, or fails with the reason."""
+    probe = os.path.join(model_dir, ".write_test")
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        why = _WRITE_FAILURES.get(error.errno)
+        raise ValueError(
+            f"--model_dir={model_dir} is not writable ({why + ': ' if why else ''}"
+            f"{error.strerror}). Free space or pick a directory you can write to.") from error
+
+
+def check_free_space(directory: str, variables, keep: int) -> None:
+    """Fails before training when the checkpoints to come cannot fit on the disk."""
+    one = sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables)
+    copies = keep + 2  # the kept ones, the best one, and the next one while it is written
+    free = shutil.disk_usage(directory).free
+    if free < one * copies:
+        raise ValueError(
+            f"--model_dir={directory} has {free / 2**20:.1f} MiB free but its checkpoints need "
+            f"about {one * copies / 2**20:.1f} MiB ({copies} x {one / 2**20:.1f} MiB: "
+            f"--keep_checkpoints={keep}, the best one and the one being written). Free space, "
+            "lower --keep_checkpoints or pick another --model_dir.")
+
+
+def check_model_dir(config: config_lib.ExperimentConfig) -> None:
+    """Fails early if model_dir cannot be written or holds a different experiment."""
+    model_dir = config.runtime.model_dir
+    _check_writable(model_dir)
+    if not os.path.exists(os.path.join(model_dir, config_lib.CONFIG_FILENAME)):
+        if tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR)):
+            raise ValueError(f"--model_dir={model_dir} holds checkpoints but no "
+                             f"{config_lib.CONFIG_FILENAME}; use a fresh --model_dir.")
+        return
+    saved = config_lib.load(model_dir)
+    if saved.model != config.model:
+        changed = {k: (v, getattr(config.model, k)) for k, v in
+                   dataclasses.asdict(saved.model).items() if getattr(config.model, k) != v}
+        raise ValueError(
+            f"--model_dir={model_dir} holds checkpoints of another model configuration "
+            f"(saved vs requested: {changed}). Use a new --model_dir, or the same model flags "
+            "to resume.")
+    data_fields = ("dataset", "validation_size", "split_seed")
+    if any(getattr(saved.data, f) != getattr(config.data, f) for f in data_fields):
+        raise ValueError(
+            f"--model_dir={model_dir} was trained with a different data split "
+            f"({', '.join(f'{f}={getattr(saved.data, f)}' for f in data_fields)}); resuming "
+            "with another would leak validation images into training. Use the saved values.")
+
+
+def write_config(config: config_lib.ExperimentConfig, flags_text: str) -> None:
+    """Records the run's configuration (and the flags that made it) in its model directory."""
+    config_lib.save(config, config.runtime.model_dir)
+    if flags_text:
+        with open(os.path.join(config.runtime.model_dir, FLAGS_RECORD), "w") as f:
+            f.write(flags_text)
+
+
+class WorkerDirectory:
+    """The model directory for the chief; a throw-away directory for other workers.
+
+    Every worker must take part in saving a checkpoint (mirrored variables are
+    read collectively), but only the chief's copy is kept. A worker's folder is
+    named after its task and the model directory, so that a relaunch after a
+    SIGKILL (which leaves no chance to clean up) removes what the killed one left.
+    """
+
+    def __init__(self, model_dir: str, chief: bool, task: str = "worker"):
+        self.chief = chief
+        if chief:
+            self.path = model_dir
+            return
+        digest = hashlib.sha1(os.path.abspath(model_dir).encode()).hexdigest()[:12]
+        self.path = os.path.join(tempfile.gettempdir(), f"ranet_{task}_{digest}")
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.makedirs(self.path)
+
+    def cleanup(self) -> None:
+        if not self.chief:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving.
+
+class BestCheckpoint:
+    """Keeps the checkpoint with the best last-exit validation accuracy.
+
+    Every worker reads the chief's record (``record_dir``), so that all of them take the
+    same decision; each saves into its own ``directory``.
+    """
+
+    def __init__(self, checkpoint, directory: str, record_dir: str):
+        self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1)
+        self.record_path = os.path.join(directory, BEST_RECORD)
+        self.best = -1.0
+        chief_record = os.path.join(record_dir, BEST_RECORD)
+        if os.path.exists(chief_record):
+            self.best = jsonio.read(chief_record, "Delete it to start tracking the best "
+                                    "checkpoint afresh.")["accuracy"]
+
+    def update(self, accuracy: float, step: int, write_record: bool) -> bool:
+        if accuracy <= self.best:
+            return False
+        self.best = accuracy
+        save(self.manager, step)
+        if write_record:
+            jsonio.write(self.record_path, {"accuracy": accuracy, "step": step})
+        return True
+
+
+def save(manager: tf.train.CheckpointManager, step: int) -> str:
+    """``manager.save`` with an error that says what is left when the disk refuses."""
+    try:
+        return manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as error:
+        reason = getattr(error, "message", None) or str(error)
+        raise RuntimeError(
+            f"could not save the checkpoint of step {step} in {manager.directory} ({reason}). "
+            f"The last complete checkpoint, {manager.latest_checkpoint}, is intact: free space "
+            "or fix permissions, then run the same command again to resume from it.") from error
+
+
+def remove_partial_saves(directory: str) -> None:
+    """Deletes the ``ckpt-N_temp/`` folders of saves that a killed process left unfinished.
+
+    TensorFlow writes a checkpoint's shards there, renames them into place and rewrites the
+    ``checkpoint`` state file (atomically, write-then-rename) only after both files exist,
+    so such a folder is never the latest checkpoint, only litter.
+    """
+    for path in glob.glob(os.path.join(directory, "*_temp")):
+        logging.warning("removing %s, left by a save that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Restoring.
 
 def _by_name(variables, strip_instance: bool = False) -> Dict[str, tf.Variable]:
     named = {}
@@ -110,15 +283,10 @@ def restore_model(model_dir: str, which: str = "best",
     Returns (config, model, checkpoint path). The model is built under
     ``precision``; the global Keras policy is restored afterwards.
     """
-    if which not in CHOICES:
-        raise ValueError(f"checkpoint must be one of {', '.join(CHOICES)}. Received: {which!r}")
+    config_lib.check_choice("checkpoint", which, CHECKPOINT_CHOICES)
     config = config_lib.load(model_dir)
-    previous = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy("float32" if precision == "fp32" else precision)
-    try:
+    with devices.precision_policy(precision):
         model = get_model(config.model)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     checkpoint = tf.train.Checkpoint(**trackables(model))
     directories = [BEST_SUBDIR, CHECKPOINT_SUBDIR] if which == "best" else [CHECKPOINT_SUBDIR]
     for subdir in directories:

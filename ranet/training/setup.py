@@ -1,54 +1,88 @@
-"""What the benchmarks share: presets by name, and a training set-up without a model_dir."""
+"""One training set-up, for the trainer and the benchmarks alike.
 
-import os
+``create_strategy`` prepares the process (devices, precision, determinism) and returns the
+strategy; ``check`` refuses a configuration that cannot train before anything is loaded or
+written; ``build`` loads the data, plans the run in steps and builds the model, optimizer and
+compiled steps under the strategy's scope.
+"""
 
-from absl import flags
+import dataclasses
+from typing import Optional
 
-from ranet import cli
+import keras
+import tensorflow as tf
 
-_FLAGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "flags")
-
-
-def preset_model(name: str):
-    """The ModelConfig of a flagfile preset, parsed apart from this binary's own flags."""
-    preset_flags = flags.FlagValues()
-    cli.define_flags(preset_flags)
-    preset_flags(["preset", f"--flagfile={os.path.join(_FLAGS_DIR, name + '.cfg')}"])
-    return cli.model_config(preset_flags)
+from ranet import config as config_lib
+from ranet import data, devices, models
+from ranet.training import distribute
+from ranet.training.optimizer import create_optimizer
+from ranet.training.steps import TrainingSteps
 
 
-def build_training(model_config, precision: str, strategy_name: str, batch_size: int,
-                   data_config, num_cpu_devices: int = 0):
-    """What a training run builds, without a model_dir: (strategy, StepFunctions, dataset).
+@dataclasses.dataclass(frozen=True, eq=False)
+class Training:
+    """Everything a training run (or a benchmark of one) works with."""
+    config: config_lib.ExperimentConfig
+    strategy: tf.distribute.Strategy
+    splits: data.DataSplits
+    plan: config_lib.StepPlan
+    model: models.StagedClassifier
+    optimizer: keras.optimizers.Optimizer
+    steps: TrainingSteps
 
-    The dataset is the real input pipeline (augmentation, normalisation) distributed
-    over the strategy's replicas.
+    def train_dataset(self, start_step: int = 0) -> tf.distribute.DistributedDataset:
+        """The augmented training stream from global step ``start_step`` on, over the replicas."""
+        return self.strategy.distribute_datasets_from_function(data.train_input_fn(
+            self.splits.train, global_batch_size=self.config.optim.batch_size,
+            mean=self.splits.mean, std=self.splits.std, seed=self.config.runtime.seed,
+            augment=self.config.data.augment, start_step=start_step))
+
+    def validation_dataset(self) -> Optional[tf.distribute.DistributedDataset]:
+        """One pass over the validation split, or None when there is none."""
+        if len(self.splits.validation) == 0:
+            return None
+        return self.strategy.distribute_datasets_from_function(data.eval_input_fn(
+            self.splits.validation, global_batch_size=self.config.optim.batch_size,
+            mean=self.splits.mean, std=self.splits.std))
+
+
+def create_strategy(runtime: config_lib.RuntimeConfig) -> tf.distribute.Strategy:
+    """Prepares the process for ``runtime`` and returns its tf.distribute strategy."""
+    devices.configure_host_devices(runtime.num_cpu_devices)
+    devices.set_precision(runtime.precision)
+    if runtime.deterministic:
+        keras.utils.set_random_seed(runtime.seed)
+        tf.config.experimental.enable_op_determinism()
+    return distribute.create_strategy(runtime)
+
+
+def check(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy) -> None:
+    """Raises ``ValueError`` for a configuration that cannot train on ``strategy``."""
+    models.validate(config.model)
+    replicas = strategy.num_replicas_in_sync
+    if config.optim.batch_size % replicas:
+        raise ValueError(f"--batch_size={config.optim.batch_size} is global and must divide "
+                         f"evenly over {replicas} replicas; use a multiple of {replicas}.")
+
+
+def build(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy, *,
+          stop_request: Optional[tf.Variable] = None) -> Training:
+    """Loads the data and builds the model, optimizer and steps of ``config`` (``check`` first).
+
+    ``stop_request``: a local variable another thread may set to end the loop at the next
+    step boundary (``PreemptionWatcher.flag``).
     """
-    from ranet import config as config_lib
-    from ranet import data, optim, runtime
-    from ranet.models import get_model
-    from ranet.steps import StepFunctions
-
-    rt = config_lib.RuntimeConfig(model_dir="unused", strategy=strategy_name,
-                                  num_cpu_devices=num_cpu_devices, precision=precision)
-    runtime.set_precision(precision)
-    strategy = runtime.create_strategy(rt)
-    splits = data.load_splits(data_config)
-    input_fn = data.train_input_fn(splits.train, global_batch_size=batch_size, mean=splits.mean,
-                                   std=splits.std, seed=0)
+    runtime = config.runtime
+    splits = data.load_splits(config.data)
+    plan = config_lib.plan_steps(config.optim, runtime, data.steps_per_epoch(
+        len(splits.train), config.optim.batch_size))
     with strategy.scope():
-        model = get_model(model_config)
-        optimizer = optim.create_optimizer(config_lib.OptimConfig(batch_size=batch_size), 100,
-                                           precision)
+        keras.utils.set_random_seed(runtime.seed)
+        model = models.get_model(config.model)
+        optimizer = create_optimizer(config.optim, plan, runtime.precision)
         optimizer.build(model.trainable_variables)
-        step_functions = StepFunctions(model, optimizer, strategy, global_batch_size=batch_size,
-                                       weight_decay=1e-4,
-                                       stop_on_nonfinite=precision != "mixed_float16")
-    return strategy, step_functions, strategy.distribute_datasets_from_function(input_fn)
-
-
-def synthetic_data(batch_size: int):
-    from ranet import config as config_lib
-    return config_lib.DataConfig(dataset="synthetic", validation_size=0,
-                                 synthetic_train_size=max(2048, 4 * batch_size))
+        steps = TrainingSteps(model, optimizer, strategy, config.optim, xla=runtime.xla,
+                              stop_on_nonfinite=runtime.precision != "mixed_float16",
+                              stop_request=stop_request)
+    return Training(config=config, strategy=strategy, splits=splits, plan=plan, model=model,
+                    optimizer=optimizer, steps=steps)

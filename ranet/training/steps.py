@@ -1,14 +1,15 @@
 """What one training or evaluation step does, under any tf.distribute strategy.
 
-The loop that decides when to run them lives in ``ranet.trainer``. Everything
+The loop that decides when to run them lives in ``ranet.training.controller``. Everything
 here is tf.function-clean: no numpy, no Python state changing per step.
 """
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import tensorflow as tf
 
-from ranet.models.staged import StagedClassifier
+from ranet.config import OptimConfig
+from ranet.models import StagedClassifier
 
 
 def exit_cross_entropy(labels, logits, label_smoothing: float = 0.0):
@@ -68,16 +69,16 @@ class TrainMetrics:
             variable.assign(tf.zeros_like(variable))
 
 
-class StepFunctions:
+class TrainingSteps:
     """Compiled train and eval steps for one model, optimizer and strategy.
 
-    Loss: the (optionally weighted) sum over exits of the batch-mean
+    Loss (from ``optim``): the (optionally weighted) sum over exits of the batch-mean
     cross-entropy, plus the reference's coupled L2 term ``weight_decay/2 *
     sum(w**2)`` over every trainable variable (PyTorch SGD's weight_decay),
     scaled for the replicas; under mixed_float16 the loss is scaled and
     non-finite steps are skipped by the LossScaleOptimizer.
 
-    ``train_loop`` ends early, at a step boundary, when the global loss of a
+    ``run_steps`` ends early, at a step boundary, when the global loss of a
     step is not finite (with ``stop_on_nonfinite``; leave it off under
     mixed_float16) or when any worker's ``stop_request`` (a local, non-
     distributed variable another thread may set, e.g. on SIGTERM) is non-zero.
@@ -85,19 +86,18 @@ class StepFunctions:
     step, so all workers stop at the same step.
     """
 
-    def __init__(self, model: StagedClassifier, optimizer, strategy: tf.distribute.Strategy, *,
-                 global_batch_size: int, weight_decay: float, label_smoothing: float = 0.0,
-                 exit_weights: Optional[Sequence[float]] = None, xla: bool = False,
-                 stop_on_nonfinite: bool = True, stop_request: Optional[tf.Variable] = None):
+    def __init__(self, model: StagedClassifier, optimizer, strategy: tf.distribute.Strategy,
+                 optim: OptimConfig, *, xla: bool = False, stop_on_nonfinite: bool = True,
+                 stop_request: Optional[tf.Variable] = None):
         num_exits = model.num_exits
-        if exit_weights is not None and len(exit_weights) != num_exits:
+        if optim.exit_weights is not None and len(optim.exit_weights) != num_exits:
             raise ValueError(f"--exit_weights needs one weight per exit ({num_exits}). "
-                             f"Received: {len(exit_weights)} weights")
+                             f"Received: {len(optim.exit_weights)} weights")
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
-        self.global_batch_size = global_batch_size
-        self.weight_decay = weight_decay
-        self.label_smoothing = label_smoothing
-        self.exit_weights = tf.constant(exit_weights or [1.0] * num_exits, tf.float32)
+        self.global_batch_size = optim.batch_size
+        self.weight_decay = optim.weight_decay
+        self.label_smoothing = optim.label_smoothing
+        self.exit_weights = tf.constant(optim.exit_weights or [1.0] * num_exits, tf.float32)
         self.stop_on_nonfinite = stop_on_nonfinite
         self.stop_request = stop_request
         with strategy.scope():
@@ -110,7 +110,7 @@ class StepFunctions:
         # fails inside a nested tf.function.
         self._forward_backward = (tf.function(self._forward_backward_fn, jit_compile=True)
                                   if xla else self._forward_backward_fn)
-        self.train_loop = tf.function(self._train_loop)
+        self.run_steps = tf.function(self._run_steps)
         self.repeat_step = tf.function(self._repeat_step)
         self.evaluate = tf.function(self._evaluate)
 
@@ -135,7 +135,7 @@ class StepFunctions:
         # This replica's share of the global loss, and its worker's stop vote.
         return tf.stack([tf.cast(loss, tf.float32), stop_vote])
 
-    def _train_loop(self, iterator, num_steps):
+    def _run_steps(self, iterator, num_steps):
         """Runs up to ``num_steps`` steps in one call, so Python overhead is paid once per call.
 
         Returns ``{"steps": steps run, "finite": whether the last step's loss was finite,

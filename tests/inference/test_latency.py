@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ranet import latency
-from ranet.adaptive import AdaptivePredictor
+from helpers import TINY_RANET
 from ranet.config import ModelConfig
+from ranet.inference import latency
+from ranet.inference.adaptive import AdaptivePredictor
 from ranet.models import get_model
 
-TINY_RANET = ModelConfig(name="ranet", num_classes=10, scale_list=(1, 2), growth_factors=(2, 1),
-                         bottleneck_factors=(2, 1), base_channels=8, growth_rate=4, num_blocks=1,
-                         block_step=1, step=2)
 NUM_IMAGES = 20
 
 

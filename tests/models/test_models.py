@@ -1,13 +1,16 @@
-"""Tests for ranet.models: one contract over every registered model, plus RANet specifics."""
+"""ranet.models: one contract over every registered model, plus RANet specifics."""
 
 import collections
+import dataclasses
 import re
 
 import keras
 import numpy as np
 import pytest
 
+from helpers import TINY_RANET
 from ranet import config as config_lib
+from ranet import models
 from ranet.config import ModelConfig
 from ranet.models import MODEL_NAMES, ExitInfo, StagedClassifier, get_model
 from ranet.models.ranet import layers_in_block
@@ -16,9 +19,6 @@ from ranet.models.staged import IMAGES, LOGITS
 BATCH = 3
 NUM_CLASSES = 7  # not 10, so that a hard-coded class count shows up
 
-# Two flows, one exit each: builds in well under a second.
-TINY_RANET = dict(scale_list=(1, 2), growth_factors=(2, 1), bottleneck_factors=(2, 1),
-                  base_channels=8, growth_rate=4, num_blocks=1, block_step=1, step=2)
 # The reference's CIFAR training script (yangle15/RANet-pytorch, train_cifar.sh).
 SCRIPT_RANET = dict(scale_list=(1, 2, 3, 3), growth_factors=(4, 2, 1, 1),
                     bottleneck_factors=(4, 2, 1, 1))
@@ -26,7 +26,7 @@ SCRIPT_RANET = dict(scale_list=(1, 2, 3, 3), growth_factors=(4, 2, 1, 1),
 # One small configuration per registered model, with the exits it must have. A model added
 # to the registry without an entry here fails test_every_registered_model_has_a_contract_config.
 CONTRACT_CONFIGS = {
-    "ranet": (ModelConfig(name="ranet", num_classes=NUM_CLASSES, **TINY_RANET), 2),
+    "ranet": (dataclasses.replace(TINY_RANET, num_classes=NUM_CLASSES), 3),
     "vgg16": (ModelConfig(name="vgg16", num_classes=NUM_CLASSES), 1),
     "resnet50": (ModelConfig(name="resnet50", num_classes=NUM_CLASSES), 1),
 }
@@ -152,11 +152,14 @@ def _layers_per_block(model: StagedClassifier) -> dict:
 
 
 def test_step_mode_lg_grows_the_layers_per_block():
-    even = get_model(ModelConfig(**TINY_RANET))
-    lg = get_model(ModelConfig(**{**TINY_RANET, "step_mode": "lg"}))
-    # Flow 0 has one plain block; flow 1 fuses block 1 with flow 0 and adds plain block 2.
-    assert _layers_per_block(even) == {(0, 1): 2, (1, 1): 2, (1, 2): 2}
-    assert _layers_per_block(lg) == {(0, 1): 2, (1, 1): 2, (1, 2): 4}
+    even = get_model(TINY_RANET)
+    lg = get_model(dataclasses.replace(TINY_RANET, step_mode="lg"))
+    # Flow 0 has one plain block; flow 1 fuses block 1 with flow 0 and adds plain block 2;
+    # flow 2 fuses blocks 1-2 with flow 1 and adds plain block 3. 'lg': step x block layers.
+    assert _layers_per_block(even) == {(0, 1): 1, (1, 1): 1, (1, 2): 1,
+                                       (2, 1): 1, (2, 2): 1, (2, 3): 1}
+    assert _layers_per_block(lg) == {(0, 1): 1, (1, 1): 1, (1, 2): 2,
+                                     (2, 1): 1, (2, 2): 2, (2, 3): 3}
     assert even.exits[1].channels != lg.exits[1].channels
 
 
@@ -167,22 +170,23 @@ def test_layers_in_block(step_mode, step, expected):
     assert [layers_in_block(config, block) for block in (1, 2, 3)] == expected
 
 
-@pytest.mark.parametrize("num_blocks, block_step, expected_exits", [(1, 1, 2), (2, 1, 3), (1, 3, 4)])
+@pytest.mark.parametrize("num_blocks, block_step, expected_exits", [(1, 1, 3), (2, 1, 4), (1, 3, 7)])
 def test_num_blocks_and_block_step_set_the_exits(num_blocks, block_step, expected_exits):
     # As the reference: flow 0 has num_blocks plain blocks; flow f > 0 has block_step more
     # blocks than flow f - 1, and only those are plain (the rest fuse), each with an exit.
-    config = ModelConfig(**{**TINY_RANET, "num_blocks": num_blocks, "block_step": block_step})
+    config = dataclasses.replace(TINY_RANET, num_blocks=num_blocks, block_step=block_step)
     assert get_model(config).num_exits == expected_exits
 
 
 def test_growth_rate_and_base_channels_reach_the_model():
-    base = get_model(ModelConfig(**TINY_RANET))
-    wider = get_model(ModelConfig(**{**TINY_RANET, "growth_rate": 6, "base_channels": 12}))
-    # Exit 1 reads flow 0's block: base_channels*2 stem channels plus step*growth_rate*2 grown.
-    assert base.exits[0].channels == 8 * 2 + 2 * 4 * 2
-    assert wider.exits[0].channels == 12 * 2 + 2 * 6 * 2
-    assert base.stages[0].get_layer("stem1_conv").filters == 8 * 1
-    assert wider.stages[0].get_layer("stem1_conv").filters == 12 * 1
+    base = get_model(TINY_RANET)
+    wider = get_model(dataclasses.replace(TINY_RANET, growth_rate=6, base_channels=12))
+    # Exit 1 reads flow 0's block: base_channels*4 stem channels plus step*growth_rate*4 grown
+    # (growth factor 4 in flow 0; one dense layer per block).
+    assert base.exits[0].channels == 4 * 4 + 1 * 4 * 4
+    assert wider.exits[0].channels == 12 * 4 + 1 * 6 * 4
+    assert base.stages[0].get_layer("stem1_conv").filters == 4 * 2
+    assert wider.stages[0].get_layer("stem1_conv").filters == 12 * 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ def test_growth_rate_and_base_channels_reach_the_model():
 ])
 def test_invalid_ranet_configs_raise_helpful_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
-        ModelConfig(**overrides)
+        models.validate(ModelConfig(**overrides))
 
 
 def test_unknown_model_name_lists_the_known_names():
@@ -216,7 +220,7 @@ def test_unknown_model_name_lists_the_known_names():
 def test_registry_rejects_an_unknown_name_listing_the_known_ones():
     config = ModelConfig(name="vgg16")
     object.__setattr__(config, "name", "foo")  # past the config's own check, to the registry's
-    with pytest.raises(ValueError, match=r"Expected one of ranet, vgg16, resnet50.*'foo'"):
+    with pytest.raises(ValueError, match=r"must be one of ranet, vgg16, resnet50.*'foo'"):
         get_model(config)
 
 
@@ -237,7 +241,7 @@ def test_resnet50_pretrained_imagenet():
 
 @pytest.mark.parametrize("policy, compute_dtype", [("mixed_float16", "float16"),
                                                     ("mixed_bfloat16", "bfloat16")])
-@pytest.mark.parametrize("config", [ModelConfig(**TINY_RANET), ModelConfig(name="vgg16")],
+@pytest.mark.parametrize("config", [TINY_RANET, ModelConfig(name="vgg16")],
                          ids=["ranet", "vgg16"])
 def test_mixed_precision(config, policy, compute_dtype):
     keras.mixed_precision.set_global_policy(policy)  # the autouse fixture restores float32
@@ -269,80 +273,3 @@ def test_mixed_precision(config, policy, compute_dtype):
     else:
         # A one-stage model has no cached features: look at the features its head reads.
         assert _dtype(model.stages[0].get_layer("flatten").output) == compute_dtype
-
-
-
-def _keras_and_fused_batch_norm(x, **kwargs):
-    """A Keras BatchNormalization and a FusedBatchNormalization with the same weights."""
-    from ranet.models.staged import FusedBatchNormalization
-    layers_ = (keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, **kwargs),
-               FusedBatchNormalization(momentum=0.9, epsilon=1e-5, **kwargs))
-    rng = np.random.default_rng(1)
-    weights = [rng.uniform(0.5, 1.5, x.shape[-1]).astype("float32") for _ in range(4)]
-    for layer in layers_:
-        layer.build(x.shape)
-        layer.set_weights(weights)
-    return layers_, weights
-
-
-def _bn_inputs(shape=(4, 5, 5, 3)):
-    import tensorflow as tf
-    return tf.constant(np.random.default_rng(0).normal(2.0, 3.0, shape), tf.float32)
-
-
-def test_fused_batch_norm_trains_like_keras_and_keeps_the_unbiased_running_variance():
-    import tensorflow as tf
-    x = _bn_inputs()
-    layers_, (_, _, start_mean, start_variance) = _keras_and_fused_batch_norm(x)
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        outputs = [layer(x, training=True) for layer in layers_]
-        losses = [tf.reduce_sum(y * y * tf.range(1.0, 4.0)) for y in outputs]
-    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
-    keras_grads, fused_grads = [tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])
-                                for layer, loss in zip(layers_, losses)]
-    for keras_grad, fused_grad in zip(keras_grads, fused_grads):
-        np.testing.assert_allclose(keras_grad, fused_grad, rtol=1e-4, atol=1e-4)
-
-    # By hand: moving = 0.9 * moving + 0.1 * batch statistic, the variance with Bessel's
-    # correction (n = 4 * 5 * 5 values per channel), as PyTorch's BatchNorm2d keeps it.
-    values = x.numpy().reshape(-1, 3)
-    fused = layers_[1]
-    np.testing.assert_allclose(fused.moving_mean, 0.9 * start_mean + 0.1 * values.mean(0),
-                               rtol=1e-5)
-    np.testing.assert_allclose(fused.moving_variance,
-                               0.9 * start_variance + 0.1 * values.var(0, ddof=1), rtol=1e-5)
-
-
-def test_fused_batch_norm_at_inference_uses_the_moving_statistics_like_keras():
-    x = _bn_inputs()
-    layers_, _ = _keras_and_fused_batch_norm(x)
-    keras_out, fused_out = [layer(x, training=False) for layer in layers_]
-    np.testing.assert_allclose(keras_out, fused_out, atol=1e-5)
-    np.testing.assert_array_equal(layers_[0].moving_mean, layers_[1].moving_mean)
-
-
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_fused_batch_norm_keeps_float32_statistics_under_mixed_precision(policy):
-    import tensorflow as tf
-    from ranet.models.staged import FusedBatchNormalization
-    keras.mixed_precision.set_global_policy(policy)  # the autouse fixture restores it
-    layer = FusedBatchNormalization(momentum=0.9)
-    x = tf.cast(_bn_inputs(), layer.compute_dtype)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True)
-        loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
-    x_grad, gamma_grad = tape.gradient(loss, [x, layer.gamma.value])
-    assert y.dtype == x.dtype == x_grad.dtype
-    assert layer.moving_mean.dtype == gamma_grad.dtype == "float32"
-    np.testing.assert_allclose(layer.moving_mean, 0.1 * _bn_inputs().numpy().reshape(-1, 3).mean(0),
-                               rtol=2e-2)
-
-
-def test_synchronized_fused_batch_norm_takes_the_keras_path():
-    x = _bn_inputs()
-    (keras_layer, fused), _ = _keras_and_fused_batch_norm(x, synchronized=True)
-    assert not fused._fusable(x, None)
-    np.testing.assert_allclose(keras_layer(x, training=True), fused(x, training=True), atol=1e-6)
-    np.testing.assert_allclose(keras_layer.moving_variance, fused.moving_variance, rtol=1e-6)

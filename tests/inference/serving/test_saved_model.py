@@ -1,35 +1,30 @@
-"""The serving SavedModel answers as the in-process model does; the binary fails cleanly.
+"""The serving SavedModel answers as the in-process model does, and is written atomically.
 
-The model directory is made without training: a tiny 3-exit RANet with its exit layers
+The model directory is made without training: the tiny 3-exit RANet with its exit layers
 sharpened so that confidences spread, a config.json and one checkpoint.
 """
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import conftest
-from ranet import adaptive, costs, data, export
+from helpers import SYNTHETIC_DATA as DATA
+from helpers import write_model_dir
+from ranet import costs, data
+from ranet.inference import adaptive
+from ranet.inference.serving import saved_model
+from ranet.inference.serving.exporting import ExportOptions
 
-REPO = conftest.REPO_ROOT
-TINY_RANET, DATA = conftest.TINY_RANET, conftest.SYNTHETIC_DATA
 NUM_EXITS = 3
-
-
-def _write_model_dir(model_dir: Path, with_checkpoint: bool = True):
-    return conftest.write_model_dir(model_dir, TINY_RANET, DATA, with_checkpoint, logit_scale=6.0)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("run")
-    return directory, _write_model_dir(directory)
+    return directory, write_model_dir(directory, logit_scale=6.0)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,8 @@ def exported(model_dir, tmp_path_factory):
     export_dir = tmp_path_factory.mktemp("serving") / "ranet" / "1"
     export_dir.mkdir(parents=True)
     (export_dir / "stale.txt").write_text("from an older export")
-    metadata = export.export(str(directory), str(export_dir), overwrite=True)
+    metadata = saved_model.export(ExportOptions(model_dir=str(directory),
+                                                export_dir=str(export_dir), overwrite=True))
     return export_dir, metadata, model
 
 
@@ -65,7 +61,7 @@ def predictor(exported):
 
 
 def _in_process(predictor, raw_images, splits, thresholds):
-    return predictor.predict_batch(data.normalized(raw_images, splits.mean, splits.std),
+    return predictor.predict_batch(data.normalize(raw_images, splits.mean, splits.std),
                                    tf.constant(thresholds, tf.float32))
 
 
@@ -82,14 +78,14 @@ def _assert_same_answers(served, expected):
 def test_export_replaces_the_stale_folder_and_leaves_no_staging_behind(exported):
     export_dir, _, _ = exported
     assert (export_dir / "saved_model.pb").is_file()
-    assert (export_dir / "assets.extra" / export.METADATA_FILENAME).is_file()
+    assert (export_dir / "assets.extra" / saved_model.METADATA_FILENAME).is_file()
     assert not (export_dir / "stale.txt").exists()
     assert sorted(os.listdir(export_dir.parent)) == ["1"]
 
 
 def test_metadata_records_the_operating_point_and_normalisation(exported, splits):
     export_dir, metadata, model = exported
-    with open(export_dir / "assets.extra" / export.METADATA_FILENAME) as f:
+    with open(export_dir / "assets.extra" / saved_model.METADATA_FILENAME) as f:
         written = json.load(f)
     assert written == metadata
     assert len(written["thresholds"]) == NUM_EXITS and written["thresholds"][-1] == "-inf"
@@ -104,7 +100,7 @@ def test_metadata_records_the_operating_point_and_normalisation(exported, splits
 
 
 def test_signatures_and_their_specs(loaded):
-    assert set(loaded.signatures) == set(export.SIGNATURE_NAMES)
+    assert set(loaded.signatures) == set(saved_model.SIGNATURE_NAMES)
     images = tf.TensorSpec([None, 32, 32, 3], tf.float32, name="images")
     thresholds = tf.TensorSpec([NUM_EXITS], tf.float32, name="thresholds")
     answers = {"classes": tf.TensorSpec([None], tf.int32, name="classes"),
@@ -139,7 +135,7 @@ def test_adaptive_takes_thresholds_per_call(case, exported, loaded, predictor, r
     if case == "mixed":
         # Median confidences of exits 1 and 2: images leave at every exit.
         probabilities = adaptive.all_exit_probabilities(
-            exported[2], data.normalized(raw_images, splits.mean, splits.std))
+            exported[2], data.normalize(raw_images, splits.mean, splits.std))
         thresholds = list(np.median(probabilities.max(axis=-1), axis=1)[:-1]) + [-np.inf]
     else:
         value = -np.inf if case == "all_leave_at_1" else np.inf
@@ -165,7 +161,7 @@ def test_the_thresholds_variable_steers_serving_default(loaded, raw_images):
 def test_all_exits_are_the_model_logits(exported, loaded, raw_images, splits):
     model = exported[2]
     served = loaded.signatures["all_exits"](images=tf.constant(raw_images))
-    expected = model(data.normalized(raw_images, splits.mean, splits.std), training=False)
+    expected = model(data.normalize(raw_images, splits.mean, splits.std), training=False)
     assert sorted(served) == [f"logits_exit_{k}" for k in range(1, NUM_EXITS + 1)]
     for k, logits in enumerate(expected, start=1):
         # The serving graph lets Grappler fold batch norm into the convolutions, so it rounds
@@ -176,7 +172,7 @@ def test_all_exits_are_the_model_logits(exported, loaded, raw_images, splits):
 
 def test_wrong_number_of_thresholds_is_refused(exported, splits):
     with pytest.raises(ValueError, match=r"one value per exit \(3\).*Received: thresholds"):
-        export.build_serving_module(exported[2], [0.5, -np.inf], splits.mean, splits.std)
+        saved_model.build_serving_module(exported[2], [0.5, -np.inf], splits.mean, splits.std)
 
 
 def test_a_failed_save_keeps_the_old_export(model_dir, tmp_path, monkeypatch):
@@ -189,75 +185,7 @@ def test_a_failed_save_keeps_the_old_export(model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf.saved_model, "save", failing_save)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export(str(model_dir[0]), str(export_dir), threshold=0.5, overwrite=True)
+        saved_model.export(ExportOptions(model_dir=str(model_dir[0]), export_dir=str(export_dir),
+                                         threshold=0.5, overwrite=True))
     assert sorted(os.listdir(tmp_path)) == ["1"]
     assert sorted(os.listdir(export_dir)) == ["old.txt"]
-
-
-# --------------------------------------------------------------------------------------------
-# The binary, run as a user runs it.
-
-def _export_binary(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "ranet.export", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_binary_exports_a_fixed_threshold(model_dir, tmp_path):
-    export_dir = tmp_path / "ranet" / "1"
-    result = _export_binary(f"--model_dir={model_dir[0]}", f"--export_dir={export_dir}",
-                            "--threshold=0.85", "--checkpoint=latest")
-    assert result.returncode == 0, result.stderr
-    assert (export_dir / "saved_model.pb").is_file()
-    assert "exported to" in result.stderr
-    with open(export_dir / "assets.extra" / export.METADATA_FILENAME) as f:
-        metadata = json.load(f)
-    expected = [0.85] * (NUM_EXITS - 1) + [-np.inf]
-    assert [float(t) for t in metadata["thresholds"]] == expected
-    assert metadata["operating_point"] == {"rule": "fixed_threshold", "threshold": 0.85}
-    # The variable the serving graph reads, straight from the SavedModel's checkpoint.
-    reader = tf.train.load_checkpoint(str(export_dir / "variables" / "variables"))
-    np.testing.assert_array_equal(
-        reader.get_tensor("thresholds/.ATTRIBUTES/VARIABLE_VALUE"), np.float32(expected))
-
-
-def test_binary_without_checkpoint_names_the_directory(tmp_path):
-    model_dir = tmp_path / "untrained"
-    _write_model_dir(model_dir, with_checkpoint=False)
-    export_dir = tmp_path / "out"
-    result = _export_binary(f"--model_dir={model_dir}", f"--export_dir={export_dir}")
-    assert result.returncode != 0
-    assert f"error: {model_dir} has no checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not export_dir.exists()
-
-
-def test_binary_refuses_a_non_empty_export_dir(model_dir, tmp_path):
-    export_dir = tmp_path / "1"
-    export_dir.mkdir()
-    (export_dir / "keep.txt").write_text("someone's model")
-    result = _export_binary(f"--model_dir={model_dir[0]}", f"--export_dir={export_dir}")
-    assert result.returncode != 0
-    assert "already exists and is not empty" in result.stderr and "--overwrite" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert sorted(os.listdir(export_dir)) == ["keep.txt"]
-
-
-@pytest.mark.parametrize("args, message", [
-    (("--budget_mflops=5", "--threshold=0.85"), "pass at most one"),
-    (("--budget_mflops=0",), "--budget_mflops must be a positive number"),
-    (("extra",), "unexpected arguments: extra"),
-])
-def test_binary_refuses_bad_flags(args, message, model_dir, tmp_path):
-    export_dir = tmp_path / "1"
-    result = _export_binary(f"--model_dir={model_dir[0]}", f"--export_dir={export_dir}", *args)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not export_dir.exists()
-
-
-def test_binary_requires_export_dir(model_dir):
-    result = _export_binary(f"--model_dir={model_dir[0]}")
-    assert result.returncode != 0
-    assert "--export_dir" in result.stderr

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ranet import calibration
+from ranet.inference import calibration
 
 # K = 3 exits, N = 10 images, distinct confidences per exit. Image 0 is very confident at
 # exit 2 (0.88) but leaves at exit 1 in every case below, so it must not count at exit 2.

@@ -1,0 +1,188 @@
+"""Exporting a trained model, whatever the format: options, checks, thresholds, an atomic write.
+
+``restore`` rebuilds the model from its directory and calibrates the thresholds of the
+operating point to serve on the validation split; a format module (``saved_model``) turns that
+into files in a staging folder; ``write_atomically`` renames the folder into place, so a
+failure leaves ``--export_dir`` as it was.
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from typing import Callable, List, Optional
+
+from absl import logging
+
+from ranet import costs, data, jsonio
+from ranet.config import ExperimentConfig, flag, require
+from ranet.costs import ModelCost
+from ranet.inference import adaptive, evaluation
+from ranet.models import StagedClassifier
+from ranet.training import model_dir as model_dir_lib
+
+DEFAULT_POINT = ("cheapest point calibrated on the validation split whose accuracy is within "
+                 "1 point of the last exit's")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What to export, where, and at which operating point (the flags of ``ranet.export``)."""
+    model_dir: str = flag("", "Model directory written by ranet.train.")
+    export_dir: str = flag("", "Folder to write; for TF Serving, <base path>/<version number>.")
+    checkpoint: str = flag("best", "best: best on validation (falling back to the latest); "
+                           "latest.", choices=model_dir_lib.CHECKPOINT_CHOICES)
+    budget_mflops: Optional[float] = flag(
+        None, "Serve the most accurate operating point calibrated within this many million "
+        "multiply-adds per image.", kind="float")
+    threshold: Optional[float] = flag(
+        None, "Serve one fixed confidence threshold at every exit but the last (the seed's "
+        "0.85). Default (neither this nor --budget_mflops): the cheapest calibrated point "
+        "within 1 accuracy point of the last exit, on validation.", kind="float")
+    confidence: str = flag(adaptive.MAX_SOFTMAX, "Confidence the thresholds apply to (entropy: "
+                           "negative entropy).", choices=adaptive.CONFIDENCE_KINDS)
+    data_dir: Optional[str] = flag(
+        None, "Where the dataset is, instead of the data_dir in config.json (needed for the "
+        "training statistics and calibration).", kind="str")
+    overwrite: bool = flag(False, "Replace a non-empty --export_dir.")
+
+    def __post_init__(self):
+        require(bool(self.model_dir), "--model_dir is required: the model directory to export")
+        require(bool(self.export_dir), "--export_dir is required: the folder to write")
+        require(self.budget_mflops is None or self.threshold is None,
+                "--budget_mflops and --threshold both choose the thresholds; pass at most one. "
+                f"Received: budget_mflops={self.budget_mflops}, threshold={self.threshold}")
+        require(self.budget_mflops is None or (math.isfinite(self.budget_mflops)
+                                               and self.budget_mflops > 0),
+                "--budget_mflops must be a positive number of million multiply-adds per image. "
+                f"Received: budget_mflops={self.budget_mflops}")
+        require(self.threshold is None or not math.isnan(self.threshold),
+                f"--threshold must be a number. Received: threshold={self.threshold}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RestoredModel:
+    """A trained model ready to export: weights, statistics, cost and thresholds to serve."""
+    config: ExperimentConfig
+    model: StagedClassifier
+    checkpoint: str
+    splits: data.DataSplits
+    cost: ModelCost
+    thresholds: List[float]         # one per exit, on the options' confidence scale
+    operating_point: dict           # how the thresholds were chosen
+
+
+def check_export_dir(options: ExportOptions) -> None:
+    """Refuses a destination that holds something, unless overwriting, and never the model."""
+    export_dir, model_dir = options.export_dir, options.model_dir
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ValueError(f"export_dir {export_dir} is a file, not a folder. Pass a folder path "
+                         f"(e.g. /serving/ranet/1). Received: export_dir={export_dir}")
+    _refuse_non_empty(export_dir, options.overwrite)
+    # Replacing a folder that holds the model directory would delete the checkpoints.
+    export_real, model_real = os.path.realpath(export_dir), os.path.realpath(model_dir)
+    if os.path.commonpath([export_real, model_real]) == export_real:
+        raise ValueError(f"export_dir must lie outside the model directory's tree: replacing it "
+                         f"would delete the checkpoints. Choose another folder. "
+                         f"Received: export_dir={export_dir}, model_dir={model_dir}")
+
+
+def _refuse_non_empty(export_dir: str, overwrite: bool) -> None:
+    if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
+        raise ValueError(f"export_dir {export_dir} already exists and is not empty. Pass "
+                         f"--overwrite to replace it, or choose a new folder (TF Serving: a new "
+                         f"version number). Received: export_dir={export_dir}")
+
+
+def _operating_point(num_exits: int, options: ExportOptions, num_validation_images: int) -> dict:
+    """How the thresholds were chosen, for the metadata file."""
+    if num_exits == 1:
+        return {"rule": "single_exit"}
+    if options.threshold is not None:
+        return {"rule": "fixed_threshold", "threshold": options.threshold}
+    calibration = {"calibrated_on": "validation", "num_images": num_validation_images}
+    if options.budget_mflops is not None:
+        return {"rule": "budget", "budget_mflops": options.budget_mflops,
+                "description": "most accurate calibrated point within the budget", **calibration}
+    return {"rule": "default", "description": DEFAULT_POINT, **calibration}
+
+
+def restore(options: ExportOptions) -> RestoredModel:
+    """Checks the destination, restores the model and calibrates the thresholds to serve."""
+    check_export_dir(options)
+    config, model, checkpoint = model_dir_lib.restore_model(options.model_dir,
+                                                            options.checkpoint)
+    logging.info("restored %s", checkpoint)
+    splits = data.load_splits(config.data.with_data_dir(options.data_dir))
+    cost = costs.count(model)
+    if model.num_exits > 1 and options.threshold is None:
+        logging.info("calibrating the thresholds on %d validation images", len(splits.validation))
+    thresholds = evaluation.operating_thresholds(
+        model, cost, splits, budget_mflops=options.budget_mflops, threshold=options.threshold,
+        confidence_kind=options.confidence)
+    logging.info("thresholds (%s): %s", options.confidence, thresholds)
+    return RestoredModel(config=config, model=model, checkpoint=checkpoint, splits=splits,
+                         cost=cost, thresholds=thresholds,
+                         operating_point=_operating_point(model.num_exits, options,
+                                                          len(splits.validation)))
+
+
+def metadata(restored: RestoredModel, options: ExportOptions) -> dict:
+    """What every export records beside its files: thresholds, costs, normalisation, origin."""
+    model = restored.model
+    return {
+        "model": restored.config.model.name,
+        "num_exits": model.num_exits,
+        "num_classes": model.num_classes,
+        "confidence": options.confidence,
+        "thresholds": [jsonio.number(t) for t in restored.thresholds],
+        "operating_point": restored.operating_point,
+        "exit_macs": [e.macs for e in restored.cost.exits],
+        "params": restored.cost.params,
+        "normalization": {"formula": "(images / 255 - mean) / std",
+                          "mean": [float(m) for m in restored.splits.mean],
+                          "std": [float(s) for s in restored.splits.std]},
+        "dataset": restored.config.data.dataset,
+        "model_dir": os.path.abspath(options.model_dir),
+        "checkpoint": os.path.abspath(restored.checkpoint),
+    }
+
+
+def write_atomically(options: ExportOptions, write: Callable[[str], None]) -> None:
+    """Calls ``write(staging_dir)``, then renames the staging folder to ``export_dir``.
+
+    The staging folder is a hidden sibling, which TF Serving ignores (its name is not a
+    version number). A failure leaves export_dir as it was.
+    """
+    export_dir = os.path.abspath(options.export_dir)
+    parent, name = os.path.split(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    replaced = None
+    try:
+        write(staging)
+        # Again: something may have appeared there while the model was calibrated and saved.
+        _refuse_non_empty(export_dir, options.overwrite)
+        if os.path.isdir(export_dir) and os.listdir(export_dir):
+            # rename() replaces only an empty folder: move the old export aside first.
+            replaced = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(export_dir, replaced)
+        try:
+            os.replace(staging, export_dir)
+        except OSError:
+            if replaced is not None:
+                os.replace(replaced, export_dir)
+                replaced = None
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if replaced is not None:
+            # Empty, unless the old export could not be moved back: then it stays there.
+            with contextlib.suppress(OSError):
+                os.rmdir(replaced)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    logging.info("exported to %s", export_dir)

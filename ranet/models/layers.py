@@ -1,0 +1,142 @@
+"""The building blocks every model here is made of, with the reference's conventions.
+
+Convolutions without bias followed by batch norm and ReLU, PyTorch's initialisation and batch
+norm hyper-parameters, a fused batch norm (one TensorFlow kernel that Grappler folds into the
+convolution at inference), float32 exit layers, and align-corners bilinear resizes.
+"""
+
+import contextlib
+import contextvars
+from typing import Tuple
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+# PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here), as the reference trains.
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+# One initializer object per layer, made when the layer is: an unseeded Keras initializer
+# draws its integer seed from Python's `random` when it is constructed, so constructing it
+# at build time (after keras.utils.set_random_seed) makes the weights a function of --seed,
+# the same in every process. A single module-level instance would have drawn its seed at
+# import (different in every process) and given every kernel of one shape the same values.
+def conv_initializer() -> keras.initializers.Initializer:
+    """normal(0, sqrt(2 / (k * k * out_channels))): the reference's conv initialisation."""
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def dense_initializer() -> keras.initializers.Initializer:
+    """PyTorch's nn.Linear default weight initialisation, uniform(+-1/sqrt(fan_in))."""
+    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def conv_bn_relu(x, filters: int, kernel_size: int = 3, strides: int = 1, name: str = ""):
+    """Conv (no bias) -> BatchNorm -> ReLU, the reference's ConvBasic."""
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                      kernel_initializer=conv_initializer(), name=f"{name}_conv")(x)
+    x = batch_norm(x, name=f"{name}_bn")
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+# Set around a model build by ``synchronized_batch_norm`` (``ModelConfig.sync_batch_norm``),
+# so that every builder's batch norm layers follow it without threading a flag through them.
+_SYNC_BATCH_NORM = contextvars.ContextVar("sync_batch_norm", default=False)
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled: bool):
+    """Batch norm layers built inside reduce their statistics over all replicas.
+
+    Under a tf.distribute strategy each replica then normalises with the mean
+    and variance of the global batch, so N replicas of batch B/N train like
+    one replica of batch B (at the price of three small all-reduces per layer and step).
+    Outside ``strategy.run`` and at inference it changes nothing.
+    """
+    token = _SYNC_BATCH_NORM.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _SYNC_BATCH_NORM.reset(token)
+
+
+@keras.saving.register_keras_serializable(package="ranet")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras' BatchNormalization computed by TensorFlow's fused kernel (FusedBatchNormV3).
+
+    Keras 3 on TensorFlow builds batch norm from ~10 elementwise ops, and at inference
+    Grappler cannot fold that into the preceding convolution. The fused op is one kernel
+    that Grappler fuses with Conv2D (and ReLU): measured on the 2-core CPU, batch-1 latency
+    of the CIFAR RANet -35%, batch-64 inference +25% (BUILD_NOTES.md, Performance). Same
+    variables, so checkpoints are interchangeable. Its running variance is the unbiased
+    batch variance, as PyTorch's (and the reference's) BatchNorm2d keeps. Synchronized,
+    masked or non-NHWC inputs take Keras' own path.
+    """
+
+    def _fusable(self, inputs, mask) -> bool:
+        return (not self.synchronized and not self.renorm and mask is None
+                and self.center and self.scale and len(inputs.shape) == 4
+                and self.axis in (-1, 3))
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fusable(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        training = bool(training) and self.trainable
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=tf.convert_to_tensor(self.gamma),
+            offset=tf.convert_to_tensor(self.beta),
+            mean=tf.convert_to_tensor(self.moving_mean),
+            variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon,
+            exponential_avg_factor=1.0 - self.momentum if training else 1.0,
+            data_format="NHWC", is_training=training)
+        if training:
+            # With exponential_avg_factor the op returns the updated moving averages.
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(variance)
+        return outputs
+
+
+def batch_norm(x, name: str):
+    return FusedBatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                                   synchronized=_SYNC_BATCH_NORM.get(), name=name)(x)
+
+
+def classifier_dense(x, num_classes: int, name: str):
+    """The exit's linear layer, always float32 so logits and softmax are float32."""
+    return layers.Dense(num_classes, kernel_initializer=dense_initializer(),
+                        bias_initializer="zeros", dtype="float32", name=name)(x)
+
+
+@keras.saving.register_keras_serializable(package="ranet")
+class BilinearResize(layers.Layer):
+    """Bilinear resize with align_corners=True, as the reference's F.interpolate calls.
+
+    Keras' Resizing layer has no align_corners; the TF op does and has a
+    gradient and an XLA lowering.
+    """
+
+    def __init__(self, size: Tuple[int, int], **kwargs):
+        super().__init__(**kwargs)
+        self.size = tuple(size)
+
+    def call(self, x):
+        resized = tf.raw_ops.ResizeBilinear(images=x, size=self.size, align_corners=True,
+                                            half_pixel_centers=False)
+        return tf.cast(resized, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.size, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
+
+
+def resize_to(x, size: int, name: str):
+    """Resizes to size x size; a same-size align_corners resize is the identity, so skip it."""
+    if x.shape[1] == size and x.shape[2] == size:
+        return x
+    return BilinearResize((size, size), name=name)(x)
+
+

@@ -1,0 +1,94 @@
+"""What the tests share: the one tiny RANet, its synthetic data, model directories, events.
+
+The tiny RANet and its data are the smoke preset's (``flags/ranet_smoke.cfg``): 3 flows,
+3 exits, seconds to train on a CPU.
+"""
+
+import dataclasses
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from ranet import cli, costs
+from ranet import config as config_lib
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOKE = cli.preset_config("ranet_smoke")
+TINY_RANET, SYNTHETIC_DATA = SMOKE.model, SMOKE.data
+VGG16 = config_lib.ModelConfig(name="vgg16", num_classes=10)
+
+# Two exits, four images, two classes, for operating points computed by hand. Exit 1 is sure
+# and right on image 0, sure and wrong on image 1; exit 2 is right on all four.
+HAND_EXIT_1 = [[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.45, 0.55]]
+HAND_EXIT_2 = [[0.99, 0.01], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]]
+HAND_LABELS = np.array([0, 1, 1, 0])
+HAND_COST = costs.ModelCost("ranet", 1, [costs.ExitCost(1, 10_000_000, 1),
+                                         costs.ExitCost(2, 30_000_000, 1)])
+
+
+def experiment(model_dir, *, steps=20, batch_size=32, lr=SMOKE.optim.learning_rate,
+               data=SYNTHETIC_DATA, model=TINY_RANET, **runtime) -> config_lib.ExperimentConfig:
+    """A short training run of the tiny RANet in ``model_dir``; ``runtime`` overrides."""
+    runtime = {"log_every_steps": 5, "checkpoint_every_steps": 10, **runtime}
+    return config_lib.ExperimentConfig(
+        data=data, model=model,
+        optim=config_lib.OptimConfig(batch_size=batch_size, train_steps=steps, learning_rate=lr,
+                                     reference_batch_size=batch_size),
+        runtime=config_lib.RuntimeConfig(model_dir=str(model_dir), **runtime))
+
+
+def event_scalars(model_dir, subdir="train") -> dict:
+    """{tag: {step: value}} from the TensorBoard event files of one writer of a model dir."""
+    values = {}
+    for path in sorted(glob.glob(os.path.join(str(model_dir), subdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") \
+                    else value.simple_value
+                values.setdefault(value.tag, {})[event.step] = number
+    return values
+
+
+def write_model_dir(model_dir, model_config=TINY_RANET, data_config=SYNTHETIC_DATA,
+                    with_checkpoint=True, logit_scale=1.0):
+    """A model directory as ranet.train leaves it, without training: config.json and
+    (optionally) one checkpoint of a seeded model whose exit kernels are multiplied by
+    ``logit_scale`` (random exits give near-uniform softmaxes; sharpened, confidences spread).
+    Returns the model, or None without a checkpoint."""
+    import keras
+
+    from ranet.models import get_model
+    from ranet.training import model_dir as model_dir_lib
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save(dataclasses.replace(
+        SMOKE, data=data_config, model=model_config,
+        runtime=config_lib.RuntimeConfig(model_dir=str(model_dir))), str(model_dir))
+    if not with_checkpoint:
+        return None
+    keras.utils.set_random_seed(0)
+    model = get_model(model_config)
+    for stage in model.stages:
+        for layer in stage.layers:
+            if isinstance(layer, keras.layers.Dense):
+                layer.kernel.assign(layer.kernel * logit_scale)
+    tf.train.CheckpointManager(tf.train.Checkpoint(**model_dir_lib.trackables(model)),
+                               str(model_dir / "checkpoints"), max_to_keep=1).save(checkpoint_number=1)
+    return model
+
+
+def python(*args, timeout: float, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """``python <args>`` in the repository root, as a user runs it, output captured."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def tail(process: subprocess.CompletedProcess) -> str:
+    return f"stdout:\n{process.stdout[-3000:]}\nstderr:\n{process.stderr[-3000:]}"
