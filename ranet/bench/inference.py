@@ -8,11 +8,10 @@ process (``ranet.inference.comparison``). It prints the latency table, the throu
 adaptive and full paths at each batch size, and the performance targets as measured ratios.
 """
 
-import json
 
 from absl import flags
 
-from ranet import cli
+from ranet import cli, jsonio
 from ranet.inference import comparison, latency
 from ranet.inference.comparison import ComparisonOptions
 
@@ -106,8 +105,7 @@ def main(values: flags.FlagValues) -> dict:
               "targets": [{"target": label, "measured": measured, "needed": needed}
                           for label, measured, needed in rows]}
     if values.json:
-        with open(values.json, "w") as f:
-            json.dump(output, f, indent=2)
+        jsonio.write(values.json, output)
     return output
 
 

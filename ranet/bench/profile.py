@@ -11,7 +11,6 @@
 
 import collections
 import glob
-import json
 import os
 import time
 
@@ -19,7 +18,7 @@ import tensorflow as tf
 from absl import flags
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-from ranet import cli
+from ranet import cli, jsonio
 from ranet.bench.common import preset_experiment
 from ranet.config import PRECISIONS
 from ranet.inference import latency
@@ -114,8 +113,7 @@ def main(values: flags.FlagValues) -> dict:
                                 "calls_per_step": c / values.steps}
                            for op, (s, c) in table.items()}}
     if values.json:
-        with open(values.json, "w") as f:
-            json.dump(result, f, indent=2)
+        jsonio.write(values.json, result)
     return result
 
 

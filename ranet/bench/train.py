@@ -17,14 +17,13 @@ Synthetic data by default (same pipeline code as CIFAR: augmentation, normalisat
 per-replica batching); ``--data_dir`` uses real CIFAR-10.
 """
 
-import json
 import time
 
 import keras
 import tensorflow as tf
 from absl import flags, logging
 
-from ranet import cli, devices
+from ranet import cli, devices, jsonio
 from ranet.bench.common import preset_experiment
 from ranet.inference import latency
 from ranet.training import setup
@@ -117,8 +116,7 @@ def main(values: flags.FlagValues) -> list:
               f"{r['loop_ips']:>10.1f} {100 * r['loop_overhead']:>8.1f}% {r['input_ips']:>11.0f}"
               f"{'  INPUT-BOUND' if r['input_bound'] else ''}")
     if values.json:
-        with open(values.json, "w") as f:
-            json.dump({"environment": environment, "results": rows}, f, indent=2)
+        jsonio.write(values.json, {"environment": environment, "results": rows})
     return rows
 
 
