@@ -20,6 +20,9 @@ setup(
         "tensorboard>=2.21,<3",  # TF 2.21 no longer installs it; tf.summary needs it.
         "absl-py>=2.1",
         "numpy>=1.26",
+        # The LiteRT interpreter (XNNPACK) that serves the --format=litert export; TF's own
+        # tf.lite.Interpreter is deprecated. Serving needs it and numpy, not TensorFlow.
+        "ai-edge-litert>=2.3,<3",
     ],
     extras_require={
         "plots": ["matplotlib>=3.8"],  # the eval binary's PNG plots

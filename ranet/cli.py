@@ -88,6 +88,8 @@ def define_fields(cls, values: flags.FlagValues) -> None:
                               meta["help"], **common)
         elif kind == "strings":
             flags.DEFINE_multi_string(name, list(default), meta["help"], **common)
+        elif kind == "list":
+            flags.DEFINE_list(name, list(default), meta["help"], **common)
         else:
             raise TypeError(f"unknown flag kind {kind!r} of config field {field.name}")
 
@@ -123,9 +125,30 @@ def _field_value(field: dataclasses.Field, values: flags.FlagValues):
         return _dash_ints(value, name)
     if kind == "floats":
         return _floats(value, name)
-    if kind == "strings":
+    if kind in ("strings", "list"):
         return tuple(value)
     return value
+
+
+def to_flags(instance) -> List[str]:
+    """The command-line flags that make ``instance`` (a dataclass of flag fields) again."""
+    arguments = []
+    for field in _flag_fields(type(instance)):
+        name, kind = _flag_name(field), _kind(field)
+        value = getattr(instance, field.name)
+        if value is None:
+            value = field.metadata["unset"]
+            if value is None:
+                continue
+        if kind == "bool":
+            arguments.append(f"--{'' if value else 'no'}{name}")
+        elif kind == "strings":
+            arguments += [f"--{name}={item}" for item in value]
+        elif kind in ("ints", "floats", "list"):
+            arguments.append(f"--{name}={('-' if kind == 'ints' else ',').join(map(str, value))}")
+        else:
+            arguments.append(f"--{name}={value}")
+    return arguments
 
 
 def from_flags(cls, values: flags.FlagValues, **derived):

@@ -12,6 +12,7 @@ through ``ranet.models.validate``.
 
 import dataclasses
 import os
+import re
 from typing import Any, Optional, Sequence
 
 from ranet import jsonio
@@ -21,7 +22,7 @@ MODELS = ("ranet", "vgg16", "resnet50")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 ALL_REDUCE = ("auto", "ring", "nccl")
-SCHEDULES = ("multistep", "cosine")
+SCHEDULES = ("multistep", "cosine", "linear")
 STEP_MODES = ("even", "lg")
 CONFIG_FILENAME = "config.json"
 
@@ -44,6 +45,19 @@ def check_choice(name: str, value: Any, choices: Sequence) -> None:
                               f"Received: {name}={value!r}")
 
 
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str, name: str) -> float:
+    """Seconds of a duration such as 90s, 12m, 8h or 1h30m."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)([dhms]))+", text.strip())
+    parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", text.strip()) if match else []
+    seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    require(bool(parts) and seconds > 0,
+            f"{name} takes a duration such as 90s, 12m, 8h or 1h30m. Received: {name}={text!r}")
+    return seconds
+
+
 def dtype_policy(precision: str) -> str:
     """The Keras dtype policy name of a ``--precision`` value."""
     check_choice("precision", precision, PRECISIONS)
@@ -59,8 +73,8 @@ def flag(default, help: str, *, name: Optional[str] = None, kind: Optional[str] 
         help: the flag's help text.
         name: the flag's name, when it is not the field's.
         kind: how the flag is typed, when the default does not tell: "int", "float", "str",
-            "ints" (integers joined by '-', e.g. 4-2-1), "floats" (comma-separated) or
-            "strings" (the flag repeated).
+            "ints" (integers joined by '-', e.g. 4-2-1), "floats" or "list" (comma-separated
+            numbers or words) or "strings" (the flag repeated).
         choices: an enum flag's allowed values.
         unset: the flag value that stands for ``None`` in the config (e.g. 0 or "none").
         lower_bound: the smallest value an integer or float flag takes.
@@ -164,14 +178,29 @@ class OptimConfig:
     nesterov: bool = flag(False, "Nesterov momentum.")
     weight_decay: float = flag(1e-4, "Coupled L2, as PyTorch SGD.")
     schedule: str = flag("multistep", "multistep: x decay_rate at --decay_fractions; cosine: "
-                         "cosine decay.", choices=SCHEDULES)
+                         "cosine decay to zero; linear: linear decay to zero.", choices=SCHEDULES)
     decay_rate: float = flag(0.1, "Multistep decay factor.")
     decay_fractions: tuple = flag(
         (0.5, 0.75), "Fractions of training at which multistep decays.", kind="floats")
-    warmup_epochs: float = flag(0.0, "Linear warm-up (cosine only).")
+    warmup_epochs: float = flag(0.0, "Linear warm-up from zero, in epochs.")
     exit_weights: Optional[tuple] = flag(
         None, "Loss weight of each exit (default: all 1).", kind="floats")
     label_smoothing: float = flag(0.0, "Label smoothing.")
+    time_budget: Optional[str] = flag(
+        None, "Train for this long (90s, 12m, 8h, 1h30m), final evaluation and checkpoint "
+        "included, instead of --epochs: after a few steps the trainer measures its speed, "
+        "plans the number of steps that fits, and fits the schedule to them. The plan is "
+        "kept in --model_dir: a resumed run follows it.", kind="str")
+    exit_distillation: bool = flag(
+        False, "Every exit but the last also learns the last exit's softened softmax (KL "
+        "divergence at --distillation_temperature, weight --distillation_weight; Li et al., "
+        "ICCV 2019, one-for-all knowledge distillation).")
+    distillation_temperature: float = flag(3.0, "Softmax temperature of exit distillation.")
+    distillation_weight: float = flag(
+        0.9, "Exit distillation: each early exit's loss is (1 - w) cross-entropy + w T^2 KL.")
+    gradient_equilibrium: bool = flag(
+        False, "Rescale the gradients reaching the shared trunk at each exit (Li et al., ICCV "
+        "2019): 1/(K-k+1) from exit k's classifier, (K-k)/(K-k+1) from what follows it.")
 
     def __post_init__(self):
         object.__setattr__(self, "decay_fractions", tuple(float(v) for v in self.decay_fractions))
@@ -190,11 +219,23 @@ class OptimConfig:
                 f"decay_fractions must lie in (0, 1). Received: {self.decay_fractions}")
         require(self.warmup_epochs >= 0,
                 f"warmup_epochs must be >= 0. Received: {self.warmup_epochs}")
-        require(self.warmup_epochs == 0 or self.schedule == "cosine",
-                "warm-up exists for the cosine schedule only: pass --schedule=cosine. "
-                f"Received: schedule={self.schedule}, warmup_epochs={self.warmup_epochs}")
         require(0 <= self.label_smoothing < 1,
                 f"label_smoothing must be in [0, 1). Received: {self.label_smoothing}")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget, "time_budget")
+        require(self.time_budget is None or self.train_steps is None,
+                "--time_budget and --train_steps both set the length of the run; pass one. "
+                f"Received: time_budget={self.time_budget}, train_steps={self.train_steps}")
+        require(self.distillation_temperature > 0,
+                "distillation_temperature must be positive. Received: "
+                f"{self.distillation_temperature}")
+        require(0 <= self.distillation_weight <= 1,
+                f"distillation_weight must be in [0, 1]. Received: {self.distillation_weight}")
+
+    @property
+    def time_budget_seconds(self) -> Optional[float]:
+        return None if self.time_budget is None else parse_duration(self.time_budget,
+                                                                    "time_budget")
 
     @property
     def scaled_learning_rate(self) -> float:
@@ -273,19 +314,30 @@ class StepPlan:
     eval_every_steps: int
 
 
-def plan_steps(optim: OptimConfig, runtime: RuntimeConfig, steps_per_epoch: int) -> StepPlan:
+# A run with a time budget trains this many steps until it has measured its speed: the
+# schedule then sits at its peak (or in its warm-up), as it does early in any long run.
+UNPLANNED_STEPS = 10 ** 9
+
+
+def plan_steps(optim: OptimConfig, runtime: RuntimeConfig, steps_per_epoch: int,
+               total_steps: Optional[int] = None) -> StepPlan:
     """Turns epochs, fractions and intervals into steps, for ``steps_per_epoch`` of data.
 
-    Epoch-based runs decay at epoch boundaries, as the reference's per-epoch schedule does;
-    a run given in steps decays at those fractions of its steps.
+    ``total_steps``: the steps a time budget planned (``ranet.training.budget``); before the
+    plan exists a budgeted run counts ``UNPLANNED_STEPS``. Epoch-based runs decay at epoch
+    boundaries, as the reference's per-epoch schedule does; a run given in steps or time
+    decays at those fractions of its steps.
     """
-    total = optim.train_steps or optim.epochs * steps_per_epoch
-    if optim.train_steps is None:
+    epoch_based = optim.train_steps is None and optim.time_budget is None
+    if total_steps is None:
+        total_steps = (UNPLANNED_STEPS if optim.time_budget is not None else
+                       optim.train_steps or optim.epochs * steps_per_epoch)
+    if epoch_based:
         decay = sorted({round(f * optim.epochs) * steps_per_epoch for f in optim.decay_fractions})
     else:
-        decay = sorted({int(f * total) for f in optim.decay_fractions})
-    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total,
-                    warmup_steps=min(int(optim.warmup_epochs * steps_per_epoch), total - 1),
+        decay = sorted({int(f * total_steps) for f in optim.decay_fractions})
+    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                    warmup_steps=min(int(optim.warmup_epochs * steps_per_epoch), total_steps - 1),
                     decay_steps=tuple(decay),
                     eval_every_steps=runtime.eval_every_epochs * steps_per_epoch)
 

@@ -15,11 +15,11 @@ from typing import List
 import keras
 from keras import layers
 
-from ranet.models.layers import BilinearResize
+from ranet.models.layers import BilinearResize, GradientRescale
 from ranet.models.staged import StagedClassifier
 
 _FREE_LAYERS = (layers.InputLayer, layers.BatchNormalization, layers.Concatenate, layers.Add,
-                layers.Flatten, layers.ZeroPadding2D, BilinearResize)
+                layers.Flatten, layers.ZeroPadding2D, BilinearResize, GradientRescale)
 
 
 @dataclasses.dataclass(frozen=True)

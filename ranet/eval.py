@@ -27,7 +27,7 @@ def main(values: flags.FlagValues) -> dict:
     from ranet.inference import comparison, report
     result = comparison.compare(options)
     content = report.build(result, options)
-    for path in report.write(content, result.evaluations, values.report_dir):
+    for path in report.write(content, values.report_dir):
         logging.info("wrote %s", path)
     return content
 

@@ -1,6 +1,8 @@
 """Exports a trained model for serving: ``python -m ranet.export --model_dir=... --export_dir=...``.
 
-Writes a SavedModel for TF Serving (``ranet.inference.serving.saved_model`` says what it holds).
+``--format=saved_model`` (the default) writes a SavedModel for TF Serving; ``--format=litert``
+one LiteRT file per stage and precision with a manifest, for CPUs and edge devices
+(``ranet.inference.serving.saved_model`` and ``.litert`` say what they hold).
 """
 
 from absl import flags
@@ -15,8 +17,8 @@ def define_flags(values: flags.FlagValues) -> None:
 
 def main(values: flags.FlagValues) -> dict:
     options = cli.from_flags(ExportOptions, values)
-    from ranet.inference.serving import saved_model
-    return saved_model.export(options)
+    from ranet.inference.serving import litert, saved_model
+    return {"saved_model": saved_model.export, "litert": litert.export}[options.format](options)
 
 
 def run() -> None:

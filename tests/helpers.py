@@ -31,6 +31,16 @@ HAND_COST = costs.ModelCost("ranet", 1, [costs.ExitCost(1, 10_000_000, 1),
                                          costs.ExitCost(2, 30_000_000, 1)])
 
 
+def hand_images():
+    """Evaluation images for the hand-computed case: only the labels matter."""
+    from ranet.inference import evaluation
+    pixels = np.zeros((4, 1, 1, 3), np.uint8)
+    return evaluation.EvaluationImages(
+        "validation", pixels, HAND_LABELS, "test", pixels, HAND_LABELS, num_classes=2,
+        mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32),
+        training_pixels=pixels)
+
+
 def experiment(model_dir, *, steps=20, batch_size=32, lr=SMOKE.optim.learning_rate,
                data=SYNTHETIC_DATA, model=TINY_RANET, **runtime) -> config_lib.ExperimentConfig:
     """A short training run of the tiny RANet in ``model_dir``; ``runtime`` overrides."""

@@ -67,6 +67,11 @@ def test_train_preset_by_name_trains_and_records_its_flags(tmp_path, caplog):
     (["--dataset=cifar10", "--data_dir=/nonexistent/cifar"], ValueError, "--data_dir"),
     (["--model_dir="], ValueError, "model_dir is required"),
     (["--preset=nope"], ValueError, "preset must be one of .*ranet_smoke"),
+    (["--train_steps=0", "--time_budget=soon"], ValueError,
+     "time_budget takes a duration such as 90s, 12m, 8h or 1h30m"),
+    (["--time_budget=1h"], ValueError, "--time_budget and --train_steps both set the length"),
+    (["--schedule=exponential"], flags.IllegalFlagValueError,
+     "value should be one of <multistep|cosine|linear>"),
     (["stray"], ValueError, "unexpected arguments: stray"),
 ])
 def test_train_bad_input_says_how_to_fix_it_and_writes_nothing(tmp_path, args, error, message):
@@ -145,7 +150,31 @@ def test_eval_report_has_every_section_for_ranet_and_a_baseline(model_dirs, tmp_
     assert os.listdir(tmp_path / "tensorboard" / "ranet")
 
 
+def test_eval_measures_every_runtime_side_by_side(model_dirs, tmp_path):
+    _call(eval_binary, f"--model_dir={model_dirs[0]}", "--split=test", "--budget_mflops=3",
+          "--runtimes=tf,litert,litert_int8", f"--report_dir={tmp_path}", "--latency_images=6",
+          "--warmup=1", "--throughput_images=8", "--batch_size=8")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["runtimes"] == ["tf", "litert", "litert_int8"]
+    (ranet,) = report["models"]
+    assert set(ranet["latency_ms"]) == {"adaptive", "adaptive@3", "full", "keras_predict"}
+    for runtime in ("litert", "litert_int8"):
+        entry = ranet["runtimes"][runtime]
+        assert set(entry["latency_ms"]) == {"adaptive", "adaptive@3", "full"}
+        assert [e["exit"] for e in entry["exits"]] == [1, 2, 3]
+        assert entry["default"]["thresholds"][-1] == "-inf"
+        assert sum(1 for point in entry["budgeted"] if "budget_mflops" in point) == 1
+    # fp32 LiteRT answers as TensorFlow does: the same accuracy at every exit.
+    assert [e["accuracy"] for e in ranet["runtimes"]["litert"]["exits"]] == [
+        e["accuracy"] for e in ranet["exits"]]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| ranet | litert_int8 | adaptive |" in markdown
+    assert "## ranet: operating points (litert)" in markdown
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--runtimes=tf,onnx"], "runtimes must include tf and be some of tf, litert, litert_int8"),
+    (["--runtimes=litert"], "runtimes must include tf"),
     (["--budget_mflops=1"], "below the cost of ranet's first exit"),
     (["--budget_mflops=x"], "--budget_mflops takes comma-separated numbers"),
     (["--budget_mflops=-2"], "--budget_mflops must be positive"),
@@ -190,6 +219,16 @@ def test_export_a_fixed_threshold(model_dirs, tmp_path, caplog):
         reader.get_tensor("thresholds/.ATTRIBUTES/VARIABLE_VALUE"), np.float32(expected))
 
 
+def test_export_litert_writes_stage_files_and_a_manifest(model_dirs, tmp_path):
+    export_dir = tmp_path / "litert"
+    manifest = _call(export, f"--model_dir={model_dirs[0]}", f"--export_dir={export_dir}",
+                     "--format=litert", "--litert_precision=fp32", "--budget_mflops=2,3")
+    assert sorted(os.listdir(export_dir)) == ["fp32", "manifest.json"]
+    assert sorted(os.listdir(export_dir / "fp32")) == [f"stage{k}.tflite" for k in (1, 2, 3)]
+    assert json.loads((export_dir / "manifest.json").read_text()) == manifest
+    assert set(manifest["precisions"]["fp32"]["thresholds"]["budgets"]) == {"2", "3"}
+
+
 def test_export_without_checkpoint_names_the_directory(tmp_path):
     write_model_dir(tmp_path / "untrained", with_checkpoint=False)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'untrained'} has no checkpoint"):
@@ -211,6 +250,8 @@ def test_export_refuses_a_non_empty_export_dir(model_dirs, tmp_path):
     (("--budget_mflops=0",), "--budget_mflops must be a positive number"),
     (("extra",), "unexpected arguments: extra"),
     (("--export_dir=",), "--export_dir is required"),
+    (("--budget_mflops=2,3",), "a SavedModel serves one operating point"),
+    (("--format=litert", "--litert_precision=fp16"), "litert_precision must be one or more"),
 ])
 def test_export_refuses_bad_flags(args, message, model_dirs, tmp_path):
     with pytest.raises(ValueError, match=message):

@@ -111,3 +111,14 @@ def test_a_non_editable_install_carries_the_presets_and_the_launchers(tmp_path):
     assert lines[1].endswith("ranet/presets/ranet_smoke.cfg")
     assert (installed / "launch" / "slurm.sbatch").is_file()
     assert (installed / "launch" / "k8s" / "tfjob.yaml").is_file()
+
+
+def test_to_flags_makes_the_same_options_again():
+    from ranet.inference.comparison import ComparisonOptions
+    options = ComparisonOptions(model_dir=("/a", "/b"), budget_mflops=(20.0, 40.0), xla=True,
+                                threshold=0.85, runtimes=("tf", "litert"))
+    values = flags.FlagValues()
+    cli.define_fields(ComparisonOptions, values)
+    values(["test", *cli.to_flags(options)])
+    assert cli.from_flags(ComparisonOptions, values) == options
+    assert cli.to_flags(SMOKE.optim)[:2] == ["--batch_size=32", "--epochs=300"]

@@ -29,7 +29,10 @@ def test_a_missing_config_says_what_the_folder_is_not(tmp_path):
     (lambda: RuntimeConfig(precision="fp16"), r"precision must be one of fp32, .*'fp16'"),
     (lambda: OptimConfig(schedule="step"), r"schedule must be one of multistep, cosine"),
     (lambda: ModelConfig(name="vit"), r"model must be one of ranet, vgg16, resnet50"),
-    (lambda: OptimConfig(warmup_epochs=1.0), r"warm-up exists for the cosine schedule only"),
+    (lambda: OptimConfig(time_budget="12 minutes"), r"time_budget takes a duration such as "
+                                                    r"90s, 12m, 8h or 1h30m"),
+    (lambda: OptimConfig(time_budget="1h", train_steps=10), r"--time_budget and --train_steps"),
+    (lambda: OptimConfig(distillation_weight=1.5), r"distillation_weight must be in \[0, 1\]"),
     (lambda: OptimConfig(decay_fractions=(0.5, 1.0)), r"decay_fractions must lie in \(0, 1\)"),
     (lambda: RuntimeConfig(stop_at_step=0), r"stop_at_step must be positive"),
     (lambda: dataclasses.replace(SMOKE, model=dataclasses.replace(SMOKE.model, num_classes=100)),
@@ -58,6 +61,21 @@ def test_step_plan_decays_at_fractions_of_the_steps_and_caps_the_warm_up():
     plan = config_lib.plan_steps(optim, RuntimeConfig(), steps_per_epoch=7)
     assert (plan.total_steps, plan.decay_steps) == (30, (15, 22))
     assert plan.warmup_steps == 29  # at most every step but the last
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("12m", 720), ("8h", 28800),
+                                           ("1h30m", 5400), ("2d", 172800)])
+def test_durations(text, seconds):
+    assert config_lib.parse_duration(text, "time_budget") == seconds
+    assert OptimConfig(time_budget=text).time_budget_seconds == seconds
+
+
+def test_a_budgeted_run_decays_at_fractions_of_its_planned_steps():
+    optim = OptimConfig(time_budget="1h", decay_fractions=(0.5, 0.75), warmup_epochs=0.5)
+    unplanned = config_lib.plan_steps(optim, RuntimeConfig(), steps_per_epoch=10)
+    assert unplanned.total_steps == config_lib.UNPLANNED_STEPS and unplanned.warmup_steps == 5
+    planned = config_lib.plan_steps(optim, RuntimeConfig(), steps_per_epoch=10, total_steps=400)
+    assert (planned.total_steps, planned.decay_steps) == (400, (200, 300))
 
 
 def test_with_data_dir_changes_only_the_folder():

@@ -1,27 +1,48 @@
-"""Inference benchmark: batch-1 latency of every path, and how cost grows with batch size.
+"""Inference benchmark: every model on every runtime, batch 1 and batched, and the targets.
 
     python -m ranet.bench.inference --model_dir=runs/ranet --model_dir=runs/vgg16 \\
-        --model_dir=runs/resnet50 --split=validation --json=bench_inference.json
+        --model_dir=runs/resnet50 --runtimes=tf,litert,litert_int8 \\
+        --tf_settings=default,xla,one_thread,one_thread_xla --json=bench_inference.json
 
-Every model runs the same compiled paths on the same images, timed interleaved in one
-process (``ranet.inference.comparison``). It prints the latency table, the throughput of the
-adaptive and full paths at each batch size, and the performance targets as measured ratios.
+Every model runs the same kind of paths on the same images, timed interleaved in one process
+(``ranet.inference.comparison``), on each runtime of ``--runtimes``. TensorFlow's thread
+pools can only be sized before its first op, so each other ``--tf_settings`` entry is timed
+by a child process of this binary (TensorFlow only, run before the main measurement, one at
+a time) and its numbers join the table: the TF path at its best next to its defaults. It
+prints the latency table, throughput per batch size, and the performance targets as
+measured ratios (benchmarks print numbers; nothing here is a timed test).
 """
 
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Tuple
 
-from absl import flags
+from absl import flags, logging
 
 from ranet import cli, jsonio
 from ranet.inference import comparison, latency
 from ranet.inference.comparison import ComparisonOptions
 
-# Batch-1 speed-up of RANet's adaptive path over each baseline's full pass (issue 5), by the
-# baseline's architecture.
-BASELINE_SPEEDUP_TARGETS = {"vgg16": 3.0, "resnet50": 6.0}
-# Batch-1 speed-up of the adaptive path over the seed's Model.predict per image.
-KERAS_PREDICT_SPEEDUP_TARGET = 20.0
+# TensorFlow settings: (intra-op threads, inter-op threads, XLA) of the batch-1 paths.
+TF_SETTINGS = {"default": (0, 0, False), "xla": (0, 0, True), "one_thread": (1, 2, False),
+               "one_thread_xla": (1, 2, True)}
+# Batch-1 speed-ups RANet's adaptive path must reach over each baseline's full pass (by the
+# baseline's architecture): on each one's fastest runtime within 1 point of its fp32
+# accuracy, and on LiteRT fp32 against LiteRT fp32.
+BEST_AGAINST_BEST = {"vgg16": 2.0, "resnet50": 6.0}
+SAME_RUNTIME_FP32 = {"vgg16": 3.0, "resnet50": 8.0}
+# RANet's LiteRT adaptive path against its TensorFlow one, and the reference's PyTorch full pass.
+LITERT_OVER_TF = 4.0
+LITERT_OVER_PYTORCH = 10.0
+# RANet's full pass on LiteRT fp32 reaches this share of VGG16's multiply-adds per second.
+FULL_PASS_MAC_RATE_SHARE = 0.4
 # Batched: the adaptive path's throughput gain reaches the multiply-add saving within this.
 BATCHED_SAVING_SHARE = 0.8
+# "Within 1 point": the accuracy a faster runtime or precision may lose.
+ACCURACY_TOLERANCE = 0.01
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -29,36 +50,139 @@ def define_flags(values: flags.FlagValues) -> None:
     for name, default in (("split", "validation"), ("latency_images", 200),
                           ("throughput_images", 1024)):
         values.set_default(name, default)
+    define = {"flag_values": values}
     flags.DEFINE_list("batch_sizes", ["1", "8", "64", "256"],
-                      "Batch sizes of the throughput sweep.", flag_values=values)
-    flags.DEFINE_string("json", None, "Also write the results here.", flag_values=values)
+                      "Batch sizes of the TensorFlow throughput sweep.", **define)
+    flags.DEFINE_list("tf_settings", ["default"], "TensorFlow settings to time: "
+                      f"{', '.join(TF_SETTINGS)}; all but the run's own in child processes.",
+                      **define)
+    flags.DEFINE_float("pytorch_full_ms", None, "Batch-1 p50 of the reference PyTorch RANet's "
+                       "full pass on this machine (BUILD_NOTES.md says how it is measured): "
+                       "the ratio LiteRT adaptive must beat.", **define)
+    flags.DEFINE_string("json", None, "Also write the results here.", **define)
 
 
-def targets(result: comparison.Comparison) -> list:
-    """The performance targets, as (label, measured ratio, needed ratio): higher is better."""
-    latency_ms = {name: {path: stats.p50 for path, stats in paths.items()}
-                  for name, paths in result.latency.items()}
-    baselines = [(m.name, m.config.model.name) for m in result.models if m.model.num_exits == 1]
+def _p50(result: comparison.Comparison, runtime: str, model: str, path: str) -> Optional[float]:
+    stats = result.latency.get(runtime, {}).get(model, {}).get(path)
+    return None if stats is None else stats.p50
+
+
+def _path_accuracy(evaluation, path: str) -> float:
+    if path == latency.FULL or evaluation.default is None:
+        return evaluation.exit_accuracy[-1]
+    return evaluation.default.point.accuracy
+
+
+def best_runtimes(result: comparison.Comparison, tf_settings: Dict[str, dict]
+                  ) -> Dict[str, Tuple[str, float, float]]:
+    """Per model, its fastest (runtime, p50, accuracy) whose accuracy is within 1 point of fp32.
+
+    The path is RANet's adaptive default point, a baseline's full pass. TensorFlow counts
+    with every setting timed (``tf_settings``: setting -> model -> p50 of each path).
+    """
+    best = {}
+    for index, loaded in enumerate(result.models):
+        reference = result.evaluations[comparison.TF][index]
+        path = "adaptive" if reference.default is not None else latency.FULL
+        fp32_accuracy = _path_accuracy(reference, path)
+        candidates = [(f"tf ({setting})", by_model[loaded.name][path], fp32_accuracy)
+                      for setting, by_model in tf_settings.items()]
+        for runtime in result.evaluations:
+            accuracy = _path_accuracy(result.evaluations[runtime][index], path)
+            if runtime != comparison.TF and accuracy >= fp32_accuracy - ACCURACY_TOLERANCE:
+                candidates.append((runtime, _p50(result, runtime, loaded.name, path), accuracy))
+        best[loaded.name] = min(candidates, key=lambda candidate: candidate[1])
+    return best
+
+
+def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
+            pytorch_full_ms: Optional[float]) -> List[Tuple[str, float, float, str]]:
+    """The performance targets as (label, measured, needed, unit): met when measured >= needed.
+
+    Units: "x" for a ratio (of latencies, throughputs or rates), "points" for an accuracy
+    difference in percentage points.
+    """
     rows = []
-    for loaded, evaluation in zip(result.models, result.evaluations):
+    best = best_runtimes(result, tf_settings)
+    baselines = [(m.name, m.config.model.name) for m in result.models if m.model.num_exits == 1]
+    litert = "litert" in result.latency
+    for index, loaded in enumerate(result.models):
+        evaluation = result.evaluations[comparison.TF][index]
         if evaluation.default is None:
             continue
-        name, adaptive_p50 = loaded.name, latency_ms[loaded.name]["adaptive"]
-        rows.append((f"{name}: keras_predict / adaptive (batch 1)",
-                     latency_ms[name]["keras_predict"] / adaptive_p50,
-                     KERAS_PREDICT_SPEEDUP_TARGET))
+        name = loaded.name
         for baseline, architecture in baselines:
-            if architecture in BASELINE_SPEEDUP_TARGETS:
-                rows.append((f"{baseline} full / {name} adaptive (batch 1)",
-                             latency_ms[baseline]["full"] / adaptive_p50,
-                             BASELINE_SPEEDUP_TARGETS[architecture]))
-        largest = max(result.throughput[name])
-        measured = result.throughput[name][largest]
+            if architecture in BEST_AGAINST_BEST:
+                rows.append((f"best: {baseline} ({best[baseline][0]}) / {name} adaptive "
+                             f"({best[name][0]})", best[baseline][1] / best[name][1],
+                             BEST_AGAINST_BEST[architecture], "x"))
+            if litert and architecture in SAME_RUNTIME_FP32:
+                rows.append((f"litert: {baseline} full / {name} adaptive",
+                             _p50(result, "litert", baseline, latency.FULL)
+                             / _p50(result, "litert", name, "adaptive"),
+                             SAME_RUNTIME_FP32[architecture], "x"))
+        if litert:
+            litert_adaptive = _p50(result, "litert", name, "adaptive")
+            rows.append((f"{name}: tf adaptive / litert adaptive",
+                         _p50(result, comparison.TF, name, "adaptive") / litert_adaptive,
+                         LITERT_OVER_TF, "x"))
+            if pytorch_full_ms:
+                rows.append((f"{name}: reference PyTorch full / litert adaptive",
+                             pytorch_full_ms / litert_adaptive, LITERT_OVER_PYTORCH, "x"))
+            for baseline, architecture in baselines:
+                if architecture == "vgg16":
+                    vgg = next(m for m in result.models if m.name == baseline)
+                    rate = loaded.cost.exits[-1].macs / _p50(result, "litert", name, "full")
+                    vgg_rate = vgg.cost.exits[-1].macs / _p50(result, "litert", baseline, "full")
+                    rows.append((f"litert full pass MAC/s: {name} / {baseline}", rate / vgg_rate,
+                                 FULL_PASS_MAC_RATE_SHARE, "x"))
+        # Batched, on whichever runtime delivers more adaptive images/s at batch 64 or more.
         saving = loaded.cost.exits[-1].macs / evaluation.default.point.expected_macs
-        rows.append((f"{name}: adaptive / full throughput at batch {largest} "
-                     f"(MAC saving {saving:.2f}x)", measured["adaptive"] / measured["full"],
-                     BATCHED_SAVING_SHARE * saving))
+        batched = [(runtime, batch, by_path) for runtime, by_model in result.throughput.items()
+                   for batch, by_path in by_model[name].items()
+                   if batch >= 64 or runtime != comparison.TF]
+        if batched:
+            runtime, batch, by_path = max(batched, key=lambda entry: entry[2]["adaptive"])
+            rows.append((f"{name}: adaptive / full images/s, {runtime} batch {batch} "
+                         f"(MAC saving {saving:.2f}x)", by_path["adaptive"] / by_path["full"],
+                         BATCHED_SAVING_SHARE * saving, "x"))
+    if "litert_int8" in result.latency:
+        for index, loaded in enumerate(result.models):
+            fp32 = result.evaluations[comparison.TF][index].exit_accuracy
+            int8 = result.evaluations["litert_int8"][index].exit_accuracy
+            rows.append((f"{loaded.name}: int8 - fp32 accuracy, worst exit",
+                         100 * min(i - f for i, f in zip(int8, fp32)),
+                         -100 * ACCURACY_TOLERANCE, "points"))
+            rows.append((f"{loaded.name}: litert full, fp32 / int8 latency",
+                         _p50(result, "litert", loaded.name, latency.FULL)
+                         / _p50(result, "litert_int8", loaded.name, latency.FULL), 1.0, "x"))
     return rows
+
+
+def _tf_setting(options: ComparisonOptions) -> str:
+    """The name of the TensorFlow setting ``options`` runs with (or a description)."""
+    own = (options.intra_op_threads, options.inter_op_threads, options.xla)
+    return next((name for name, setting in TF_SETTINGS.items() if setting == own),
+                f"intra {own[0]}, inter {own[1]}{', xla' if own[2] else ''}")
+
+
+def _time_tf_setting(setting: str, options: ComparisonOptions) -> Dict[str, Dict[str, float]]:
+    """TensorFlow batch-1 p50 of every path of every model, in a child process."""
+    intra, inter, xla = TF_SETTINGS[setting]
+    child_options = dataclasses.replace(options, intra_op_threads=intra, inter_op_threads=inter,
+                                        xla=xla, runtimes=(comparison.TF,), throughput_images=1)
+    with tempfile.TemporaryDirectory(prefix="ranet_bench_") as scratch:
+        output = os.path.join(scratch, "tf.json")
+        command = [sys.executable, "-m", "ranet.bench.inference", *cli.to_flags(child_options),
+                   "--tf_settings=", "--batch_sizes=1", f"--json={output}"]
+        logging.info("timing TensorFlow (%s) in a child process", setting)
+        child = subprocess.run(command, capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"the child timing TensorFlow ({setting}) failed:\n"
+                               f"{child.stderr[-3000:]}")
+        timed = jsonio.read(output, "It is this benchmark's own scratch file.")
+    return {model: {path: stats["p50"] for path, stats in paths.items()}
+            for model, paths in timed["latency_ms"][comparison.TF].items()}
 
 
 def main(values: flags.FlagValues) -> dict:
@@ -68,45 +192,80 @@ def main(values: flags.FlagValues) -> dict:
     except ValueError:
         raise ValueError("--batch_sizes takes comma-separated integers. "
                          f"Received: --batch_sizes={','.join(values.batch_sizes)}") from None
+    unknown = [s for s in values.tf_settings if s and s not in TF_SETTINGS]
+    if unknown:
+        raise ValueError(f"tf_settings must be some of {', '.join(TF_SETTINGS)}. "
+                         f"Received: tf_settings={','.join(values.tf_settings)}")
+    own_setting = _tf_setting(options)
+    # The children run first, each alone, so that nothing else runs beside any timing.
+    tf_settings = {setting: _time_tf_setting(setting, options)
+                   for setting in values.tf_settings if setting and setting != own_setting}
     result = comparison.compare(options, throughput_batch_sizes=batch_sizes)
+    tf_settings[own_setting] = {model: {path: stats.p50 for path, stats in paths.items()}
+                                for model, paths in result.latency[comparison.TF].items()}
+    rows = targets(result, tf_settings, values.pytorch_full_ms)
     operating_points = {
-        loaded.name: {"last_exit_accuracy": evaluation.exit_accuracy[-1],
-                      **evaluation.default.to_json()}
-        for loaded, evaluation in zip(result.models, result.evaluations) if evaluation.default}
-    latency_ms = {name: {path: stats.to_json() for path, stats in paths.items()}
-                  for name, paths in result.latency.items()}
-    rows = targets(result)
-
-    environment = latency.device_info()
-    print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; "
-          f"XLA {'on' if options.xla else 'off'} (batch-1 paths)\n")
-    for name, point in operating_points.items():
-        print(f"{name}: default operating point {point['accuracy']:.2%} (every exit: "
-              f"{point['last_exit_accuracy']:.2%}), {point['expected_macs'] / 1e6:.2f} M "
-              f"multiply-adds expected, exit fractions "
-              + ", ".join(f"{f:.3f}" for f in point["exit_fractions"]))
-    print(f"\n{'model':<28} {'path':<14} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
-    for name, paths in latency_ms.items():
-        for path, s in paths.items():
-            print(f"{name:<28} {path:<14} {s['p50']:>8.2f} {s['p90']:>8.2f} {s['p99']:>8.2f}")
-    print(f"\n{'model':<28} {'path':<14} " + " ".join(f"{f'b={b}':>9}" for b in batch_sizes)
-          + "   (images/s)")
-    for name, by_batch in result.throughput.items():
-        for path in by_batch[batch_sizes[0]]:
-            print(f"{name:<28} {path:<14} "
-                  + " ".join(f"{by_batch[b][path]:>9.0f}" for b in batch_sizes))
-    print(f"\n{'target':<70} {'measured':>9} {'needed':>7}")
-    for label, measured, needed in rows:
-        print(f"{label:<70} {measured:>8.1f}x {needed:>6.1f}x "
-              f"{'ok' if measured >= needed else 'MISSED'}")
-    output = {"environment": environment, "xla": options.xla,
+        runtime: {loaded.name: {"last_exit_accuracy": evaluation.exit_accuracy[-1],
+                                **evaluation.default.to_json()}
+                  for loaded, evaluation in zip(result.models, evaluations) if evaluation.default}
+        for runtime, evaluations in result.evaluations.items()}
+    latency_ms = {runtime: {name: {path: stats.to_json() for path, stats in paths.items()}
+                            for name, paths in by_model.items()}
+                  for runtime, by_model in result.latency.items()}
+    _print(result, operating_points, tf_settings, batch_sizes, rows, options)
+    output = {"environment": latency.device_info(), "xla": options.xla,
+              "litert_threads": options.litert_threads or os.cpu_count(),
               "operating_points": operating_points, "latency_ms": latency_ms,
+              "tf_settings_p50_ms": tf_settings, "best": best_runtimes(result, tf_settings),
               "throughput_ips": result.throughput,
-              "targets": [{"target": label, "measured": measured, "needed": needed}
-                          for label, measured, needed in rows]}
+              "exit_accuracy": {runtime: {m.name: e.exit_accuracy
+                                          for m, e in zip(result.models, evaluations)}
+                                for runtime, evaluations in result.evaluations.items()},
+              "targets": [{"target": label, "measured": measured, "needed": needed,
+                           "unit": unit} for label, measured, needed, unit in rows]}
     if values.json:
         jsonio.write(values.json, output)
     return output
+
+
+def _print(result, operating_points, tf_settings, batch_sizes, rows, options) -> None:
+    environment = latency.device_info()
+    print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; XLA "
+          f"{'on' if options.xla else 'off'} (batch-1 paths); LiteRT "
+          f"{options.litert_threads or os.cpu_count()} threads\n")
+    for runtime, points in operating_points.items():
+        for name, point in points.items():
+            print(f"{name} ({runtime}): default operating point {point['accuracy']:.2%} "
+                  f"(every exit: {point['last_exit_accuracy']:.2%}), "
+                  f"{point['expected_macs'] / 1e6:.2f} M multiply-adds expected, exit "
+                  "fractions " + ", ".join(f"{f:.3f}" for f in point["exit_fractions"]))
+    print(f"\n{'model':<24} {'runtime':<12} {'path':<14} {'p50 ms':>8} {'p90 ms':>8} "
+          f"{'p99 ms':>8}")
+    for runtime, by_model in result.latency.items():
+        for name, paths in by_model.items():
+            for path, s in paths.items():
+                print(f"{name:<24} {runtime:<12} {path:<14} {s.p50:>8.2f} {s.p90:>8.2f} "
+                      f"{s.p99:>8.2f}")
+    settings = list(tf_settings)
+    print(f"\nTensorFlow p50 ms by setting\n{'model':<24} {'path':<14} "
+          + " ".join(f"{s:>15}" for s in settings))
+    for name, paths in next(iter(tf_settings.values())).items():
+        for path in paths:
+            print(f"{name:<24} {path:<14} " + " ".join(
+                f"{tf_settings[s][name][path]:>15.2f}" for s in settings))
+    print(f"\n{'model':<24} {'runtime':<12} {'path':<14} "
+          + " ".join(f"{f'b={b}':>9}" for b in batch_sizes) + "   (images/s)")
+    for runtime, by_model in result.throughput.items():
+        for name, by_batch in by_model.items():
+            for path in next(iter(by_batch.values())):
+                print(f"{name:<24} {runtime:<12} {path:<14} " + " ".join(
+                    f"{by_batch[b][path]:>9.0f}" if b in by_batch else f"{'':>9}"
+                    for b in batch_sizes))
+    print(f"\n{'target':<78} {'measured':>9} {'needed':>9}")
+    for label, measured, needed, unit in rows:
+        mark = "x" if unit == "x" else " pt"
+        print(f"{label:<78} {measured:>7.2f}{mark:<2} {needed:>7.2f}{mark:<2} "
+              f"{'ok' if measured >= needed else 'MISSED'}")
 
 
 def run() -> None:

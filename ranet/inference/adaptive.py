@@ -9,12 +9,13 @@ first exit whose confidence is >= that exit's threshold, and the last exit
 takes every image still undecided.
 """
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from ranet.config import check_choice
+from ranet.data.splits import normalize
 from ranet.inference import calibration
 from ranet.models.staged import IMAGES, StagedClassifier
 
@@ -120,6 +121,10 @@ class AdaptivePredictor(tf.Module):
         count_stage_calls: keep ``stage_calls`` and ``stage_rows`` (int64 [K] variables:
             how many times each stage ran and how many images it processed). Off by
             default; off adds no ops to the graphs.
+        jit_compile: XLA-compile ``predict_one``.
+        normalization: ``(mean, std)`` of the training split (0..1 units): the images are
+            then raw pixels (0..255), normalised inside as training did (``data.normalize``).
+            None: the images are normalised already.
 
     Example:
         >>> predictor = AdaptivePredictor(model)
@@ -128,10 +133,12 @@ class AdaptivePredictor(tf.Module):
 
     def __init__(self, model: StagedClassifier, confidence_kind: str = MAX_SOFTMAX,
                  count_stage_calls: bool = False, jit_compile: bool = False,
+                 normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
                  name: Optional[str] = None):
         super().__init__(name=name)
         _check_kind(confidence_kind)
         self.model = model
+        self.normalization = normalization
         self.confidence_kind = confidence_kind
         self.num_exits = model.num_exits
         self.stage_calls = self.stage_rows = None
@@ -144,8 +151,8 @@ class AdaptivePredictor(tf.Module):
         self._feature_specs = model.feature_specs
         self._num_classes = model.num_classes
         threshold_spec = tf.TensorSpec([self.num_exits], tf.float32)
-        self.predict_batch = tf.function(self._predict_batch,
-                                         input_signature=[self._feature_specs[IMAGES], threshold_spec])
+        self.predict_batch = tf.function(
+            self._predict_batch, input_signature=[self._feature_specs[IMAGES], threshold_spec])
         one_image_spec = tf.TensorSpec([1, *model.image_shape], tf.float32)
         # XLA fuses the many small ops of a stage, which dominate batch-1 latency; the
         # batched path gathers rows into data-dependent shapes, which XLA cannot compile.
@@ -181,7 +188,11 @@ class AdaptivePredictor(tf.Module):
         live = {name: features[name] for name in self.model.live_after[k]}
         return probabilities, confidence(probabilities, self.confidence_kind), live
 
+    def _inputs(self, images):
+        return images if self.normalization is None else normalize(images, *self.normalization)
+
     def _predict_batch(self, images, thresholds):
+        images = self._inputs(images)
         num_images = tf.shape(images)[0]
         num_classes = self._num_classes
         features = {IMAGES: images}
@@ -227,6 +238,8 @@ class AdaptivePredictor(tf.Module):
         return self._outputs(probabilities, exits)
 
     def _predict_one(self, image, thresholds):
+        image = self._inputs(image)
+
         def from_stage(k, features):
             probabilities, confidences, live = self._run_stage(k, features)
             if k == self.num_exits - 1:

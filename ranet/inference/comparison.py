@@ -1,23 +1,33 @@
 """Several trained models measured alike, in one process: what ``ranet.eval`` and
 ``ranet.bench.inference`` both do.
 
-For every model: accuracy of every exit and calibrated operating points on the same images
-(``evaluation``), then batch-1 latency of every path timed interleaved and batched throughput
-(``latency``). ``ComparisonOptions`` is also the flag set of both binaries.
+For every model and every runtime (``tf``: TensorFlow graphs; ``litert`` / ``litert_int8``: the
+LiteRT stage files of the serving export, float32 / int8, converted here): accuracy of every
+exit and calibrated operating points on the same images (``evaluation``), each runtime's
+thresholds calibrated on its own outputs; then batch-1 latency of every path of every model
+and runtime timed interleaved, and batched throughput (``latency``). Every path takes raw
+pixels, as a served request does. ``ComparisonOptions`` is also the flag set of both binaries.
 """
 
 import dataclasses
+import os
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 from absl import logging
 
 from ranet import config as config_lib
 from ranet import devices
 from ranet.config import flag, require
 from ranet.inference import adaptive, evaluation, latency
+from ranet.inference.serving import litert, litert_runtime
 from ranet.training.model_dir import CHECKPOINT_CHOICES
 
 SPLITS = ("test", "validation")
+TF = "tf"
+# Runtime name -> LiteRT precision (None: TensorFlow).
+RUNTIMES = {TF: None, "litert": "fp32", "litert_int8": "int8"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +61,12 @@ class ComparisonOptions:
     warmup: int = flag(10, "Untimed calls per path before timing.")
     batch_size: int = flag(256, "Batch size of inference and of the throughput test.")
     throughput_images: int = flag(2048, "Images per throughput measurement.")
+    runtimes: tuple = flag(
+        (TF,), "Runtimes to evaluate and time every model on, interleaved: tf (TensorFlow, "
+        "always included: report.json's latency_ms), litert (the LiteRT stage files, "
+        "float32), litert_int8 (int8).", kind="list")
+    litert_threads: int = flag(0, "XNNPACK threads of each LiteRT interpreter; 0: every core.",
+                               lower_bound=0)
 
     def __post_init__(self):
         require(bool(self.model_dir),
@@ -61,21 +77,78 @@ class ComparisonOptions:
                 "--latency_images, --batch_size and --throughput_images must be positive. "
                 f"Received: {self.latency_images}, {self.batch_size}, {self.throughput_images}")
         require(self.warmup >= 0, f"--warmup must be >= 0. Received: {self.warmup}")
+        require(set(self.runtimes) <= set(RUNTIMES) and TF in self.runtimes,
+                f"runtimes must include tf and be some of {', '.join(RUNTIMES)}. "
+                f"Received: runtimes={','.join(self.runtimes)}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Comparison:
-    """What was measured. ``throughput``: model -> batch size -> path -> images/s."""
+    """What was measured, per runtime, then per model in the order of ``models``.
+
+    ``evaluations[runtime]``: one ``ModelEvaluation`` per model; ``latency[runtime][model]
+    [path]``: batch-1 statistics; ``throughput[runtime][model][batch size][path]``: images/s.
+    """
     images: evaluation.EvaluationImages
     models: List[evaluation.LoadedModel]
-    evaluations: List[evaluation.ModelEvaluation]
-    latency: Dict[str, Dict[str, latency.LatencyStats]]
-    throughput: Dict[str, Dict[int, Dict[str, float]]]
+    evaluations: Dict[str, List[evaluation.ModelEvaluation]]
+    latency: Dict[str, Dict[str, Dict[str, latency.LatencyStats]]]
+    throughput: Dict[str, Dict[str, Dict[int, Dict[str, float]]]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Runtime:
+    """One model on one runtime: its evaluation and its timed paths."""
+    evaluation: evaluation.ModelEvaluation
+    batch1: Dict[str, latency.PathCallable]
+    batched: Dict[str, latency.PathCallable]
+
+
+def _tensorflow(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
+                options: ComparisonOptions, **evaluate) -> _Runtime:
+    result = evaluation.evaluate_model(loaded.model, loaded.cost, images,
+                                       batch_size=options.batch_size, **evaluate)
+    normalization = images.normalization
+    predictor = adaptive.AdaptivePredictor(loaded.model, confidence_kind=options.confidence,
+                                           jit_compile=options.xla, normalization=normalization)
+    thresholds = result.thresholds_by_path
+    return _Runtime(result, latency.batch1_paths(loaded.model, predictor, thresholds,
+                                                 jit_compile=options.xla,
+                                                 normalization=normalization),
+                    latency.batched_paths(loaded.model, predictor, thresholds,
+                                          normalization=normalization))
+
+
+def _litert(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
+            options: ComparisonOptions, precision: str, directory: str,
+            **evaluate) -> _Runtime:
+    """Converts ``loaded`` to LiteRT stage files in ``directory`` (once for every precision
+    ``options`` asks for) and evaluates this precision's."""
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+        precisions = [RUNTIMES[r] for r in options.runtimes if RUNTIMES[r] is not None]
+        model = litert.serving_model(loaded.model, loaded.config.model)
+        representative = (litert.stage_inputs_on(model, images.training_pixels, images.mean,
+                                                 images.std) if "int8" in precisions else [])
+        litert.write(directory, model, images.mean, images.std, precisions,
+                     representative, {"model": loaded.config.model.name,
+                                      "num_exits": model.num_exits,
+                                      "num_classes": model.num_classes,
+                                      "confidence": options.confidence})
+    stages = litert_runtime.LiteRTStages(directory, precision,
+                                         num_threads=options.litert_threads or os.cpu_count())
+    logging.info("%s: every exit on LiteRT %s", loaded.name, precision)
+    result = evaluation.evaluate_exits(
+        litert_runtime.softmax(stages.all_exit_logits(images.calibration_pixels)),
+        litert_runtime.softmax(stages.all_exit_logits(images.report_pixels)), loaded.cost,
+        images, **evaluate)
+    paths = latency.litert_paths(stages, result.thresholds_by_path)
+    return _Runtime(result, paths, paths)
 
 
 def compare(options: ComparisonOptions,
             throughput_batch_sizes: Optional[Sequence[int]] = None) -> Comparison:
-    """Evaluates and times every model of ``options`` on the same images.
+    """Evaluates and times every model of ``options`` on every runtime, on the same images.
 
     ``throughput_batch_sizes``: batch sizes of the throughput measurement (default: the
     inference batch size). Thread pools are sized first, before TensorFlow runs an op.
@@ -88,37 +161,48 @@ def compare(options: ComparisonOptions,
                  images.calibration_name, len(images.calibration_labels), images.report_name,
                  len(images.report_labels))
 
-    evaluations, batch1, batched = [], {}, {}
-    for loaded in models:
-        logging.info("%s: accuracy of every exit and operating points", loaded.name)
-        result = evaluation.evaluate_model(
-            loaded.model, loaded.cost, images, batch_size=options.batch_size, name=loaded.name,
-            model_dir=loaded.model_dir, checkpoint=loaded.checkpoint,
-            budgets_mflops=options.budget_mflops, fixed_threshold=options.threshold,
-            confidence_kind=options.confidence)
-        evaluations.append(result)
-        predictor = adaptive.AdaptivePredictor(loaded.model, confidence_kind=options.confidence,
-                                               jit_compile=options.xla)
-        batch1[loaded.name] = latency.batch1_paths(loaded.model, predictor,
-                                                   result.thresholds_by_path,
-                                                   jit_compile=options.xla)
-        batched[loaded.name] = latency.batched_paths(loaded.model, predictor,
-                                                     result.thresholds_by_path)
+    runtimes = {runtime: {} for runtime in options.runtimes}
+    with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
+        for index, loaded in enumerate(models):
+            logging.info("%s: accuracy of every exit and operating points", loaded.name)
+            evaluate = dict(name=loaded.name, model_dir=loaded.model_dir,
+                            checkpoint=loaded.checkpoint, budgets_mflops=options.budget_mflops,
+                            fixed_threshold=options.threshold,
+                            confidence_kind=options.confidence)
+            for runtime in options.runtimes:
+                precision = RUNTIMES[runtime]
+                runtimes[runtime][loaded.name] = (
+                    _tensorflow(loaded, images, options, **evaluate) if precision is None else
+                    _litert(loaded, images, options, precision,
+                            os.path.join(scratch, str(index)), **evaluate))
 
-    timed = images.report_images[:options.latency_images]
-    logging.info("timing %d paths on %d images one by one, interleaved",
-                 sum(map(len, batch1.values())), len(timed))
-    latency_stats = latency.measure_latency(
-        batch1, timed, warmup=options.warmup,
-        progress=lambda done, total: logging.info("latency: %d/%d images", done, total))
-    throughput = {}
-    for name, paths in batched.items():
-        throughput[name] = {}
-        for batch_size in throughput_batch_sizes or [options.batch_size]:
-            logging.info("%s: throughput at batch %d", name, batch_size)
-            sample = images.report_images[:max(options.throughput_images, batch_size)]
-            throughput[name][batch_size] = {
-                path: latency.measure_throughput(fn, sample, batch_size)
-                for path, fn in paths.items()}
-    return Comparison(images=images, models=models, evaluations=evaluations,
-                      latency=latency_stats, throughput=throughput)
+        # Every path takes raw pixels as float32, as a served request does.
+        pixels = images.report_pixels.astype(np.float32)
+        timed = pixels[:options.latency_images]
+        batch1 = {(runtime, name): result.batch1 for runtime, by_model in runtimes.items()
+                  for name, result in by_model.items()}
+        logging.info("timing %d paths on %d images one by one, interleaved",
+                     sum(map(len, batch1.values())), len(timed))
+        stats = latency.measure_latency(
+            batch1, timed, warmup=options.warmup,
+            progress=lambda done, total: logging.info("latency: %d/%d images", done, total))
+        throughput = {runtime: {} for runtime in runtimes}
+        for runtime, by_model in runtimes.items():
+            # LiteRT stage files take one image at a time: one looped measurement.
+            batch_sizes = ((throughput_batch_sizes or [options.batch_size])
+                           if RUNTIMES[runtime] is None else [1])
+            for name, result in by_model.items():
+                throughput[runtime][name] = {}
+                for batch_size in batch_sizes:
+                    logging.info("%s on %s: throughput at batch %d", name, runtime, batch_size)
+                    sample = pixels[:max(options.throughput_images, batch_size)]
+                    throughput[runtime][name][batch_size] = {
+                        path: latency.measure_throughput(fn, sample, batch_size)
+                        for path, fn in result.batched.items()}
+    return Comparison(
+        images=images, models=models,
+        evaluations={runtime: [by_model[m.name].evaluation for m in models]
+                     for runtime, by_model in runtimes.items()},
+        latency={runtime: {m.name: stats[runtime, m.name] for m in models}
+                 for runtime in runtimes},
+        throughput=throughput)

@@ -7,6 +7,7 @@ the validation split when reporting the other half (``--split=validation``).
 """
 
 import dataclasses
+import functools
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -62,16 +63,39 @@ def load_images(models: Sequence[LoadedModel], split: str, seed: int = 0,
                              split, seed)
 
 
+# Training images kept for the int8 conversion's representative dataset.
+REPRESENTATIVE_IMAGES = 256
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EvaluationImages:
-    """Normalised images and labels to calibrate on and to report on."""
+    """Images (raw uint8 pixels) and labels to calibrate on and to report on.
+
+    ``calibration_images`` and ``report_images`` are the same pixels normalised as the models
+    were trained; ``training_pixels`` is a sample of training images (int8 calibration).
+    """
     calibration_name: str
-    calibration_images: np.ndarray
+    calibration_pixels: np.ndarray
     calibration_labels: np.ndarray
     report_name: str
-    report_images: np.ndarray
+    report_pixels: np.ndarray
     report_labels: np.ndarray
     num_classes: int
+    mean: np.ndarray
+    std: np.ndarray
+    training_pixels: np.ndarray
+
+    @functools.cached_property
+    def calibration_images(self) -> np.ndarray:
+        return data.normalize(self.calibration_pixels, self.mean, self.std)
+
+    @functools.cached_property
+    def report_images(self) -> np.ndarray:
+        return data.normalize(self.report_pixels, self.mean, self.std)
+
+    @property
+    def normalization(self):
+        return self.mean, self.std
 
 
 def evaluation_images(splits: data.DataSplits, split: str, seed: int) -> EvaluationImages:
@@ -88,13 +112,14 @@ def evaluation_images(splits: data.DataSplits, split: str, seed: int) -> Evaluat
         names = ("validation (half A)", "validation (half B)")
     else:
         raise ValueError(f"split must be test or validation. Received: split={split!r}")
+    sample = np.random.default_rng(seed).choice(
+        len(splits.train), min(REPRESENTATIVE_IMAGES, len(splits.train)), replace=False)
     return EvaluationImages(
-        calibration_name=names[0],
-        calibration_images=data.normalize(calibration_split.images, splits.mean, splits.std),
-        calibration_labels=calibration_split.labels,
-        report_name=names[1],
-        report_images=data.normalize(report_split.images, splits.mean, splits.std),
-        report_labels=report_split.labels, num_classes=splits.num_classes)
+        calibration_name=names[0], calibration_pixels=calibration_split.images,
+        calibration_labels=calibration_split.labels, report_name=names[1],
+        report_pixels=report_split.images, report_labels=report_split.labels,
+        num_classes=splits.num_classes, mean=splits.mean, std=splits.std,
+        training_pixels=splits.train.images[np.sort(sample)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,32 +242,38 @@ def evaluate_model(model: StagedClassifier, cost: ModelCost, images: EvaluationI
         **options)
 
 
-def operating_thresholds(model, cost: ModelCost, splits: data.DataSplits, *,
-                         budget_mflops: Optional[float] = None,
-                         threshold: Optional[float] = None,
+def operating_thresholds(probabilities: np.ndarray, labels: np.ndarray,
+                         exit_macs: Sequence[int], num_classes: int, *,
                          confidence_kind: str = adaptive.MAX_SOFTMAX,
-                         batch_size: int = 256) -> List[float]:
-    """Thresholds of one operating point, calibrated on the whole validation split.
+                         budgets_mflops: Sequence[float] = (),
+                         threshold: Optional[float] = None) -> Dict[str, object]:
+    """Thresholds to serve, calibrated on every exit's softmax over a validation split.
 
-    The default point (cheapest within 1 point of the last exit's accuracy), the best
-    point within ``budget_mflops``, or the seed's single fixed ``threshold``.
+    Args:
+        probabilities: [K, N, C] softmax of every exit, from the runtime that will serve.
+        labels: [N] their true classes.
+
+    Returns:
+        ``{"default": [K], "budgets": {"<b>": [K] for each budget}}``, plus ``"fixed": [K]``
+        when ``threshold`` is given: the default point (the cheapest within 1 point of the
+        last exit's accuracy), the most accurate point within each budget, and the seed's
+        single fixed threshold.
     """
-    if model.num_exits == 1:
-        return [float("-inf")]
-    if threshold is not None:
-        return [float(t) for t in calibration.fixed_threshold(threshold, model.num_exits)]
-    if len(splits.validation) == 0:
+    num_exits = len(exit_macs)
+    if num_exits == 1:
+        single = [float("-inf")]
+        return {"default": single, "budgets": {f"{b:g}": single for b in budgets_mflops},
+                **({"fixed": single} if threshold is not None else {})}
+    if probabilities.shape[1] == 0:
         raise ValueError("Calibrating exit thresholds needs the validation split, but this model "
                          "was trained with --validation_size=0. Pass --threshold instead.")
-    exit_macs = [e.macs for e in cost.exits]
-    confidences, predictions = _confidences_and_predictions(adaptive.all_exit_probabilities(
-        model, data.normalize(splits.validation.images, splits.mean, splits.std), batch_size),
-        confidence_kind)
-    labels = splits.validation.labels
+    confidences, predictions = _confidences_and_predictions(probabilities, confidence_kind)
     points, cheapest = _calibrated_points(confidences, predictions, labels, exit_macs,
-                                          splits.num_classes, calibration.reference_sweep())
-    if budget_mflops is None:
-        chosen = calibration.default_point(points, float(np.mean(predictions[-1] == labels)))
-    else:
-        chosen = calibration.best_within_budget(points + [cheapest], budget_mflops * 1e6)
-    return [float(t) for t in chosen.thresholds]
+                                          num_classes, calibration.reference_sweep())
+    last_exit_accuracy = float(np.mean(predictions[-1] == labels))
+    chosen = {"default": list(calibration.default_point(points, last_exit_accuracy).thresholds),
+              "budgets": {f"{b:g}": list(calibration.best_within_budget(
+                  points + [cheapest], b * 1e6).thresholds) for b in budgets_mflops}}
+    if threshold is not None:
+        chosen["fixed"] = [float(t) for t in calibration.fixed_threshold(threshold, num_exits)]
+    return chosen

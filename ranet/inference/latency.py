@@ -23,16 +23,20 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from ranet.data import normalize
 from ranet.inference.adaptive import AdaptivePredictor
+from ranet.inference.serving.litert_runtime import LiteRTPredictor, LiteRTStages
 from ranet.models.staged import StagedClassifier
 
 PathCallable = Callable[[np.ndarray], object]
+# (mean, std) of the training split in 0..1 units, for paths that take raw pixels.
+Normalization = Tuple[Sequence[float], Sequence[float]]
 FULL = "full"
 KERAS_PREDICT = "keras_predict"
 _RESERVED = (FULL, KERAS_PREDICT)
@@ -73,17 +77,19 @@ def _to_host(outputs):
 
 
 def _every_exit_classes(model: StagedClassifier, batch_size: Optional[int],
-                        jit_compile: bool = False):
+                        jit_compile: bool = False, normalization: Optional[Normalization] = None):
     """A compiled full forward pass: images [B, H, W, 3] -> int32 [K, B], every exit's class.
 
     Fetching every exit's class keeps every exit head in the graph (an unfetched
     head would be pruned away) while handing back only K integers per image.
-    ``jit_compile`` should match the predictor's, so that full and adaptive differ
-    only in which stages run.
+    ``jit_compile`` and ``normalization`` should match the predictor's, so that full and
+    adaptive differ only in which stages run.
     """
     @tf.function(input_signature=[tf.TensorSpec([batch_size, *model.image_shape], tf.float32)],
                  jit_compile=jit_compile)
     def every_exit_classes(images):
+        if normalization is not None:
+            images = normalize(images, *normalization)
         return tf.stack([tf.argmax(logits, axis=-1, output_type=tf.int32)
                          for logits in model(images, training=False)])
 
@@ -91,8 +97,8 @@ def _every_exit_classes(model: StagedClassifier, batch_size: Optional[int],
 
 
 def _threshold_tensors(model: StagedClassifier, predictor: Optional[AdaptivePredictor],
-                       thresholds: Optional[Mapping[str, Sequence[float]]]
-                       ) -> Dict[str, tf.Tensor]:
+                       thresholds: Optional[Mapping[str, Sequence[float]]],
+                       normalization: Optional[Normalization]) -> Dict[str, tf.Tensor]:
     """Validates ``thresholds`` and converts each operating point to a tensor, once."""
     thresholds = dict(thresholds or {})
     if not thresholds:
@@ -101,6 +107,9 @@ def _threshold_tensors(model: StagedClassifier, predictor: Optional[AdaptivePred
         raise ValueError("Adaptive paths need an AdaptivePredictor built on this same model: "
                          "pass AdaptivePredictor(model). Received: predictor="
                          f"{'None' if predictor is None else 'one built on another model'}")
+    if not _same_normalization(predictor.normalization, normalization):
+        raise ValueError("The predictor and the paths must take the same inputs: build the "
+                         "predictor with the normalization the paths are given.")
     tensors = {}
     for name, values in thresholds.items():
         if name in _RESERVED:
@@ -114,13 +123,20 @@ def _threshold_tensors(model: StagedClassifier, predictor: Optional[AdaptivePred
     return tensors
 
 
+def _same_normalization(first: Optional[Normalization], second: Optional[Normalization]) -> bool:
+    if first is None or second is None:
+        return first is second
+    return all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
 def _adaptive_path(predict: Callable, thresholds: tf.Tensor) -> PathCallable:
     return lambda images: _to_host(predict(images, thresholds))
 
 
 def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
                  thresholds: Optional[Mapping[str, Sequence[float]]] = None,
-                 jit_compile: bool = False) -> Dict[str, PathCallable]:
+                 jit_compile: bool = False,
+                 normalization: Optional[Normalization] = None) -> Dict[str, PathCallable]:
     """The batch-1 latency paths of one model, each taking images [1, H, W, 3] float32.
 
     Args:
@@ -129,24 +145,33 @@ def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor]
         thresholds: operating point name (e.g. ``"adaptive"``, ``"adaptive@15"``) ->
             one threshold per exit. Empty or None for a baseline.
         jit_compile: XLA-compile the full path (build the predictor with the same).
+        normalization: ``(mean, std)``: the images are raw pixels, normalised inside every
+            path, as a served request is (build the predictor with the same object).
 
     Returns:
         ``{"full": every stage in one compiled graph, <each operating point>: compiled
         early exit (tf.cond chain), "keras_predict": model.predict(x) as the seed
         timed it}``. Each returns numpy arrays, only once they are on the host.
     """
-    full = _every_exit_classes(model, batch_size=1, jit_compile=jit_compile)
+    full = _every_exit_classes(model, batch_size=1, jit_compile=jit_compile,
+                               normalization=normalization)
     paths = {FULL: lambda images: full(images).numpy()}
-    for name, tensor in _threshold_tensors(model, predictor, thresholds).items():
+    for name, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
         paths[name] = _adaptive_path(predictor.predict_one, tensor)
-    # Already numpy: predict copies its outputs to the host before returning.
-    paths[KERAS_PREDICT] = lambda images: model.predict(images, verbose=0)
+
+    def keras_predict(images):
+        if normalization is not None:
+            images = normalize(images, *normalization)
+        # Already numpy: predict copies its outputs to the host before returning.
+        return model.predict(images, verbose=0)
+
+    paths[KERAS_PREDICT] = keras_predict
     return paths
 
 
 def batched_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
-                  thresholds: Optional[Mapping[str, Sequence[float]]] = None
-                  ) -> Dict[str, PathCallable]:
+                  thresholds: Optional[Mapping[str, Sequence[float]]] = None,
+                  normalization: Optional[Normalization] = None) -> Dict[str, PathCallable]:
     """Throughput paths of one model, each taking images [B, H, W, 3] of any B.
 
     ``"full"`` runs every stage on the whole batch; each operating point runs
@@ -154,10 +179,31 @@ def batched_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor
     a batch dimension of None in their signature, so a partial last batch does
     not retrace. Arguments as ``batch1_paths``.
     """
-    full = _every_exit_classes(model, batch_size=None)
+    full = _every_exit_classes(model, batch_size=None, normalization=normalization)
     paths = {FULL: lambda images: full(images).numpy()}
-    for name, tensor in _threshold_tensors(model, predictor, thresholds).items():
+    for name, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
         paths[name] = _adaptive_path(predictor.predict_batch, tensor)
+    return paths
+
+
+def litert_paths(stages: LiteRTStages,
+                 thresholds: Optional[Mapping[str, Sequence[float]]] = None
+                 ) -> Dict[str, PathCallable]:
+    """The paths of a LiteRT export, each taking raw pixels [B, H, W, 3], one image at a time.
+
+    ``"full"`` runs every stage and returns every exit's class (as the TF full path does);
+    each operating point is ``LiteRTPredictor.predict`` at its thresholds. Batches are looped
+    image by image: the stage files have a static batch of 1.
+    """
+    def full(images):
+        return np.array([[stages.run_stage(k, image).argmax() for k in range(stages.num_exits)]
+                         for image in images]).T
+
+    paths = {FULL: full}
+    for name, values in (thresholds or {}).items():
+        predictor = LiteRTPredictor(stages, values)
+        paths[name] = lambda images, predictor=predictor: [predictor.predict(image)[:2]
+                                                           for image in images]
     return paths
 
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from ranet import jsonio
 from ranet.inference import latency
-from ranet.inference.evaluation import BudgetedResult, ModelEvaluation
+from ranet.inference.evaluation import ModelEvaluation
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -17,20 +17,39 @@ PLOT_LATENCY = "accuracy_vs_latency.png"
 
 
 def build(comparison, options) -> dict:
-    """The report.json content of a ``comparison.Comparison`` made with ``options``."""
+    """The report.json content of a ``comparison.Comparison`` made with ``options``.
+
+    The keys of each model are its TensorFlow evaluation and timing; ``runtimes`` holds the
+    same for every other runtime measured (LiteRT), with the same path names.
+    """
     environment = latency.device_info()
     images = comparison.images
-    throughput = {name: by_batch[options.batch_size]
-                  for name, by_batch in comparison.throughput.items()}
+    runtimes = list(comparison.evaluations)
+    models = []
+    for index, loaded in enumerate(comparison.models):
+        views = {}
+        for runtime in runtimes:
+            by_batch = comparison.throughput[runtime][loaded.name]
+            views[runtime] = model_json(
+                comparison.evaluations[runtime][index],
+                {p: s.to_json() for p, s in comparison.latency[runtime][loaded.name].items()},
+                by_batch.get(options.batch_size, by_batch.get(1, {})))
+        entry = views.pop(runtimes[0])
+        entry["runtimes"] = {runtime: {key: view[key] for key in _RUNTIME_KEYS if key in view}
+                             for runtime, view in views.items()}
+        models.append(entry)
     return {
         "split": images.report_name, "calibration_split": images.calibration_name,
         "num_images": len(images.report_labels), "device": environment["device"],
         "tensorflow": environment["tensorflow"], "environment": environment,
         "precision": options.precision, "xla": options.xla, "confidence": options.confidence,
         "latency_images": min(options.latency_images, len(images.report_labels)),
-        "batch_size": options.batch_size,
-        "models": [model_json(e, {p: s.to_json() for p, s in comparison.latency[e.name].items()},
-                              throughput[e.name]) for e in comparison.evaluations]}
+        "batch_size": options.batch_size, "runtimes": runtimes,
+        "litert_threads": options.litert_threads or os.cpu_count(), "models": models}
+
+
+# What a model's entry holds for each runtime beyond TensorFlow.
+_RUNTIME_KEYS = ("latency_ms", "exits", "budgeted", "default", "throughput_ips")
 
 
 def model_json(evaluation: ModelEvaluation, latency_ms: Dict[str, dict],
@@ -56,69 +75,87 @@ def model_json(evaluation: ModelEvaluation, latency_ms: Dict[str, dict],
     return entry
 
 
+def runtime_views(model: dict, runtimes: List[str]) -> Dict[str, dict]:
+    """A model's entry per runtime: the TensorFlow keys, then each of ``runtimes``."""
+    return {runtime: model if index == 0 else model["runtimes"][runtime]
+            for index, runtime in enumerate(runtimes)}
+
+
 def _thresholds_text(values) -> str:
-    return ", ".join(f"{v:.3f}" if math.isfinite(v) else jsonio.number(v) for v in values)
+    return ", ".join(f"{float(v):.3f}" if math.isfinite(float(v)) else str(v) for v in values)
 
 
-def _label(result: BudgetedResult) -> str:
-    (key, value), = result.label.items()
-    if key == "point":
-        return str(value)
-    prefix = {"q": "q=", "budget_mflops": "budget ", "threshold": "fixed threshold "}[key]
-    return f"{prefix}{value:g}" + (" M" if key == "budget_mflops" else "")
+def _label(point: dict) -> str:
+    for key, prefix in (("point", ""), ("q", "q="), ("budget_mflops", "budget "),
+                        ("threshold", "fixed threshold ")):
+        if key in point:
+            value = point[key]
+            text = value if isinstance(value, str) else f"{value:g}"
+            return f"{prefix}{text}" + (" M" if key == "budget_mflops" else "")
+    raise ValueError(f"an operating point without a label: {point}")
 
 
-def _budget_rows(results: List[BudgetedResult]) -> List[str]:
-    rows = ["| point | expected MMACs | accuracy | calibration accuracy | exit fractions | thresholds |",
-            "| --- | ---: | ---: | ---: | --- | --- |"]
-    for r in results:
-        rows.append(f"| {_label(r)} | {r.point.expected_macs / 1e6:.2f} | "
-                    f"{100 * r.point.accuracy:.2f}% | {100 * r.calibration_accuracy:.2f}% | "
-                    f"{', '.join(f'{f:.3f}' for f in r.point.exit_fractions)} | "
-                    f"{_thresholds_text(r.point.thresholds)} |")
+def _budget_rows(points: List[dict]) -> List[str]:
+    rows = ["| point | expected MMACs | accuracy | calibration accuracy | exit fractions | "
+            "thresholds |", "| --- | ---: | ---: | ---: | --- | --- |"]
+    for point in points:
+        rows.append(f"| {_label(point)} | {point['expected_macs'] / 1e6:.2f} | "
+                    f"{100 * point['accuracy']:.2f}% | {100 * point['calibration_accuracy']:.2f}% | "
+                    f"{', '.join(f'{f:.3f}' for f in point['exit_fractions'])} | "
+                    f"{_thresholds_text(point['thresholds'])} |")
     return rows
 
 
-def markdown(report: dict, evaluations: List[ModelEvaluation]) -> str:
+def markdown(report: dict) -> str:
+    runtimes = report["runtimes"]
     lines = [f"# Evaluation on {report['split']} ({report['num_images']} images)", "",
-             f"Thresholds calibrated on {report['calibration_split']}. Device: {report['device']}; "
-             f"TensorFlow {report['tensorflow']}; precision {report['precision']}; XLA "
-             f"{'on' if report['xla'] else 'off'} (batch-1 paths); threads "
-             f"intra {report['environment']['intra_op_threads']} / inter "
-             f"{report['environment']['inter_op_threads']} (0: all cores); confidence "
-             f"{report['confidence']}.", ""]
-    lines += ["## Models", "", "| model | params | exits | MMACs (first..last) | accuracy (first..last) |",
-              "| --- | ---: | ---: | --- | --- |"]
+             f"Thresholds calibrated on {report['calibration_split']}, on each runtime's own "
+             f"outputs. Device: {report['device']}; TensorFlow {report['tensorflow']}; "
+             f"precision {report['precision']}; XLA {'on' if report['xla'] else 'off'} "
+             f"(batch-1 paths); threads intra {report['environment']['intra_op_threads']} / "
+             f"inter {report['environment']['inter_op_threads']} (0: all cores); runtimes "
+             f"{', '.join(runtimes)} (LiteRT: {report['litert_threads']} XNNPACK threads); "
+             f"confidence {report['confidence']}.", ""]
+    lines += ["## Models", "", "| model | params | exits | MMACs (first..last) | "
+              "accuracy (first..last) |", "| --- | ---: | ---: | --- | --- |"]
     for model in report["models"]:
         exits = model["exits"]
         lines.append(f"| {model['name']} | {model['params'] / 1e6:.2f} M | {len(exits)} | "
                      f"{exits[0]['macs'] / 1e6:.1f}..{exits[-1]['macs'] / 1e6:.1f} | "
                      f"{100 * exits[0]['accuracy']:.2f}%..{100 * exits[-1]['accuracy']:.2f}% |")
     lines += ["", "## Latency at batch 1 (ms) and throughput", "",
-              "| model | path | p50 | p90 | p99 | mean | images/s (batched) |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+              "| model | runtime | path | p50 | p90 | p99 | mean | images/s |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for model in report["models"]:
-        for path, stats in model["latency_ms"].items():
-            throughput = model["throughput_ips"].get(path)
-            lines.append(f"| {model['name']} | {path} | {stats['p50']:.2f} | {stats['p90']:.2f} | "
-                         f"{stats['p99']:.2f} | {stats['mean']:.2f} | "
-                         f"{'' if throughput is None else f'{throughput:.0f}'} |")
-    for model, evaluation in zip(report["models"], evaluations):
+        for runtime, view in runtime_views(model, runtimes).items():
+            for path, stats in view["latency_ms"].items():
+                throughput = view["throughput_ips"].get(path)
+                lines.append(f"| {model['name']} | {runtime} | {path} | {stats['p50']:.2f} | "
+                             f"{stats['p90']:.2f} | {stats['p99']:.2f} | {stats['mean']:.2f} | "
+                             f"{'' if throughput is None else f'{throughput:.0f}'} |")
+    lines += ["", "Throughput: TensorFlow at batch "
+              f"{report['batch_size']}; LiteRT one image at a time (its files have batch 1)."]
+    for model in report["models"]:
+        views = runtime_views(model, runtimes)
+        lines += ["", f"## {model['name']}: anytime", "",
+                  "| exit | MMACs | " + " | ".join(views) + " |",
+                  "| ---: | ---: |" + " ---: |" * len(views)]
+        for k, exit_ in enumerate(model["exits"]):
+            lines.append(f"| {exit_['exit']} | {exit_['macs'] / 1e6:.2f} | " + " | ".join(
+                f"{100 * view['exits'][k]['accuracy']:.2f}%" for view in views.values()) + " |")
         if len(model["exits"]) == 1:
             continue
-        lines += ["", f"## {model['name']}: anytime", "", "| exit | MMACs | accuracy |",
-                  "| ---: | ---: | ---: |"]
-        lines += [f"| {e['exit']} | {e['macs'] / 1e6:.2f} | {100 * e['accuracy']:.2f}% |"
-                  for e in model["exits"]]
-        chosen = ([evaluation.default] + evaluation.budgets
-                  + ([evaluation.fixed] if evaluation.fixed else []))
-        lines += ["", f"## {model['name']}: operating points", ""] + _budget_rows(chosen)
-        lines += ["", f"## {model['name']}: budgeted sweep (p_k ~ q^k)", ""]
-        lines += _budget_rows(evaluation.sweep)
+        for runtime, view in views.items():
+            chosen = [view["default"]] + [p for p in view["budgeted"] if "q" not in p]
+            lines += ["", f"## {model['name']}: operating points ({runtime})", ""]
+            lines += _budget_rows(chosen)
+        lines += ["", f"## {model['name']}: budgeted sweep (p_k ~ q^k, {runtimes[0]})", ""]
+        lines += _budget_rows([p for p in model["budgeted"] if "q" in p])
         per_class = model["exit_distribution"]["per_class"]
-        lines += ["", f"## {model['name']}: exit distribution at the default point", "",
-                  "| class | " + " | ".join(f"exit {k + 1}" for k in range(len(per_class[0]))) + " |",
-                  "| --- |" + " ---: |" * len(per_class[0])]
+        lines += ["", f"## {model['name']}: exit distribution at the default point "
+                      f"({runtimes[0]})", "",
+                  "| class | " + " | ".join(f"exit {k + 1}" for k in range(len(per_class[0])))
+                  + " |", "| --- |" + " ---: |" * len(per_class[0])]
         lines.append("| all | " + " | ".join(f"{f:.3f}" for f in
                                              model["exit_distribution"]["overall"]) + " |")
         lines += [f"| {c} | " + " | ".join(f"{f:.3f}" for f in row) + " |"
@@ -155,17 +192,16 @@ def plot(report: dict, report_dir: str) -> List[str]:
 
     figure, axes = plt.subplots(figsize=(7, 5))
     for model in report["models"]:
-        points = []
-        for path, stats in model["latency_ms"].items():
-            if path == "keras_predict":
-                continue
-            accuracy = _path_accuracy(model, path)
-            if accuracy is not None:
-                points.append((stats["p50"], 100 * accuracy, path))
-        for milliseconds, accuracy, path in points:
-            axes.scatter([milliseconds], [accuracy], s=40)
-            axes.annotate(f"{model['name']} {path}", (milliseconds, accuracy), fontsize=7)
-    axes.set(xlabel="batch-1 latency p50 (ms)", ylabel="accuracy (%)",
+        for runtime, view in runtime_views(model, report["runtimes"]).items():
+            for path, stats in view["latency_ms"].items():
+                accuracy = None if path == "keras_predict" else _path_accuracy(view, path)
+                if accuracy is None:
+                    continue
+                axes.scatter([stats["p50"]], [100 * accuracy], s=40)
+                axes.annotate(f"{model['name']} {runtime} {path}",
+                              (stats["p50"], 100 * accuracy), fontsize=7)
+    axes.set_xscale("log")
+    axes.set(xlabel="batch-1 latency p50 (ms, log)", ylabel="accuracy (%)",
              title=f"Accuracy vs latency ({report['device']})")
     axes.grid(True, alpha=0.3)
     written.append(os.path.join(report_dir, PLOT_LATENCY))
@@ -200,10 +236,10 @@ def write_tensorboard(report: dict, log_dir: str) -> None:
         writer.close()
 
 
-def write(report: dict, evaluations: List[ModelEvaluation], report_dir: str) -> List[str]:
+def write(report: dict, report_dir: str) -> List[str]:
     """Writes every output into ``report_dir``; returns the paths written."""
     # Rendered before anything is written, so a rendering error leaves no partial report.
-    texts = {REPORT_JSON: jsonio.dumps(report), REPORT_MD: markdown(report, evaluations)}
+    texts = {REPORT_JSON: jsonio.dumps(report), REPORT_MD: markdown(report)}
     os.makedirs(report_dir, exist_ok=True)
     paths = []
     for name, text in texts.items():

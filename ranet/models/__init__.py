@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional
 
 from ranet.config import ModelConfig, check_choice
 from ranet.models import baselines, ranet
-from ranet.models.layers import synchronized_batch_norm
+from ranet.models.layers import gradient_equilibrium, synchronized_batch_norm
 from ranet.models.staged import ExitInfo, StagedClassifier
 
 
@@ -41,4 +41,5 @@ def get_model(config: ModelConfig) -> StagedClassifier:
         return _REGISTRY[config.name].build(config)
 
 
-__all__ = ["ExitInfo", "MODEL_NAMES", "StagedClassifier", "get_model", "validate"]
+__all__ = ["ExitInfo", "MODEL_NAMES", "StagedClassifier", "get_model", "gradient_equilibrium",
+           "validate"]

@@ -62,6 +62,98 @@ def synchronized_batch_norm(enabled: bool):
         _SYNC_BATCH_NORM.reset(token)
 
 
+# Set around a model build by ``gradient_equilibrium`` (``OptimConfig.gradient_equilibrium``).
+_GRADIENT_EQUILIBRIUM = contextvars.ContextVar("gradient_equilibrium", default=False)
+
+
+@contextlib.contextmanager
+def gradient_equilibrium(enabled: bool):
+    """RANet models built inside rescale the gradients at each exit (``GradientRescale``)."""
+    token = _GRADIENT_EQUILIBRIUM.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _GRADIENT_EQUILIBRIUM.reset(token)
+
+
+def in_gradient_equilibrium() -> bool:
+    return _GRADIENT_EQUILIBRIUM.get()
+
+
+@keras.saving.register_keras_serializable(package="ranet")
+class GradientRescale(layers.Layer):
+    """The identity forward; multiplies the gradient that flows back through it by ``scale``.
+
+    Gradient equilibrium (Li et al., ICCV 2019) puts one on each path out of an exit's input:
+    it balances how strongly each exit's loss pulls on the shared trunk. No weights, and
+    nothing changes at inference.
+    """
+
+    def __init__(self, scale: float, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+
+    def call(self, x):
+        @tf.custom_gradient
+        def rescale(value):
+            return tf.identity(value), lambda upstream: upstream * tf.cast(self.scale,
+                                                                          upstream.dtype)
+        return rescale(x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+
+# Set around a model build by ``serving_layout``: the same weights, laid out for the LiteRT
+# export (ranet.inference.serving.litert).
+_SERVING_LAYOUT = contextvars.ContextVar("serving_layout", default=False)
+
+
+@contextlib.contextmanager
+def serving_layout():
+    """Models built inside are laid out for LiteRT's XNNPACK kernels, with the same weights.
+
+    Two things differ, neither in the function computed nor in the variables: every feature a
+    later stage reads is an output of the stage that makes it (no channel-prefix slices
+    across stages: XNNPACK runs no int8 SLICE), and average pooling is a depthwise
+    convolution with weights 1 / (pool area) (XNNPACK runs no int8 AVERAGE_POOL_2D).
+    """
+    token = _SERVING_LAYOUT.set(True)
+    try:
+        yield
+    finally:
+        _SERVING_LAYOUT.reset(token)
+
+
+def in_serving_layout() -> bool:
+    return _SERVING_LAYOUT.get()
+
+
+@keras.saving.register_keras_serializable(package="ranet")
+class DepthwiseAveragePooling(layers.AveragePooling2D):
+    """``AveragePooling2D`` (valid padding, channels last) as a depthwise convolution.
+
+    The weights 1 / (pool area) are a power of two for 2x2 pools, so each product is exact
+    and only the order of the sums differs from the pooling kernel.
+    """
+
+    def call(self, inputs):
+        height, width = self.pool_size
+        kernel = tf.fill([height, width, inputs.shape[-1], 1],
+                         tf.constant(1.0 / (height * width), inputs.dtype))
+        return tf.nn.depthwise_conv2d(inputs, kernel, strides=[1, *self.strides, 1],
+                                      padding="VALID")
+
+
+def average_pool(x, pool_size: int, name: str):
+    """Average pooling (valid padding); a depthwise convolution in the serving layout."""
+    pool = DepthwiseAveragePooling if in_serving_layout() else layers.AveragePooling2D
+    return pool(pool_size, name=name)(x)
+
+
 @keras.saving.register_keras_serializable(package="ranet")
 class FusedBatchNormalization(layers.BatchNormalization):
     """Keras' BatchNormalization computed by TensorFlow's fused kernel (FusedBatchNormV3).

@@ -23,7 +23,8 @@ import math
 from keras import layers
 
 from ranet.config import STEP_MODES, ModelConfig, check_choice, require
-from ranet.models.layers import classifier_dense, conv_bn_relu, resize_to
+from ranet.models.layers import (GradientRescale, average_pool, classifier_dense, conv_bn_relu,
+                                 in_gradient_equilibrium, resize_to)
 from ranet.models.staged import ExitInfo, StageBuilder, StagedClassifier
 
 _HEAD_CHANNELS = 128  # MSDNet's CIFAR classifier width, kept by RANet.
@@ -97,7 +98,7 @@ def _classifier(x, num_classes: int, name: str):
     """MSDNet's CIFAR exit: two stride-2 ConvBNReLU, 2x2 average pool, linear."""
     x = conv_bn_relu(x, _HEAD_CHANNELS, 3, strides=2, name=f"{name}_conv1")
     x = conv_bn_relu(x, _HEAD_CHANNELS, 3, strides=2, name=f"{name}_conv2")
-    x = layers.AveragePooling2D(2, name=f"{name}_pool")(x)
+    x = average_pool(x, 2, name=f"{name}_pool")
     x = layers.Flatten(name=f"{name}_flatten")(x)
     return classifier_dense(x, num_classes, name=f"{name}_logits")
 
@@ -129,6 +130,7 @@ def layers_in_block(config: ModelConfig, block: int) -> int:
 def build_ranet(config: ModelConfig) -> StagedClassifier:
     num_flows = len(config.scale_list)
     blocks_per_flow = [0] + [config.block_step * f + config.num_blocks for f in range(num_flows)]
+    num_exits = config.num_blocks + (num_flows - 1) * config.block_step
     builder = StageBuilder(config.image_size)
     _stem(builder, config)
     exits = []
@@ -175,10 +177,18 @@ def build_ranet(config: ModelConfig) -> StagedClassifier:
             if _trans_flag(block, num_blocks, scale):
                 x = conv_bn_relu(x, math.floor(config.reduction * x.shape[-1]), kernel_size=1,
                                  name=f"{name}_transition")
+            head = x
+            if not fusing and in_gradient_equilibrium():
+                # Exit k of K (1-based): its classifier's gradient x 1/(K-k+1), the gradient
+                # of everything after it x (K-k)/(K-k+1), as IMTA does for MSDNet.
+                remaining = num_exits - len(exits)
+                head = GradientRescale(1.0 / remaining, name=f"{name}_head_equilibrium")(x)
+                x = GradientRescale((remaining - 1) / remaining,
+                                    name=f"{name}_trunk_equilibrium")(x)
             builder.put(f"flow{flow}_x", x)
 
             if not fusing:
-                logits = _classifier(x, config.num_classes, name=f"exit{len(exits) + 1}")
+                logits = _classifier(head, config.num_classes, name=f"exit{len(exits) + 1}")
                 exits.append(ExitInfo(index=len(exits) + 1, resolution=x.shape[1],
                                       channels=x.shape[-1]))
                 builder.end_stage(logits)

@@ -14,6 +14,8 @@ from typing import Dict, List, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from ranet.models.layers import in_serving_layout
+
 IMAGES = "images"
 LOGITS = "logits"
 
@@ -36,7 +38,8 @@ class StageBuilder:
     A feature that is a channel prefix of another (dense connectivity makes
     most of them so) is registered with ``put_prefix``: only the larger tensor
     is cached, and a later stage slices it, so early exit gathers far fewer
-    tensors per undecided image.
+    tensors per undecided image. In the serving layout (``layers.serving_layout``)
+    it is an output of its own, as any other feature.
     """
 
     def __init__(self, image_size: int):
@@ -73,6 +76,9 @@ class StageBuilder:
 
     def put_prefix(self, name: str, tensor, source: str) -> None:
         """Registers ``tensor``, equal to the first channels of feature ``source``."""
+        if in_serving_layout():
+            self.put(name, tensor)
+            return
         self._local[name] = tensor
         self._prefix_of[name] = (source, tensor.shape[-1])
 

@@ -5,31 +5,60 @@ compiled steps up to the next boundary (a log, an evaluation, a checkpoint, the 
 call, then does what that boundary asks for.
 """
 
+import dataclasses
 import time
 from typing import Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ranet.training import model_dir
+from ranet.training import budget, distribute, model_dir
 from ranet.training.preemption import PREEMPTED_EXIT_CODE, Preempted
 from ranet.training.setup import Training
 
 
+@dataclasses.dataclass
+class _Probe:
+    """What the loop timed while a time budget was still to plan."""
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    steps: int = 0
+    loop_seconds: float = 0.0        # compiled calls and log lines: the loop's steps
+    evaluations: list = dataclasses.field(default_factory=list)
+    saves: list = dataclasses.field(default_factory=list)
+
+    def done(self, optim) -> bool:
+        return (self.steps > 0 and
+                time.monotonic() - self.started >= budget.probe_seconds(
+                    optim.time_budget_seconds))
+
+
 class _Progress:
-    """Step rate and ETA over the whole run, for log lines."""
+    """Step rate and ETA over the whole run, for log lines.
+
+    Timed from the end of the first compiled call, so tracing does not count; the ETA shows
+    days once there are any.
+    """
 
     def __init__(self, start_step: int, total_steps: int):
         self.start_step, self.total_steps = start_step, total_steps
-        self.start_time = time.time()
+        self.start_time = time.monotonic()
 
     def eta(self, step: int) -> str:
         done = step - self.start_step
         if done <= 0:
             return "?"
-        seconds = (time.time() - self.start_time) / done * (self.total_steps - step)
-        return time.strftime("%H:%M:%S", time.gmtime(seconds))
+        return format_duration((time.monotonic() - self.start_time) / done
+                               * (self.total_steps - step))
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS``, with the days in front when there are any (``2d 04:47:07``)."""
+    days, rest = divmod(int(round(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    text = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def _loss_scale(optimizer) -> Optional[float]:
@@ -54,57 +83,157 @@ class Controller:
         best: keeps the best checkpoint on validation.
         chief: whether this process writes records and summaries.
         train_writer, eval_writer: TensorBoard writers (no-op writers on other workers).
+        budget_started_at: with ``--time_budget`` and no plan yet, when (``time.monotonic``)
+            the budget began; the controller then measures and plans first (``budget``).
     """
 
     def __init__(self, training: Training, manager: tf.train.CheckpointManager,
-                 best: model_dir.BestCheckpoint, *, chief: bool, train_writer, eval_writer):
+                 best: model_dir.BestCheckpoint, *, chief: bool, train_writer, eval_writer,
+                 budget_started_at: Optional[float] = None):
         self.training, self.manager, self.best, self.chief = training, manager, best, chief
         self.train_writer, self.eval_writer = train_writer, eval_writer
+        self.budget_started_at = budget_started_at
+        self._planned = None  # (when, at which step) this process planned its time budget
         self.step = int(training.steps.global_step.numpy())
+        self._window_steps, self._window_seconds = 0, 0.0  # training time, for images/s
 
     def run(self) -> dict:
         """Trains to the end; returns the last training-window and validation metrics.
 
         Raises ``FloatingPointError`` at the first step whose loss is not finite (nothing is
         saved after it), and ``Preempted`` once a stop was requested and a checkpoint saved.
+        With a time budget to plan, the first ``budget.probe_seconds`` of the loop are the
+        probe: then the plan sets where the run ends (``_plan_budget``).
         """
-        training = self.training
-        runtime, plan, steps = training.config.runtime, training.plan, training.steps
-        end_step = min(plan.total_steps, runtime.stop_at_step or plan.total_steps)
-        train_data, eval_data = training.train_dataset(self.step), training.validation_dataset()
+        runtime = self.training.config.runtime
+        train_data = self.training.train_dataset(self.step)
+        eval_data = self.training.validation_dataset()
         iterator = iter(train_data)
-        progress = _Progress(self.step, plan.total_steps)
-        train_metrics, eval_metrics = {}, {}
-        window_steps, window_seconds = 0, 0.0  # training time only, for images_per_second
+        train_metrics, eval_metrics, progress, probe = {}, {}, None, None
         try:
+            plan = self.training.plan
+            end_step = min(plan.total_steps, runtime.stop_at_step or plan.total_steps)
             while self.step < end_step:
                 boundaries = [end_step]
                 for interval in (runtime.log_every_steps, runtime.checkpoint_every_steps,
                                  plan.eval_every_steps):
                     boundaries.append((self.step // interval + 1) * interval)
-                started = time.time()
-                outcome = steps.run_steps(iterator, tf.constant(min(boundaries) - self.step))
-                finite = bool(outcome["finite"])  # waits for the steps to finish
-                previous, self.step = self.step, int(steps.global_step.numpy())
-                window_steps += self.step - previous
-                window_seconds += time.time() - started
-                if not finite:
-                    self._non_finite(previous)
-                if bool(outcome["stop_requested"]):
-                    self._preempted()
+                started, before = time.monotonic(), self.step
+                self._advance(iterator, min(boundaries) - self.step)
                 at_end = self.step >= end_step
                 if self.step % runtime.log_every_steps == 0 or at_end:
-                    train_metrics = self._log(window_steps, window_seconds, progress)
-                    window_steps, window_seconds = 0, 0.0
+                    train_metrics = self._log(progress)
+                    if self._planned is not None and not at_end and self._keep_inside_budget():
+                        plan = self.training.plan
+                        progress.total_steps = plan.total_steps
+                        end_step = min(plan.total_steps, runtime.stop_at_step or plan.total_steps)
+                if progress is None:  # the first call compiled the step: time from here
+                    progress = _Progress(self.step, plan.total_steps)
+                    if self.budget_started_at is not None:
+                        probe = _Probe()
+                elif probe is not None:
+                    probe.steps += self.step - before
+                    probe.loop_seconds += time.monotonic() - started
                 if eval_data is not None and (self.step % plan.eval_every_steps == 0 or at_end):
+                    started = time.monotonic()
                     eval_metrics = self._evaluate(eval_data)
+                    if probe is not None:
+                        probe.evaluations.append(time.monotonic() - started)
                 if self.step % runtime.checkpoint_every_steps == 0 or at_end:
+                    started = time.monotonic()
                     model_dir.save(self.manager, self.step)
+                    if probe is not None:
+                        probe.saves.append(time.monotonic() - started)
+                if probe is not None and probe.done(self.training.config.optim):
+                    eval_metrics = self._plan_budget(probe, eval_data) or eval_metrics
+                    probe, plan = None, self.training.plan
+                    progress.total_steps = plan.total_steps
+                    end_step = min(plan.total_steps, runtime.stop_at_step or plan.total_steps)
         finally:
             # An exception's traceback keeps this frame alive until the interpreter exits, and
             # a live distributed iterator then delays the exit by ~20 s (mirrored, 2 CPUs).
             del iterator, train_data, eval_data
         return {"step": self.step, "train": train_metrics, "validation": eval_metrics}
+
+    def _advance(self, iterator, num_steps: int) -> None:
+        """Runs up to ``num_steps`` steps in one compiled call; stops on a fault or a request."""
+        steps = self.training.steps
+        started = time.monotonic()
+        outcome = steps.run_steps(iterator, tf.constant(num_steps))
+        finite = bool(outcome["finite"])  # waits for the steps to finish
+        previous, self.step = self.step, int(steps.global_step.numpy())
+        self._window_steps += self.step - previous
+        self._window_seconds += time.monotonic() - started
+        if not finite:
+            self._non_finite(previous)
+        if bool(outcome["stop_requested"]):
+            self._preempted()
+
+    def _plan_budget(self, probe: "_Probe", eval_data) -> dict:
+        """Plans the steps that fit from what the probe timed; returns any new evaluation.
+
+        An evaluation or a checkpoint the probe did not see (or saw only the first, traced,
+        run of) is run and timed here.
+        """
+        config = self.training.config
+        eval_metrics = {}
+        if eval_data is not None:
+            while len(probe.evaluations) < 2:
+                started = time.monotonic()
+                eval_metrics = self._evaluate(eval_data)
+                probe.evaluations.append(time.monotonic() - started)
+        if not probe.saves:
+            started = time.monotonic()
+            model_dir.save(self.manager, self.step)
+            probe.saves.append(time.monotonic() - started)
+        plan = self.training.plan
+        budget_plan = budget.plan(
+            config.optim.time_budget_seconds, time.monotonic() - self.budget_started_at,
+            self.step, probe.loop_seconds / probe.steps,
+            # The first evaluation traces it: the later ones say what the others will cost.
+            float(np.median(probe.evaluations[1:])) if eval_data is not None else 0.0,
+            plan.eval_every_steps, float(np.median(probe.saves)),
+            config.runtime.checkpoint_every_steps, plan.steps_per_epoch)
+        # Every worker follows the chief's plan, so that all of them stop at the same step.
+        total_steps = distribute.broadcast_from_chief(self.training.strategy,
+                                                      budget_plan.total_steps)
+        budget_plan = dataclasses.replace(budget_plan, total_steps=total_steps)
+        if self.chief:
+            budget.save(config.runtime.model_dir, budget_plan)
+        logging.info("time budget: %s", budget_plan.describe())
+        self.training = self.training.replan(total_steps)
+        self._planned = (time.monotonic(), self.step, budget_plan)
+        return eval_metrics
+
+    def _keep_inside_budget(self) -> bool:
+        """Shortens the plan (never lengthens it) when the run has slowed down since.
+
+        At the pace since planning (evaluations and checkpoints included), the steps left must
+        end inside the budget; if they would overrun it by more than the reserve, the total
+        becomes what fits and the schedule follows. Returns whether the plan changed.
+        """
+        planned_at, planned_step, budget_plan = self._planned
+        if self.step - planned_step < max(budget.MIN_STEPS_TO_PACE,
+                                          self.training.plan.eval_every_steps):
+            return False
+        now = time.monotonic()
+        pace = (now - planned_at) / (self.step - planned_step)
+        left = budget_plan.budget_seconds * (1 - budget.RESERVE_SHARE) - (
+            now - self.budget_started_at)
+        fits = self.step + max(1, int(left / pace))
+        total = distribute.broadcast_from_chief(self.training.strategy,
+                                                min(fits, self.training.plan.total_steps))
+        if total >= self.training.plan.total_steps:
+            return False
+        logging.warning("time budget: the run slowed to %.1f steps/s; %d steps fit, not %d: "
+                        "the schedule now ends there", 1 / pace, total,
+                        self.training.plan.total_steps)
+        budget_plan = dataclasses.replace(budget_plan, total_steps=total)
+        self._planned = (planned_at, planned_step, budget_plan)
+        if self.chief:
+            budget.save(self.training.config.runtime.model_dir, budget_plan)
+        self.training = self.training.replan(total)
+        return True
 
     def _non_finite(self, previous: int) -> None:
         message = (f"non-finite training loss at step {self.step}; nothing was saved after step "
@@ -120,23 +249,27 @@ class Controller:
         logging.warning("%s", message)
         raise Preempted(message, self.step)
 
-    def _log(self, window_steps: int, window_seconds: float, progress: _Progress) -> dict:
+    def _log(self, progress: Optional[_Progress]) -> dict:
         training = self.training
         metrics = training.steps.metrics.result()
         training.steps.metrics.reset()
         scalars = dict(metrics)
         scalars["learning_rate"] = float(training.optimizer.learning_rate.numpy())
-        scalars["images_per_second"] = (window_steps * training.config.optim.batch_size
-                                        / max(window_seconds, 1e-9))
+        scalars["images_per_second"] = (self._window_steps * training.config.optim.batch_size
+                                        / max(self._window_seconds, 1e-9))
+        self._window_steps, self._window_seconds = 0, 0.0
         scale = _loss_scale(training.optimizer)
         if scale is not None:
             scalars["loss_scale"] = scale
         _write_scalars(self.train_writer, scalars, self.step)
-        logging.info("step %d/%d (epoch %.2f) loss %.4f last-exit acc %.3f | %.0f img/s | ETA %s",
-                     self.step, training.plan.total_steps,
+        planning = self.budget_started_at is not None and self._planned is None
+        logging.info("step %d/%s (epoch %.2f) loss %.4f last-exit acc %.3f | %.0f img/s | ETA %s",
+                     self.step, "?" if planning else training.plan.total_steps,
                      self.step / training.plan.steps_per_epoch, metrics["loss/total"],
                      metrics[f"accuracy/exit_{training.model.num_exits}"],
-                     scalars["images_per_second"], progress.eta(self.step))
+                     scalars["images_per_second"],
+                     "(timing the time budget)" if planning or progress is None
+                     else progress.eta(self.step))
         return metrics
 
     def _evaluate(self, eval_data) -> dict:

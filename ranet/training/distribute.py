@@ -103,6 +103,19 @@ def _sums(strategy, values):
     return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
 
+@tf.function
+def _from_replica_zero(strategy, value):
+    def contribution():
+        first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+        return tf.where(first, value, tf.zeros_like(value))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(contribution), axis=None)
+
+
+def broadcast_from_chief(strategy: tf.distribute.Strategy, value: int) -> int:
+    """The chief's ``value`` on every worker: the first replica in sync lives on the chief."""
+    return int(_from_replica_zero(strategy, tf.constant(value, tf.int64)).numpy())
+
+
 def check_workers_agree(strategy: tf.distribute.Strategy, config: config_lib.ExperimentConfig,
                         step: int) -> None:
     """Multi-worker: every worker must run the same configuration from the same step.

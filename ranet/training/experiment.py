@@ -6,12 +6,13 @@ loop that decides when to log, evaluate, save and stop (``controller``).
 """
 
 import os
+import time
 
 import tensorflow as tf
 from absl import logging
 
 from ranet import config as config_lib
-from ranet.training import distribute, model_dir, setup
+from ranet.training import budget, distribute, model_dir, setup
 from ranet.training.controller import Controller
 from ranet.training.preemption import WORKER_LOST_EXIT_CODE, PreemptionWatcher, WorkerLost
 
@@ -31,6 +32,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
     """
     config_lib.require(bool(config.runtime.model_dir),
                        "model_dir is required: pass --model_dir=/path/to/run")
+    started_at = time.monotonic()  # where a time budget starts
     strategy = setup.create_strategy(config.runtime)
     # Created outside strategy.scope(): one local flag per worker.
     watcher = PreemptionWatcher()
@@ -40,7 +42,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
             workdir = model_dir.WorkerDirectory(config.runtime.model_dir,
                                                 distribute.is_chief(strategy),
                                                 task=distribute.task_name(strategy))
-            controller = _prepare(config, flags_text, strategy, watcher, workdir)
+            controller = _prepare(config, flags_text, strategy, watcher, workdir, started_at)
             return controller.run()
     except distribute.PEER_ERRORS as error:
         if distribute.num_workers(strategy) == 1:
@@ -53,7 +55,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
 
 
 def _prepare(config: config_lib.ExperimentConfig, flags_text: str, strategy, watcher,
-             workdir: model_dir.WorkerDirectory) -> Controller:
+             workdir: model_dir.WorkerDirectory, started_at: float) -> Controller:
     """Checks, builds and restores everything the loop needs; returns its controller."""
     runtime, chief = config.runtime, workdir.chief
     setup.check(config, strategy)
@@ -92,13 +94,31 @@ def _prepare(config: config_lib.ExperimentConfig, flags_text: str, strategy, wat
         return (tf.summary.create_file_writer(os.path.join(runtime.model_dir, subdir)) if chief
                 else tf.summary.create_noop_writer())
 
+    budget_started_at = None
+    if config.optim.time_budget is not None:
+        # Every worker reads the chief's plan: a resumed run keeps its schedule.
+        budget_plan = budget.load(runtime.model_dir)
+        if budget_plan is None:
+            budget_started_at = started_at
+            logging.info("%s: %g s of training to plan (--time_budget=%s), starting at %d",
+                         config.model.name, config.optim.time_budget_seconds,
+                         config.optim.time_budget, step)
+        else:
+            if budget_plan.budget_seconds != config.optim.time_budget_seconds:
+                logging.warning("--time_budget=%s, but the run was planned for %g s: it keeps "
+                                "that plan (%s)", config.optim.time_budget,
+                                budget_plan.budget_seconds, budget.PLAN_FILENAME)
+            training = training.replan(budget_plan.total_steps)
+            logging.info("time budget: resuming the plan %s", budget_plan.describe())
     plan = training.plan
-    logging.info("%s: %d steps (%d per epoch, global batch %d over %d replicas), starting at %d",
-                 config.model.name, plan.total_steps, plan.steps_per_epoch,
-                 config.optim.batch_size, strategy.num_replicas_in_sync, step)
+    if budget_started_at is None:
+        logging.info("%s: %d steps (%d per epoch, global batch %d over %d replicas), starting "
+                     "at %d", config.model.name, plan.total_steps, plan.steps_per_epoch,
+                     config.optim.batch_size, strategy.num_replicas_in_sync, step)
     return Controller(training, manager, best, chief=chief,
                       train_writer=writer(model_dir.TRAIN_EVENTS),
-                      eval_writer=writer(model_dir.VALIDATION_EVENTS))
+                      eval_writer=writer(model_dir.VALIDATION_EVENTS),
+                      budget_started_at=budget_started_at)
 
 
 def _worker_lost(error: tf.errors.OpError, step, config: config_lib.ExperimentConfig) -> WorkerLost:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from ranet import config as config_lib
 from ranet import data, devices, models
 from ranet.training import distribute
-from ranet.training.optimizer import create_optimizer
+from ranet.training.optimizer import StepSchedule, create_optimizer, learning_rate_schedule
 from ranet.training.steps import TrainingSteps
 
 
@@ -27,8 +27,16 @@ class Training:
     splits: data.DataSplits
     plan: config_lib.StepPlan
     model: models.StagedClassifier
+    schedule: StepSchedule
     optimizer: keras.optimizers.Optimizer
     steps: TrainingSteps
+
+    def replan(self, total_steps: int) -> "Training":
+        """This training over ``total_steps`` (a time budget's plan): the schedule follows."""
+        plan = config_lib.plan_steps(self.config.optim, self.config.runtime,
+                                     self.plan.steps_per_epoch, total_steps)
+        self.schedule.set_plan(plan)
+        return dataclasses.replace(self, plan=plan)
 
     def train_dataset(self, start_step: int = 0) -> tf.distribute.DistributedDataset:
         """The augmented training stream from global step ``start_step`` on, over the replicas."""
@@ -78,11 +86,13 @@ def build(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy,
         len(splits.train), config.optim.batch_size))
     with strategy.scope():
         keras.utils.set_random_seed(runtime.seed)
-        model = models.get_model(config.model)
-        optimizer = create_optimizer(config.optim, plan, runtime.precision)
+        with models.gradient_equilibrium(config.optim.gradient_equilibrium):
+            model = models.get_model(config.model)
+        schedule = learning_rate_schedule(config.optim, plan)
+        optimizer = create_optimizer(config.optim, schedule, runtime.precision)
         optimizer.build(model.trainable_variables)
         steps = TrainingSteps(model, optimizer, strategy, config.optim, xla=runtime.xla,
                               stop_on_nonfinite=runtime.precision != "mixed_float16",
                               stop_request=stop_request)
     return Training(config=config, strategy=strategy, splits=splits, plan=plan, model=model,
-                    optimizer=optimizer, steps=steps)
+                    schedule=schedule, optimizer=optimizer, steps=steps)

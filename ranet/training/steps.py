@@ -23,6 +23,30 @@ def exit_cross_entropy(labels, logits, label_smoothing: float = 0.0):
     return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
 
 
+def distillation_sums(labels, all_logits, temperature: float, weight: float,
+                      label_smoothing: float = 0.0):
+    """Summed per-exit objective of one-for-all knowledge distillation (Li et al., ICCV 2019).
+
+    Exit k < K: (1 - weight) x cross-entropy + weight x T^2 x KL(q_K || p_k), where q_K and p_k
+    are the softmaxes at temperature T of the last exit (a fixed target: no gradient flows
+    into it) and of exit k; the KL is summed over classes per image (the IMTA code's
+    ``nn.KLDivLoss()`` averaged over classes too, dividing the term by C). The last exit
+    learns from the labels alone. Returns float32 [K], summed over the batch.
+    """
+    labels = tf.cast(labels, tf.int32)
+    teacher = tf.stop_gradient(tf.nn.softmax(tf.cast(all_logits[-1], tf.float32) / temperature))
+    sums = []
+    for logits in all_logits[:-1]:
+        log_student = tf.nn.log_softmax(tf.cast(logits, tf.float32) / temperature)
+        kl = tf.reduce_sum(teacher * (tf.math.log(tf.maximum(teacher, 1e-30)) - log_student),
+                           axis=-1)
+        cross_entropy = exit_cross_entropy(labels, logits, label_smoothing)
+        sums.append(tf.reduce_sum((1.0 - weight) * cross_entropy
+                                  + weight * temperature ** 2 * kl))
+    sums.append(tf.reduce_sum(exit_cross_entropy(labels, all_logits[-1], label_smoothing)))
+    return tf.stack(sums)
+
+
 def _exit_statistics(labels, all_logits, label_smoothing=0.0, weights=None):
     """Summed (optionally weighted) loss and correct predictions of every exit over a batch."""
     labels = tf.cast(labels, tf.int32)
@@ -73,10 +97,11 @@ class TrainingSteps:
     """Compiled train and eval steps for one model, optimizer and strategy.
 
     Loss (from ``optim``): the (optionally weighted) sum over exits of the batch-mean
-    cross-entropy, plus the reference's coupled L2 term ``weight_decay/2 *
-    sum(w**2)`` over every trainable variable (PyTorch SGD's weight_decay),
-    scaled for the replicas; under mixed_float16 the loss is scaled and
-    non-finite steps are skipped by the LossScaleOptimizer.
+    cross-entropy (with ``exit_distillation``, ``distillation_sums`` instead), plus the
+    reference's coupled L2 term ``weight_decay/2 * sum(w**2)`` over every trainable variable
+    (PyTorch SGD's weight_decay), scaled for the replicas; under mixed_float16 the loss is
+    scaled and non-finite steps are skipped by the LossScaleOptimizer. The metrics keep each
+    exit's cross-entropy; ``loss/total`` is the objective.
 
     ``run_steps`` ends early, at a step boundary, when the global loss of a
     step is not finite (with ``stop_on_nonfinite``; leave it off under
@@ -97,6 +122,8 @@ class TrainingSteps:
         self.global_batch_size = optim.batch_size
         self.weight_decay = optim.weight_decay
         self.label_smoothing = optim.label_smoothing
+        self.distillation = ((optim.distillation_temperature, optim.distillation_weight)
+                             if optim.exit_distillation else None)
         self.exit_weights = tf.constant(optim.exit_weights or [1.0] * num_exits, tf.float32)
         self.stop_on_nonfinite = stop_on_nonfinite
         self.stop_request = stop_request
@@ -119,7 +146,9 @@ class TrainingSteps:
         with tf.GradientTape() as tape:
             all_logits = self.model(images, training=True)
             loss_sums, correct = _exit_statistics(labels, all_logits, self.label_smoothing)
-            total = tf.reduce_sum(loss_sums * self.exit_weights)
+            objective = loss_sums if self.distillation is None else distillation_sums(
+                labels, all_logits, *self.distillation, self.label_smoothing)
+            total = tf.reduce_sum(objective * self.exit_weights)
             loss = total / self.global_batch_size
             if self.weight_decay:
                 l2 = self.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in variables])

@@ -20,22 +20,31 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path, capsy
     write_model_dir(vgg_dir, VGG16)
     out = tmp_path / "bench.json"
     _call(inference, f"--model_dir={ranet_dir}", f"--model_dir={vgg_dir}", "--split=test",
-          "--latency_images=5", "--batch_sizes=1,8", "--throughput_images=16", f"--json={out}")
+          "--latency_images=5", "--batch_sizes=1,64", "--throughput_images=16",
+          "--runtimes=tf,litert,litert_int8", "--tf_settings=default,one_thread",
+          "--pytorch_full_ms=23.4", f"--json={out}")
     result = json.loads(out.read_text())
-    assert set(result["latency_ms"]["ranet"]) == {"full", "adaptive", "keras_predict"}
-    assert set(result["latency_ms"]["vgg16"]) == {"full", "keras_predict"}
-    point = result["operating_points"]["ranet"]
+    assert set(result["latency_ms"]["tf"]["ranet"]) == {"full", "adaptive", "keras_predict"}
+    assert set(result["latency_ms"]["tf"]["vgg16"]) == {"full", "keras_predict"}
+    assert set(result["latency_ms"]["litert_int8"]["ranet"]) == {"full", "adaptive"}
+    # The TensorFlow path at another thread setting, timed by a child process.
+    assert set(result["tf_settings_p50_ms"]) == {"default", "one_thread"}
+    assert set(result["tf_settings_p50_ms"]["one_thread"]["vgg16"]) == {"full", "keras_predict"}
+    point = result["operating_points"]["litert"]["ranet"]
     assert abs(sum(point["exit_fractions"]) - 1.0) < 1e-6
     assert {"accuracy", "last_exit_accuracy", "expected_macs", "thresholds"} <= set(point)
-    assert "vgg16" not in result["operating_points"]
-    assert set(result["throughput_ips"]["ranet"]) == {"1", "8"}
-    assert set(result["throughput_ips"]["ranet"]["8"]) == {"full", "adaptive"}
+    assert "vgg16" not in result["operating_points"]["tf"]
+    assert set(result["throughput_ips"]["tf"]["ranet"]) == {"1", "64"}
+    assert set(result["throughput_ips"]["litert"]["ranet"]) == {"1"}
+    assert set(result["throughput_ips"]["tf"]["ranet"]["64"]) == {"full", "adaptive"}
+    assert set(result["best"]) == {"ranet", "vgg16"}
     targets = [t["target"] for t in result["targets"]]
-    assert any("keras_predict / adaptive" in t for t in targets)
-    assert any("vgg16 full / ranet adaptive" in t for t in targets)
-    assert all(t["measured"] > 0 for t in result["targets"])
+    for expected in ("best: vgg16", "litert: vgg16 full / ranet adaptive",
+                     "tf adaptive / litert adaptive", "reference PyTorch full",
+                     "litert full pass MAC/s", "int8 - fp32 accuracy", "fp32 / int8 latency"):
+        assert any(expected in t for t in targets), expected
     printed = capsys.readouterr().out
-    assert "target" in printed and "b=8" in printed
+    assert "target" in printed and "b=64" in printed and "one_thread" in printed
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from helpers import SYNTHETIC_DATA as SYNTHETIC
 from helpers import HAND_COST as COST
 from helpers import HAND_EXIT_1 as EXIT_1
 from helpers import HAND_EXIT_2 as EXIT_2
-from helpers import HAND_LABELS as LABELS
+from helpers import hand_images
 from ranet import costs, data
 from ranet.inference import evaluation
 
@@ -31,9 +31,8 @@ def test_missing_test_split_is_a_clear_error():
 
 def _hand_evaluation(**options):
     probabilities = np.array([EXIT_1, EXIT_2], np.float32)
-    images = evaluation.EvaluationImages("calibration", np.zeros((4, 1)), LABELS, "report",
-                                         np.zeros((4, 1)), LABELS, num_classes=2)
-    return evaluation.evaluate_exits(probabilities, probabilities, COST, images, name="ranet",
+    return evaluation.evaluate_exits(probabilities, probabilities, COST, hand_images(),
+                                     name="ranet",
                                      model_dir="/runs/ranet", checkpoint="ckpt-1", **options)
 
 
@@ -59,8 +58,7 @@ def test_operating_points_match_a_hand_computation():
 
 def test_a_one_exit_model_has_no_operating_points():
     probabilities = np.array([EXIT_2], np.float32)
-    images = evaluation.EvaluationImages("c", np.zeros((4, 1)), LABELS, "r", np.zeros((4, 1)),
-                                         LABELS, num_classes=2)
+    images = hand_images()
     cost = costs.ModelCost("vgg16", 1, [costs.ExitCost(1, 5, 1)])
     result = evaluation.evaluate_exits(probabilities, probabilities, cost, images, name="vgg16",
                                        model_dir="", checkpoint="", budgets_mflops=(1,))

@@ -25,7 +25,8 @@ def _restore_variables(directory, checkpoint_name, precision="fp32"):
     plan = config_lib.plan_steps(config.optim, config.runtime, steps_per_epoch=1)
     with devices.precision_policy(precision):
         model = get_model(config.model)
-        sgd = optimizer.create_optimizer(config.optim, plan, precision)
+        sgd = optimizer.create_optimizer(
+            config.optim, optimizer.learning_rate_schedule(config.optim, plan), precision)
         sgd.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(**model_dir.trackables(model, sgd), global_step=step)

@@ -38,7 +38,7 @@ def test_cosine_warms_up_linearly_then_decays_to_zero():
                                                  ("mixed_float16", True)])
 def test_loss_scaling_only_under_float16(precision, wrapped):
     optim = config_lib.OptimConfig(train_steps=10)
-    optimizer = create_optimizer(optim, _plan(optim), precision)
+    optimizer = create_optimizer(optim, learning_rate_schedule(optim, _plan(optim)), precision)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == wrapped
     inner = optimizer.inner_optimizer if wrapped else optimizer
     assert isinstance(inner, keras.optimizers.SGD) and inner.momentum == 0.9

@@ -12,14 +12,14 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Callable, List, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 
-from ranet import costs, data, jsonio
+from ranet import costs, data
 from ranet.config import ExperimentConfig, flag, require
 from ranet.costs import ModelCost
-from ranet.inference import adaptive, evaluation
+from ranet.inference import adaptive
 from ranet.models import StagedClassifier
 from ranet.training import model_dir as model_dir_lib
 
@@ -27,16 +27,24 @@ DEFAULT_POINT = ("cheapest point calibrated on the validation split whose accura
                  "1 point of the last exit's")
 
 
+FORMATS = ("saved_model", "litert")
+LITERT_PRECISIONS = ("fp32", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
-    """What to export, where, and at which operating point (the flags of ``ranet.export``)."""
+    """What to export, where, and at which operating points (the flags of ``ranet.export``)."""
     model_dir: str = flag("", "Model directory written by ranet.train.")
     export_dir: str = flag("", "Folder to write; for TF Serving, <base path>/<version number>.")
+    format: str = flag("saved_model", "saved_model: a SavedModel for TF Serving; litert: one "
+                       "LiteRT file per stage and manifest.json, for CPUs and edge devices.",
+                       choices=FORMATS)
     checkpoint: str = flag("best", "best: best on validation (falling back to the latest); "
                            "latest.", choices=model_dir_lib.CHECKPOINT_CHOICES)
-    budget_mflops: Optional[float] = flag(
-        None, "Serve the most accurate operating point calibrated within this many million "
-        "multiply-adds per image.", kind="float")
+    budget_mflops: tuple = flag(
+        (), "Compute budgets in million multiply-adds per image: the most accurate point "
+        "calibrated within each. The SavedModel serves one; the LiteRT manifest records each "
+        "beside the default point.", kind="floats")
     threshold: Optional[float] = flag(
         None, "Serve one fixed confidence threshold at every exit but the last (the seed's "
         "0.85). Default (neither this nor --budget_mflops): the cheapest calibrated point "
@@ -47,31 +55,43 @@ class ExportOptions:
         None, "Where the dataset is, instead of the data_dir in config.json (needed for the "
         "training statistics and calibration).", kind="str")
     overwrite: bool = flag(False, "Replace a non-empty --export_dir.")
+    litert_precision: tuple = flag(
+        LITERT_PRECISIONS, "LiteRT: fp32, and int8 (full-integer post-training quantisation "
+        "with float32 inputs and outputs); each gets its own files and thresholds.",
+        kind="list")
+    representative_images: int = flag(
+        256, "LiteRT int8: training images that calibrate the quantisation ranges.")
 
     def __post_init__(self):
         require(bool(self.model_dir), "--model_dir is required: the model directory to export")
         require(bool(self.export_dir), "--export_dir is required: the folder to write")
-        require(self.budget_mflops is None or self.threshold is None,
+        require(not (self.budget_mflops and self.threshold is not None),
                 "--budget_mflops and --threshold both choose the thresholds; pass at most one. "
-                f"Received: budget_mflops={self.budget_mflops}, threshold={self.threshold}")
-        require(self.budget_mflops is None or (math.isfinite(self.budget_mflops)
-                                               and self.budget_mflops > 0),
+                f"Received: budget_mflops={list(self.budget_mflops)}, threshold={self.threshold}")
+        require(all(math.isfinite(b) and b > 0 for b in self.budget_mflops),
                 "--budget_mflops must be a positive number of million multiply-adds per image. "
-                f"Received: budget_mflops={self.budget_mflops}")
+                f"Received: budget_mflops={list(self.budget_mflops)}")
+        require(self.format != "saved_model" or len(self.budget_mflops) <= 1,
+                "a SavedModel serves one operating point: pass one --budget_mflops (the LiteRT "
+                f"manifest records several). Received: budget_mflops={list(self.budget_mflops)}")
         require(self.threshold is None or not math.isnan(self.threshold),
                 f"--threshold must be a number. Received: threshold={self.threshold}")
+        require(bool(self.litert_precision) and all(
+            p in LITERT_PRECISIONS for p in self.litert_precision),
+                f"litert_precision must be one or more of {', '.join(LITERT_PRECISIONS)}. "
+                f"Received: litert_precision={','.join(self.litert_precision)}")
+        require(self.representative_images > 0, "--representative_images must be positive. "
+                f"Received: {self.representative_images}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RestoredModel:
-    """A trained model ready to export: weights, statistics, cost and thresholds to serve."""
+    """A trained model ready to export: its configuration, weights, statistics and cost."""
     config: ExperimentConfig
     model: StagedClassifier
     checkpoint: str
     splits: data.DataSplits
     cost: ModelCost
-    thresholds: List[float]         # one per exit, on the options' confidence scale
-    operating_point: dict           # how the thresholds were chosen
 
 
 def check_export_dir(options: ExportOptions) -> None:
@@ -96,49 +116,41 @@ def _refuse_non_empty(export_dir: str, overwrite: bool) -> None:
                          f"version number). Received: export_dir={export_dir}")
 
 
-def _operating_point(num_exits: int, options: ExportOptions, num_validation_images: int) -> dict:
+def operating_point(num_exits: int, options: ExportOptions, num_validation_images: int) -> dict:
     """How the thresholds were chosen, for the metadata file."""
     if num_exits == 1:
         return {"rule": "single_exit"}
     if options.threshold is not None:
         return {"rule": "fixed_threshold", "threshold": options.threshold}
     calibration = {"calibrated_on": "validation", "num_images": num_validation_images}
-    if options.budget_mflops is not None:
-        return {"rule": "budget", "budget_mflops": options.budget_mflops,
-                "description": "most accurate calibrated point within the budget", **calibration}
+    if options.budget_mflops:
+        return {"rule": "budget", "budget_mflops": list(options.budget_mflops),
+                "description": "most accurate calibrated point within each budget",
+                "default": DEFAULT_POINT, **calibration}
     return {"rule": "default", "description": DEFAULT_POINT, **calibration}
 
 
 def restore(options: ExportOptions) -> RestoredModel:
-    """Checks the destination, restores the model and calibrates the thresholds to serve."""
+    """Checks the destination, then restores the model and its data."""
     check_export_dir(options)
     config, model, checkpoint = model_dir_lib.restore_model(options.model_dir,
                                                             options.checkpoint)
     logging.info("restored %s", checkpoint)
-    splits = data.load_splits(config.data.with_data_dir(options.data_dir))
-    cost = costs.count(model)
-    if model.num_exits > 1 and options.threshold is None:
-        logging.info("calibrating the thresholds on %d validation images", len(splits.validation))
-    thresholds = evaluation.operating_thresholds(
-        model, cost, splits, budget_mflops=options.budget_mflops, threshold=options.threshold,
-        confidence_kind=options.confidence)
-    logging.info("thresholds (%s): %s", options.confidence, thresholds)
-    return RestoredModel(config=config, model=model, checkpoint=checkpoint, splits=splits,
-                         cost=cost, thresholds=thresholds,
-                         operating_point=_operating_point(model.num_exits, options,
-                                                          len(splits.validation)))
+    return RestoredModel(config=config, model=model, checkpoint=checkpoint,
+                         splits=data.load_splits(config.data.with_data_dir(options.data_dir)),
+                         cost=costs.count(model))
 
 
 def metadata(restored: RestoredModel, options: ExportOptions) -> dict:
-    """What every export records beside its files: thresholds, costs, normalisation, origin."""
+    """What every export records beside its files: costs, normalisation, origin, the rule."""
     model = restored.model
     return {
         "model": restored.config.model.name,
         "num_exits": model.num_exits,
         "num_classes": model.num_classes,
         "confidence": options.confidence,
-        "thresholds": [jsonio.number(t) for t in restored.thresholds],
-        "operating_point": restored.operating_point,
+        "operating_point": operating_point(model.num_exits, options,
+                                           len(restored.splits.validation)),
         "exit_macs": [e.macs for e in restored.cost.exits],
         "params": restored.cost.params,
         "normalization": {"formula": "(images / 255 - mean) / std",
@@ -150,11 +162,11 @@ def metadata(restored: RestoredModel, options: ExportOptions) -> dict:
     }
 
 
-def write_atomically(options: ExportOptions, write: Callable[[str], None]) -> None:
+def write_atomically(options: ExportOptions, write: Callable[[str], Any]) -> Any:
     """Calls ``write(staging_dir)``, then renames the staging folder to ``export_dir``.
 
     The staging folder is a hidden sibling, which TF Serving ignores (its name is not a
-    version number). A failure leaves export_dir as it was.
+    version number). A failure leaves export_dir as it was. Returns what ``write`` returned.
     """
     export_dir = os.path.abspath(options.export_dir)
     parent, name = os.path.split(export_dir)
@@ -162,7 +174,7 @@ def write_atomically(options: ExportOptions, write: Callable[[str], None]) -> No
     staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     replaced = None
     try:
-        write(staging)
+        written = write(staging)
         # Again: something may have appeared there while the model was calibrated and saved.
         _refuse_non_empty(export_dir, options.overwrite)
         if os.path.isdir(export_dir) and os.listdir(export_dir):
@@ -186,3 +198,4 @@ def write_atomically(options: ExportOptions, write: Callable[[str], None]) -> No
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     logging.info("exported to %s", export_dir)
+    return written

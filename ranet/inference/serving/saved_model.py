@@ -28,14 +28,14 @@ thresholds are written as the strings "inf" / "-inf": ``float(t)`` reads every e
 """
 
 import os
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from ranet import data, jsonio
-from ranet.inference import adaptive
+from ranet.inference import adaptive, calibration, evaluation
 from ranet.inference.serving import exporting
 
 SIGNATURE_NAMES = ("serving_default", "adaptive", "all_exits")
@@ -70,7 +70,7 @@ def build_serving_module(model, thresholds: Sequence[float], mean: Sequence[floa
         raise ValueError("mean and std need 3 values each (one per RGB channel, 0..1 units), "
                          f"std positive. Received: mean={mean.tolist()}, std={std.tolist()}")
     # Built before the module so that a bad confidence_kind fails before anything is traced.
-    predictor = adaptive.AdaptivePredictor(model, confidence_kind)
+    predictor = adaptive.AdaptivePredictor(model, confidence_kind, normalization=(mean, std))
     num_exits, image_shape = model.num_exits, model.image_shape
 
     module = tf.Module(name="ranet_serving")
@@ -80,26 +80,42 @@ def build_serving_module(model, thresholds: Sequence[float], mean: Sequence[floa
     images_spec = tf.TensorSpec([None, *image_shape], tf.float32, name="images")
     thresholds_spec = tf.TensorSpec([num_exits], tf.float32, name="thresholds")
 
-    def normalized(images):
-        return data.normalize(images, mean, std)
-
     @tf.function(input_signature=[images_spec])
     def serving_default(images):
-        return predictor.predict_batch(normalized(images), module.thresholds.read_value())
+        return predictor.predict_batch(images, module.thresholds.read_value())
 
     @tf.function(input_signature=[images_spec, thresholds_spec])
     def adaptive_exit(images, thresholds):
-        return predictor.predict_batch(normalized(images), thresholds)
+        return predictor.predict_batch(images, thresholds)
 
     @tf.function(input_signature=[images_spec])
     def all_exits(images):
-        logits = model(normalized(images), training=False)
+        logits = model(data.normalize(images, mean, std), training=False)
         return {f"logits_exit_{k}": exit_logits for k, exit_logits in enumerate(logits, start=1)}
 
     module.serving_default = serving_default
     module.adaptive = adaptive_exit
     module.all_exits = all_exits
     return module
+
+
+def serving_thresholds(restored: exporting.RestoredModel,
+                       options: exporting.ExportOptions) -> List[float]:
+    """The one operating point the SavedModel serves, calibrated on the validation split."""
+    model, splits = restored.model, restored.splits
+    if options.threshold is not None:
+        return [float(t) for t in calibration.fixed_threshold(options.threshold,
+                                                              model.num_exits)]
+    if model.num_exits > 1:
+        logging.info("calibrating the thresholds on %d validation images", len(splits.validation))
+    probabilities = adaptive.all_exit_probabilities(
+        model, data.normalize(splits.validation.images, splits.mean, splits.std))
+    chosen = evaluation.operating_thresholds(
+        probabilities, splits.validation.labels, [e.macs for e in restored.cost.exits],
+        splits.num_classes, confidence_kind=options.confidence,
+        budgets_mflops=options.budget_mflops)
+    return chosen["budgets"][f"{options.budget_mflops[0]:g}"] if options.budget_mflops \
+        else chosen["default"]
 
 
 def export(options: exporting.ExportOptions) -> dict:
@@ -109,10 +125,13 @@ def export(options: exporting.ExportOptions) -> dict:
     """
     restored = exporting.restore(options)
     model = restored.model
-    module = build_serving_module(model, restored.thresholds, restored.splits.mean,
+    thresholds = serving_thresholds(restored, options)
+    logging.info("thresholds (%s): %s", options.confidence, thresholds)
+    module = build_serving_module(model, thresholds, restored.splits.mean,
                                   restored.splits.std, options.confidence)
     metadata = {
         **exporting.metadata(restored, options),
+        "thresholds": [jsonio.number(t) for t in thresholds],
         "inputs": {"images": f"float32 [N, {', '.join(map(str, model.image_shape))}], raw RGB "
                              "pixel values in 0..255"},
         "signatures": list(SIGNATURE_NAMES),

@@ -1,0 +1,233 @@
+"""A trained model as LiteRT files, one per stage, for CPUs and edge devices (TensorFlow side).
+
+``python -m ranet.export --format=litert --model_dir=... --export_dir=...`` writes
+
+    <export_dir>/manifest.json            stages, tensor names, costs, normalisation,
+                                          thresholds per precision and how they were chosen
+    <export_dir>/fp32/stage<k>.tflite     float32
+    <export_dir>/int8/stage<k>.tflite     full-integer post-training quantisation
+
+Stage k reads the features it needs (stage 1: raw RGB pixels, float32 [1, H, W, 3] in 0..255,
+normalised inside) and returns its exit's logits and the features later stages read, all
+float32 with a static batch of 1. Only builtin ops: no Flex or Select-TF. A baseline is one
+stage. ``litert_runtime`` runs the files with nothing but ``ai-edge-litert`` and numpy.
+
+How the graphs are made: the model is rebuilt in the serving layout (``models.layers``: no
+channel slices across stages, pooling as a depthwise convolution, so that int8 runs wholly on
+XNNPACK) with the trained weights; each stage is traced with ``training=False``, its variables
+frozen into constants (batch norm then folds into the convolutions), saved as a SavedModel
+signature (which names the tensors) and converted.
+"""
+
+import dataclasses
+import os
+import tempfile
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+from ranet import data, jsonio, models
+from ranet.config import check_choice
+from ranet.inference import evaluation
+from ranet.inference.serving import exporting, litert_runtime
+from ranet.models.layers import serving_layout
+from ranet.models.staged import IMAGES, LOGITS
+
+SIGNATURE = litert_runtime.SIGNATURE
+
+
+@dataclasses.dataclass(frozen=True)
+class StageGraph:
+    """One stage as a LiteRT file: its bytes and the names of its input and output tensors."""
+    content: bytes
+    inputs: List[str]
+    outputs: List[str]
+
+
+def serving_model(model: models.StagedClassifier, model_config) -> models.StagedClassifier:
+    """``model`` rebuilt in the serving layout, with its weights (matched by variable path)."""
+    with serving_layout():
+        served = models.get_model(model_config)
+    weights = {variable.path: variable for variable in model.variables}
+    missing = [v.path for v in served.variables if v.path not in weights]
+    if missing:
+        raise ValueError(f"the serving layout has variables the model lacks: {missing[:5]}")
+    for variable in served.variables:
+        variable.assign(weights[variable.path])
+    return served
+
+
+def _stage_function(model: models.StagedClassifier, k: int, mean, std):
+    """Stage k as a function of a dict of batch-1 inputs; stage 1 takes raw pixels."""
+    stage = model.stages[k]
+    read_later = set().union(*map(set, model.stage_inputs[k + 1:]))
+    features = sorted(name for name in stage.output if name != LOGITS and name in read_later)
+
+    def run(inputs):
+        inputs = dict(inputs)
+        if IMAGES in inputs:
+            inputs[IMAGES] = data.normalize(inputs[IMAGES], mean, std)
+        outputs = stage(inputs, training=False)
+        return {LOGITS: outputs[LOGITS], **{name: outputs[name] for name in features}}
+
+    specs = {name: tf.TensorSpec([1, *stage.input[name].shape[1:]], tf.float32, name=name)
+             for name in model.stage_inputs[k]}
+    return run, specs
+
+
+def _frozen_saved_model(run, specs, directory: str) -> None:
+    """Saves ``run`` with its variables frozen into constants, as the default signature."""
+    concrete = tf.function(run).get_concrete_function(specs)
+    frozen = convert_variables_to_constants_v2(concrete)
+
+    # Freezing flattens the outputs; the signature names them again (tf.nest order).
+    @tf.function(input_signature=[specs])
+    def serve(inputs):
+        return tf.nest.pack_sequence_as(concrete.structured_outputs,
+                                        frozen(*tf.nest.flatten(inputs)))
+
+    tf.saved_model.save(tf.Module(), directory, signatures={SIGNATURE: serve})
+
+
+def stage_inputs_on(model: models.StagedClassifier, pixels: np.ndarray, mean,
+                    std) -> List[Dict[str, np.ndarray]]:
+    """What each stage of ``model`` reads on ``pixels`` (uint8 [N, H, W, 3]), batch first."""
+    features = {IMAGES: data.normalize(pixels, mean, std)}
+    per_stage = []
+    for k in range(model.num_exits):
+        per_stage.append({name: (pixels.astype(np.float32) if name == IMAGES else features[name])
+                          for name in model.stage_inputs[k]})
+        _, new_features = model.run_stage(k, features)
+        features.update({name: value.numpy() for name, value in new_features.items()})
+    return per_stage
+
+
+def convert(model: models.StagedClassifier, mean, std, precision: str,
+            representative: Sequence[Dict[str, np.ndarray]] = ()) -> List[StageGraph]:
+    """Every stage of a serving-layout model as LiteRT bytes.
+
+    Args:
+        model: from ``serving_model``.
+        mean, std: the training split's statistics (0..1 units); stage 1 normalises with them.
+        precision: "fp32", or "int8" (full-integer quantisation with float32 inputs and
+            outputs, calibrated on ``representative``: what each stage reads on training
+            images, from ``stage_inputs_on``).
+    """
+    check_choice("litert_precision", precision, litert_runtime.PRECISIONS)
+    graphs = []
+    with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
+        for k in range(model.num_exits):
+            run, specs = _stage_function(model, k, mean, std)
+            directory = os.path.join(scratch, f"stage{k + 1}")
+            _frozen_saved_model(run, specs, directory)
+            converter = tf.lite.TFLiteConverter.from_saved_model(directory)
+            if precision == "int8":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = _representative(representative[k])
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                converter.inference_input_type = tf.float32
+                converter.inference_output_type = tf.float32
+            else:
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            content = converter.convert()
+            signature = litert_runtime.signature_names(content)
+            graphs.append(StageGraph(content, inputs=signature["inputs"],
+                                     outputs=signature["outputs"]))
+    return graphs
+
+
+def _representative(inputs: Dict[str, np.ndarray]):
+    def samples() -> Iterator[Dict[str, np.ndarray]]:
+        for i in range(len(next(iter(inputs.values())))):
+            yield {name: values[i:i + 1] for name, values in inputs.items()}
+    return samples
+
+
+def calibrated_thresholds(stages: litert_runtime.LiteRTStages, splits: data.DataSplits,
+                          exit_macs: Sequence[int], options: exporting.ExportOptions) -> dict:
+    """The default point's thresholds and each budget's (and the fixed one's, if asked for).
+
+    Calibrated on the whole validation split, as the SavedModel's are, but on these stages'
+    own logits: int8 answers differ from float32 ones.
+    """
+    probabilities = litert_runtime.softmax(stages.all_exit_logits(splits.validation.images))
+    chosen = evaluation.operating_thresholds(
+        probabilities, splits.validation.labels, exit_macs, splits.num_classes,
+        confidence_kind=options.confidence, budgets_mflops=options.budget_mflops,
+        threshold=options.threshold)
+    return {name: ({budget: [jsonio.number(t) for t in values]
+                    for budget, values in thresholds.items()} if name == "budgets"
+                   else [jsonio.number(t) for t in thresholds])
+            for name, thresholds in chosen.items()}
+
+
+def write(directory: str, model: models.StagedClassifier, mean, std,
+          precisions: Sequence[str], representative: Sequence[Dict[str, np.ndarray]],
+          metadata: dict) -> dict:
+    """Converts a serving-layout model and writes its stage files and manifest.json.
+
+    Args:
+        directory: an existing, empty folder.
+        metadata: entries the manifest starts from (``exporting.metadata``; at least
+            ``num_exits``, ``num_classes`` and ``confidence``).
+
+    Returns:
+        The manifest written: ``metadata`` plus the format, the input, the stages' tensor
+        names and each precision's files (thresholds come later: ``calibrated_thresholds``).
+    """
+    graphs = {}
+    for precision in precisions:
+        logging.info("converting %d stages to LiteRT (%s)", model.num_exits, precision)
+        graphs[precision] = convert(model, mean, std, precision, representative)
+    names = {precision: [{"inputs": graph.inputs, "outputs": graph.outputs} for graph in stages]
+             for precision, stages in graphs.items()}
+    stage_names = names[precisions[0]]
+    if any(stages != stage_names for stages in names.values()):
+        raise RuntimeError(f"the precisions' stage signatures differ: {names}")
+    manifest = {**metadata, "format": litert_runtime.FORMAT,
+                "input": {"name": IMAGES, "shape": [1, *model.image_shape], "dtype": "float32",
+                          "values": "raw RGB pixels in 0..255; stage 1 normalises them"},
+                "stages": stage_names, "precisions": {}, "tensorflow_version": tf.__version__}
+    for precision, stage_graphs in graphs.items():
+        os.makedirs(os.path.join(directory, precision))
+        files = []
+        for k, graph in enumerate(stage_graphs, start=1):
+            files.append(f"{precision}/stage{k}.tflite")
+            with open(os.path.join(directory, files[-1]), "wb") as f:
+                f.write(graph.content)
+        manifest["precisions"][precision] = {"files": files}
+    jsonio.write(os.path.join(directory, litert_runtime.MANIFEST), manifest)
+    return manifest
+
+
+def export(options: exporting.ExportOptions) -> dict:
+    """Writes the LiteRT stage files and manifest.json of ``options.model_dir``."""
+    restored = exporting.restore(options)
+    splits = restored.splits
+    model = serving_model(restored.model, restored.config.model)
+    exit_macs = [e.macs for e in restored.cost.exits]
+    representative = []
+    if "int8" in options.litert_precision:
+        rows = np.random.default_rng(0).choice(len(splits.train), options.representative_images,
+                                              replace=False)
+        representative = stage_inputs_on(model, splits.train.images[np.sort(rows)], splits.mean,
+                                         splits.std)
+    metadata = exporting.metadata(restored, options)
+    metadata["operating_point"]["outputs"] = "each precision's own LiteRT logits"
+
+    def write_files(staging: str) -> None:
+        manifest = write(staging, model, splits.mean, splits.std, options.litert_precision,
+                         representative, metadata)
+        for precision in options.litert_precision:
+            logging.info("calibrating the %s thresholds on %d validation images", precision,
+                         len(splits.validation))
+            stages = litert_runtime.LiteRTStages(staging, precision, num_threads=os.cpu_count())
+            manifest["precisions"][precision]["thresholds"] = calibrated_thresholds(
+                stages, splits, exit_macs, options)
+        jsonio.write(os.path.join(staging, litert_runtime.MANIFEST), manifest)
+        return manifest
+
+    return exporting.write_atomically(options, write_files)

@@ -1,0 +1,189 @@
+"""Runs a LiteRT export (``litert``) with real early exit, needing only ai-edge-litert and numpy.
+
+One interpreter per stage (XNNPACK, LiteRT's default CPU delegate, with ``num_threads``).
+Stage k's inputs are copied straight from the output buffers of the stages that made them
+into its own input buffers, once each, just before it runs: nothing is copied for a stage
+that does not run, and no feature passes through an intermediate array.
+
+The adaptive loop, as a client writes it with LiteRT's C++, Java or Kotlin API (the
+manifest gives the files, the tensor names and the thresholds):
+
+    features = {"images": pixels}                     # float32 [1, H, W, 3], 0..255
+    for k, stage in enumerate(manifest["stages"]):
+        for name in stage["inputs"]:                  # each from the stage that made it
+            interpreter[k].input(name).copy_from(features[name])
+        interpreter[k].invoke()
+        features.update(interpreter[k].outputs())     # views of its output buffers
+        p = softmax(features["logits"])
+        if k == last or confidence(p) >= thresholds[k]:   # max(p), or sum(p log p)
+            return argmax(p), k + 1                   # the class and the exit it left at
+"""
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from ranet import jsonio
+
+FORMAT = "ranet-litert-stages/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "serving_default"
+PRECISIONS = ("fp32", "int8")
+IMAGES, LOGITS = "images", "logits"
+# The names ranet.inference.adaptive gives them (this module must not import TensorFlow).
+MAX_SOFTMAX, ENTROPY = "max_softmax", "entropy"
+
+
+def signature_names(content: bytes) -> Dict[str, List[str]]:
+    """The input and output tensor names of a stage file's signature."""
+    signature = Interpreter(model_content=content).get_signature_list()[SIGNATURE]
+    return {"inputs": list(signature["inputs"]), "outputs": list(signature["outputs"])}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in float32."""
+    logits = np.asarray(logits, np.float32)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def confidence(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """How sure each row is, higher is surer: max softmax, or the negative entropy."""
+    if kind == MAX_SOFTMAX:
+        return probabilities.max(axis=-1)
+    if kind == ENTROPY:
+        safe = np.where(probabilities > 0, probabilities, 1.0)
+        return np.sum(probabilities * np.log(safe), axis=-1)
+    raise ValueError(f"confidence must be one of {MAX_SOFTMAX}, {ENTROPY}. "
+                     f"Received: confidence={kind!r}")
+
+
+def read_manifest(export_dir: str) -> dict:
+    path = os.path.join(export_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: {export_dir} is not a LiteRT export. "
+                                "Write one with python -m ranet.export --format=litert.")
+    manifest = jsonio.read(path, "Export the model again with python -m ranet.export "
+                                 "--format=litert.")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a manifest this runtime reads (format "
+                         f"{manifest.get('format')!r}, expected {FORMAT!r}). Export the model "
+                         "again with this version of ranet.")
+    return manifest
+
+
+class LiteRTStages:
+    """The stage interpreters of one precision of an export, wired feature to feature.
+
+    Args:
+        export_dir: a folder written by ``python -m ranet.export --format=litert``.
+        precision: one of the precisions the export holds ("fp32", "int8").
+        num_threads: XNNPACK threads per interpreter (None: LiteRT's default, one).
+    """
+
+    def __init__(self, export_dir: str, precision: str = "fp32",
+                 num_threads: Optional[int] = None):
+        self.manifest = read_manifest(export_dir)
+        available = self.manifest["precisions"]
+        if precision not in available:
+            raise ValueError(f"precision must be one of {', '.join(available)} (what "
+                             f"{export_dir} holds). Received: precision={precision!r}")
+        self.precision = precision
+        self.num_exits = self.manifest["num_exits"]
+        self.num_classes = self.manifest["num_classes"]
+        self.image_shape = tuple(self.manifest["input"]["shape"])
+        self.interpreters = [Interpreter(model_path=os.path.join(export_dir, path),
+                                         num_threads=num_threads)
+                             for path in available[precision]["files"]]
+        inputs, outputs = [], []
+        for interpreter in self.interpreters:
+            runner = interpreter.get_signature_runner(SIGNATURE)
+            inputs.append({name: d["index"] for name, d in runner.get_input_details().items()})
+            outputs.append({name: d["index"] for name, d in runner.get_output_details().items()})
+            del runner  # it holds the interpreter; allocate and invoke without it
+            interpreter.allocate_tensors()
+        self._image = self.interpreters[0].tensor(inputs[0][IMAGES])
+        self._logits = [interpreter.tensor(out[LOGITS])
+                        for interpreter, out in zip(self.interpreters, outputs)]
+        # For each stage: (its input buffer, the output buffer of the stage that made it).
+        self._copies = []
+        for k, stage_inputs in enumerate(inputs):
+            copies = []
+            for name, index in stage_inputs.items():
+                if name == IMAGES:
+                    continue
+                producer = max((j for j in range(k) if name in outputs[j]), default=None)
+                if producer is None:
+                    raise ValueError(f"stage {k + 1} reads {name!r}, which no earlier stage "
+                                     f"outputs: {export_dir} is damaged; export it again.")
+                copies.append((self.interpreters[k].tensor(index),
+                               self.interpreters[producer].tensor(outputs[producer][name])))
+            self._copies.append(copies)
+
+    def run_stage(self, k: int, image: Optional[np.ndarray] = None) -> np.ndarray:
+        """Runs stage k (0-based) on the features the earlier stages left; returns its logits.
+
+        Stage 0 takes ``image``: raw RGB pixels [H, W, 3] or [1, H, W, 3], any real dtype.
+        Stage k > 0 reads what stages < k computed for the same image, so run them in order.
+        """
+        if k == 0:
+            np.copyto(self._image(), np.reshape(image, self.image_shape), casting="unsafe")
+        for destination, source in self._copies[k]:
+            np.copyto(destination(), source())
+        self.interpreters[k].invoke()
+        return self._logits[k]()[0].copy()
+
+    def all_exit_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits of every exit for every image, float32 [K, N, C], one image at a time."""
+        logits = np.empty((self.num_exits, len(images), self.num_classes), np.float32)
+        for i, image in enumerate(images):
+            for k in range(self.num_exits):
+                logits[k, i] = self.run_stage(k, image)
+        return logits
+
+
+class LiteRTPredictor:
+    """Early exit on ``LiteRTStages``: stage k runs only while no exit before it was sure.
+
+    Args:
+        stages: the interpreters of one precision.
+        thresholds: one per exit on the manifest's confidence scale, or the name of a set the
+            manifest holds for this precision: "default", "fixed", or a budget in million
+            multiply-adds ("20").
+    """
+
+    def __init__(self, stages: LiteRTStages, thresholds: Union[str, Sequence[float]] = "default"):
+        self.stages = stages
+        self.confidence_kind = stages.manifest["confidence"]
+        if isinstance(thresholds, str):
+            thresholds = self._named(thresholds)
+        self.thresholds = [float(t) for t in thresholds]
+        if len(self.thresholds) != stages.num_exits:
+            raise ValueError(f"thresholds needs one value per exit ({stages.num_exits}). "
+                             f"Received: thresholds={self.thresholds}")
+
+    def _named(self, name: str) -> List[float]:
+        sets = self.stages.manifest["precisions"][self.stages.precision]["thresholds"]
+        named = {**{k: v for k, v in sets.items() if k != "budgets"}, **sets["budgets"]}
+        if name not in named:
+            raise ValueError(f"thresholds must be one of {', '.join(named)} (what the manifest "
+                             f"holds). Received: thresholds={name!r}")
+        return named[name]
+
+    def predict(self, image: np.ndarray) -> Tuple[int, int, np.ndarray]:
+        """(class, exit (1-based), softmax of that exit) for one image of raw pixels."""
+        last = self.stages.num_exits - 1
+        for k in range(last + 1):
+            probabilities = softmax(self.stages.run_stage(k, image))
+            if k == last or confidence(probabilities, self.confidence_kind) >= self.thresholds[k]:
+                return int(np.argmax(probabilities)), k + 1, probabilities
+        raise AssertionError("unreachable: the last exit takes every image")
+
+    def predict_batch(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        """``predict`` over images [N, H, W, 3]: {"classes", "exits", "probabilities"}."""
+        answers = [self.predict(image) for image in images]
+        return {"classes": np.array([a[0] for a in answers], np.int32),
+                "exits": np.array([a[1] for a in answers], np.int32),
+                "probabilities": np.stack([a[2] for a in answers])}

@@ -1,0 +1,122 @@
+"""Time-budgeted training: how many steps fit in the time a run was given.
+
+A run with ``--time_budget`` trains for a while first (the probe), measuring how long its steps
+take as the loop runs them, and how long an evaluation and a checkpoint take; then it plans
+the total number of steps so that training, every evaluation and checkpoint to come, and the
+final ones end inside the budget (minus a small reserve). The schedule is then fitted to that total (``StepSchedule.set_plan``), and the plan
+is written into the model directory: a resumed run follows it rather than measuring again,
+so that the schedule stays one schedule. If the machine slows down later, the run shortens
+its plan at a log line (never lengthens it), so that it still ends in time.
+"""
+
+import dataclasses
+import os
+from typing import Optional
+
+from ranet import jsonio
+
+PLAN_FILENAME = "budget_plan.json"
+# Kept back from the budget for what a plan cannot foresee: logging and summaries, the
+# machine slowing down.
+RESERVE_SHARE = 0.03
+# Steps after the plan before the pace since then is trusted to shorten it.
+MIN_STEPS_TO_PACE = 20
+# How long (share of the budget, within these bounds) the probe lasts.
+PROBE_SHARE, MIN_PROBE_SECONDS, MAX_PROBE_SECONDS = 0.02, 2.0, 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    """What was measured, and the steps planned from it."""
+    budget_seconds: float
+    planned_at_step: int
+    planned_after_seconds: float     # of the budget, spent before planning
+    seconds_per_step: float          # as the loop runs them: compiled calls, logging and all
+    eval_seconds: float
+    save_seconds: float
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def epochs(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+    def describe(self) -> str:
+        return (f"~{self.total_steps} steps, ~{self.epochs:.1f} epochs in the budget of "
+                f"{self.budget_seconds:g} s (measured: {1 / self.seconds_per_step:.1f} steps/s, "
+                f"{self.eval_seconds:.1f} s per evaluation, {self.save_seconds:.2f} s per "
+                "checkpoint)")
+
+
+def _events_until(step: int, start: int, every: int) -> int:
+    """Evaluations or checkpoints that fall in (start, step], the last step's included."""
+    return step // every - start // every + (1 if step % every else 0)
+
+
+def steps_that_fit(available_seconds: float, start_step: int, seconds_per_step: float,
+                   eval_seconds: float, eval_every: int, save_seconds: float,
+                   save_every: int) -> int:
+    """The largest final step whose training, evaluations and checkpoints fit the time left.
+
+    Starting at ``start_step``, reaching step N costs ``(N - start) x seconds_per_step`` (the
+    loop's steps, as it runs them: calls, logging and all), one evaluation every
+    ``eval_every`` steps and one checkpoint every ``save_every`` steps, the final evaluation
+    and checkpoint included. The cost never falls as N grows: a binary search finds the
+    largest N that fits (``start_step`` when none does).
+    """
+    if seconds_per_step <= 0:
+        raise ValueError(f"seconds_per_step must be positive. Received: {seconds_per_step}")
+
+    def cost(step: int) -> float:
+        return ((step - start_step) * seconds_per_step
+                + _events_until(step, start_step, eval_every) * eval_seconds
+                + _events_until(step, start_step, save_every) * save_seconds)
+
+    low, high = start_step, start_step + max(0, int(available_seconds // seconds_per_step))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if cost(middle) <= available_seconds:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def plan(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_step: float,
+         eval_seconds: float, eval_every: int, save_seconds: float, save_every: int,
+         steps_per_epoch: int) -> BudgetPlan:
+    """Plans the run's total steps; a ``ValueError`` when not one more step fits."""
+    available = budget_seconds * (1 - RESERVE_SHARE) - elapsed_seconds
+    total = steps_that_fit(available, step, seconds_per_step, eval_seconds, eval_every,
+                           save_seconds, save_every)
+    if total <= step:
+        raise ValueError(
+            f"--time_budget={budget_seconds:g}s leaves no time to train: {elapsed_seconds:.0f} s "
+            f"went to setting up and measuring, and one step, evaluation and checkpoint take "
+            f"{seconds_per_step:.2f}, {eval_seconds:.1f} and {save_seconds:.1f} s. Give a longer "
+            "budget.")
+    return BudgetPlan(budget_seconds=budget_seconds, planned_at_step=step,
+                      planned_after_seconds=elapsed_seconds, seconds_per_step=seconds_per_step,
+                      eval_seconds=eval_seconds, save_seconds=save_seconds, total_steps=total,
+                      steps_per_epoch=steps_per_epoch)
+
+
+def probe_seconds(budget_seconds: float) -> float:
+    """How long to time training steps before planning."""
+    return min(max(PROBE_SHARE * budget_seconds, MIN_PROBE_SECONDS), MAX_PROBE_SECONDS)
+
+
+def load(model_dir: str) -> Optional[BudgetPlan]:
+    path = os.path.join(model_dir, PLAN_FILENAME)
+    if not os.path.exists(path):
+        return None
+    raw = jsonio.read(path, "Delete it to plan the budget again (the schedule then changes).")
+    try:
+        return BudgetPlan(**raw)
+    except TypeError as error:
+        raise ValueError(f"{path} is not a budget plan ({error}). Delete it to plan the budget "
+                         "again (the schedule then changes).") from None
+
+
+def save(model_dir: str, budget_plan: BudgetPlan) -> str:
+    return jsonio.write(os.path.join(model_dir, PLAN_FILENAME), dataclasses.asdict(budget_plan))

@@ -1,0 +1,221 @@
+"""The LiteRT export: stage files that answer as TensorFlow does, a manifest that round-trips,
+int8 on XNNPACK alone, and a runtime that early-exits like AdaptivePredictor without TensorFlow.
+
+The model directory is made without training: the tiny 3-exit RANet with its exit layers
+sharpened so that confidences spread (``helpers.write_model_dir``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import SYNTHETIC_DATA, VGG16, write_model_dir
+from ranet import data
+from ranet.config import DataConfig
+from ranet.inference import adaptive, calibration
+from ranet.inference.serving import litert, litert_runtime
+from ranet.inference.serving.exporting import ExportOptions
+
+NUM_EXITS = 3
+# fp32 LiteRT against TensorFlow, per exit: XNNPACK folds batch norm into the convolutions and
+# sums in another order; measured below 1e-5 on these logits (|logit| up to ~30).
+LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-4
+# Two confidences closer than this are a tie that float32 rounding may break either way.
+TIE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny RANet exported to LiteRT, fp32 and int8, with two budgets."""
+    root = tmp_path_factory.mktemp("litert")
+    model = write_model_dir(root / "run", logit_scale=6.0)
+    manifest = litert.export(ExportOptions(
+        model_dir=str(root / "run"), export_dir=str(root / "export"), format="litert",
+        budget_mflops=(2, 3), representative_images=64))
+    return root / "export", manifest, model
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return data.load_splits(SYNTHETIC_DATA)
+
+
+@pytest.fixture(scope="module")
+def stages(exported):
+    return {precision: litert_runtime.LiteRTStages(str(exported[0]), precision, num_threads=2)
+            for precision in ("fp32", "int8")}
+
+
+def _tf_logits(model, pixels, splits):
+    return np.stack([logits.numpy() for logits in
+                     model(data.normalize(pixels, splits.mean, splits.std), training=False)])
+
+
+def test_files_and_manifest_round_trip(exported, splits):
+    export_dir, manifest, model = exported
+    assert json.loads((export_dir / litert_runtime.MANIFEST).read_text()) == manifest
+    assert manifest["format"] == litert_runtime.FORMAT
+    assert (manifest["num_exits"], manifest["num_classes"]) == (NUM_EXITS, 10)
+    assert manifest["input"]["shape"] == [1, 32, 32, 3]
+    np.testing.assert_array_equal(manifest["normalization"]["mean"], splits.mean)
+    assert manifest["stages"][0]["inputs"] == ["images"]
+    assert all("logits" in stage["outputs"] for stage in manifest["stages"])
+    assert manifest["stages"][-1]["outputs"] == ["logits"]
+    assert manifest["operating_point"]["rule"] == "budget"
+    assert manifest["operating_point"]["num_images"] == SYNTHETIC_DATA.validation_size
+    for precision in ("fp32", "int8"):
+        entry = manifest["precisions"][precision]
+        assert entry["files"] == [f"{precision}/stage{k}.tflite" for k in (1, 2, 3)]
+        assert all((export_dir / path).is_file() for path in entry["files"])
+        thresholds = entry["thresholds"]
+        assert set(thresholds) == {"default", "budgets"} and set(thresholds["budgets"]) == {"2", "3"}
+        assert thresholds["default"][-1] == "-inf"
+        predictor = litert_runtime.LiteRTPredictor(
+            litert_runtime.LiteRTStages(str(export_dir), precision), "3")
+        assert predictor.thresholds == [float(t) for t in thresholds["budgets"]["3"]]
+
+
+def test_every_op_is_builtin_and_every_stage_runs_wholly_on_xnnpack(stages):
+    for precision, staged in stages.items():
+        for k, interpreter in enumerate(staged.interpreters, start=1):
+            ops = [op["op_name"] for op in interpreter._get_ops_details()]
+            assert not [op for op in ops if "FLEX" in op.upper() or op == "CUSTOM"], ops
+            # After delegation one DELEGATE node stands for the ops XNNPACK took; a second
+            # would mean an op it refused split the graph (int8 SLICE and AVERAGE_POOL_2D did).
+            assert ops.count("DELEGATE") == 1, (precision, k, ops)
+            assert "SLICE" not in ops and "AVERAGE_POOL_2D" not in ops, (precision, k, ops)
+
+
+def test_fp32_logits_of_every_exit_match_tensorflow(exported, stages, splits):
+    model = exported[2]
+    pixels = splits.test.images[:24]
+    expected = _tf_logits(model, pixels, splits)
+    got = stages["fp32"].all_exit_logits(pixels)
+    np.testing.assert_allclose(got, expected, rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
+
+
+def test_int8_agrees_with_fp32_on_most_images(stages, splits):
+    pixels = splits.test.images[:64]
+    fp32 = stages["fp32"].all_exit_logits(pixels).argmax(-1)
+    int8 = stages["int8"].all_exit_logits(pixels).argmax(-1)
+    agreement = (fp32 == int8).mean(axis=1)
+    assert np.all(agreement >= 0.9), agreement
+
+
+def _decisions_match_tensorflow(model, stages, pixels, mean, std, thresholds):
+    """Early exit on LiteRT and on TensorFlow, image by image; returns how many were ties."""
+    predictor = adaptive.AdaptivePredictor(model)
+    litert_predictor = litert_runtime.LiteRTPredictor(stages, thresholds)
+    normalized = data.normalize(pixels, mean, std)
+    reference = adaptive.all_exit_probabilities(model, normalized)
+    confidences = adaptive.confidence(reference)
+    ties = 0
+    for i, image in enumerate(pixels):
+        expected = predictor.predict_one(normalized[i:i + 1],
+                                         tf.constant(thresholds, tf.float32))
+        klass, exit_, _ = litert_predictor.predict(image)
+        reached = int(expected["exits"][0])
+        # The exits whose threshold decided this image: every one it passed, and the one it
+        # left at (the last exit compares nothing).
+        compared = min(reached, len(thresholds) - 1)
+        if np.any(np.abs(confidences[:compared, i] - np.float32(thresholds[:compared])) < TIE):
+            ties += 1
+            continue
+        assert (klass, exit_) == (int(expected["classes"][0]), reached), i
+    return ties
+
+
+def test_adaptive_decisions_equal_the_tensorflow_path(exported, stages, splits):
+    model = exported[2]
+    pixels = splits.test.images[:48]
+    probabilities = adaptive.all_exit_probabilities(
+        model, data.normalize(pixels, splits.mean, splits.std))
+    for q in (0.5, 1.0, 1.5):
+        thresholds = calibration.calibrate(adaptive.confidence(probabilities),
+                                           calibration.exit_distribution(q, NUM_EXITS))
+        # Calibrated on these very images: some confidences equal a threshold exactly, the
+        # hardest case for two runtimes; they are counted as ties, not compared.
+        ties = _decisions_match_tensorflow(model, stages["fp32"], pixels, splits.mean,
+                                           splits.std, thresholds)
+        assert ties <= 3, (q, ties)
+
+
+def test_adaptive_decisions_equal_the_tensorflow_path_on_real_images(exported, stages, splits,
+                                                                     real_cifar10):
+    real = data.load_splits(DataConfig(dataset="cifar10", data_dir=str(real_cifar10),
+                                       validation_size=0))
+    pixels = real.train.images[:200]
+    thresholds = [float(t) for t in
+                  exported[1]["precisions"]["fp32"]["thresholds"]["default"]]
+    ties = _decisions_match_tensorflow(exported[2], stages["fp32"], pixels, splits.mean,
+                                       splits.std, thresholds)
+    assert ties <= 2, ties
+
+
+_WITHOUT_TENSORFLOW = """
+import importlib.abc, json, sys
+import numpy as np
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras"):
+            raise ImportError(f"{name} is not available here")
+
+sys.meta_path.insert(0, Refuse())
+from ranet.inference.serving import litert_runtime
+export_dir, pixels_path, out_path = sys.argv[1:]
+pixels = np.load(pixels_path)
+stages = litert_runtime.LiteRTStages(export_dir, "fp32", num_threads=1)
+answers = litert_runtime.LiteRTPredictor(stages, "default").predict_batch(pixels)
+json.dump({"modules": sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")),
+           "classes": answers["classes"].tolist(), "exits": answers["exits"].tolist()},
+          open(out_path, "w"))
+"""
+
+
+def test_the_runtime_serves_where_tensorflow_cannot_be_imported(exported, stages, splits,
+                                                                tmp_path):
+    pixels = splits.test.images[:16]
+    np.save(tmp_path / "pixels.npy", pixels)
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, str(exported[0]),
+                          str(tmp_path / "pixels.npy"), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    served = json.loads((tmp_path / "out.json").read_text())
+    assert served["modules"] == []
+    expected = litert_runtime.LiteRTPredictor(stages["fp32"], "default").predict_batch(pixels)
+    assert served["classes"] == expected["classes"].tolist()
+    assert served["exits"] == expected["exits"].tolist()
+
+
+def test_a_baseline_is_one_stage(tmp_path):
+    write_model_dir(tmp_path / "run", VGG16)
+    manifest = litert.export(ExportOptions(model_dir=str(tmp_path / "run"),
+                                           export_dir=str(tmp_path / "export"),
+                                           format="litert", litert_precision=("fp32",)))
+    assert manifest["stages"] == [{"inputs": ["images"], "outputs": ["logits"]}]
+    assert manifest["precisions"]["fp32"]["thresholds"]["default"] == ["-inf"]
+    stages = litert_runtime.LiteRTStages(str(tmp_path / "export"), "fp32")
+    klass, exit_, probabilities = litert_runtime.LiteRTPredictor(stages).predict(
+        np.zeros((32, 32, 3), np.uint8))
+    assert exit_ == 1 and probabilities.shape == (10,) and klass == probabilities.argmax()
+
+
+def test_bad_requests_are_refused(exported, tmp_path):
+    with pytest.raises(ValueError, match=r"precision must be one of fp32, int8.*'int4'"):
+        litert_runtime.LiteRTStages(str(exported[0]), "int4")
+    with pytest.raises(FileNotFoundError, match="is not a LiteRT export"):
+        litert_runtime.LiteRTStages(str(tmp_path))
+    stages = litert_runtime.LiteRTStages(str(exported[0]))
+    with pytest.raises(ValueError, match=r"thresholds must be one of default, 2, 3.*'7'"):
+        litert_runtime.LiteRTPredictor(stages, "7")
+    with pytest.raises(ValueError, match=r"one value per exit \(3\)"):
+        litert_runtime.LiteRTPredictor(stages, [0.5, -np.inf])
+    with pytest.raises(ValueError, match="litert_precision must be one or more of fp32, int8"):
+        ExportOptions(model_dir="a", export_dir="b", litert_precision=("fp16",))

@@ -1,0 +1,93 @@
+"""Time-budgeted training: the plan's arithmetic, a schedule fitted to it, a resume that keeps
+it, and a real run that ends inside its budget."""
+
+import dataclasses
+import json
+import logging
+import time
+
+import pytest
+
+from helpers import SMOKE, event_scalars
+from ranet import config as config_lib
+from ranet.training import budget, train_and_evaluate
+from ranet.training.controller import format_duration
+from ranet.training.optimizer import learning_rate_schedule
+
+
+def test_steps_that_fit_by_hand():
+    # From step 10 at 1 s per step, an evaluation (5 s) every 20 steps and a checkpoint (1 s)
+    # every 30, the final ones included. Reaching N costs:
+    #   N = 79: 69 + 5 x 4 (20, 40, 60, 79) + 3 (30, 60, 79) = 92 s
+    #   N = 80: 70 + 5 x 4 (20, 40, 60, 80) + 3 (30, 60, 80) = 93 s
+    #   N = 82: 72 + 5 x 5 (20, 40, 60, 80, 82) + 3 (30, 60, 82) = 100 s
+    #   N = 83: 101 s
+    assert budget.steps_that_fit(100, 10, 1.0, 5.0, 20, 1.0, 30) == 82
+    assert budget.steps_that_fit(93, 10, 1.0, 5.0, 20, 1.0, 30) == 80
+    assert budget.steps_that_fit(92.9, 10, 1.0, 5.0, 20, 1.0, 30) == 79
+    assert budget.steps_that_fit(5, 10, 1.0, 5.0, 20, 1.0, 30) == 10  # not one step fits
+
+
+def test_the_plan_keeps_a_reserve_and_refuses_a_budget_too_small():
+    plan = budget.plan(1000, elapsed_seconds=100, step=50, seconds_per_step=0.5, eval_seconds=0,
+                       eval_every=10 ** 6, save_seconds=0, save_every=10 ** 6,
+                       steps_per_epoch=100)
+    assert plan.total_steps == 50 + int((1000 * (1 - budget.RESERVE_SHARE) - 100) / 0.5)
+    assert plan.epochs == pytest.approx(plan.total_steps / 100)
+    with pytest.raises(ValueError, match="leaves no time to train.*Give a longer budget"):
+        budget.plan(10, elapsed_seconds=12, step=5, seconds_per_step=0.5, eval_seconds=1,
+                    eval_every=10, save_seconds=1, save_every=10, steps_per_epoch=10)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "multistep"])
+def test_the_schedule_is_fitted_to_the_planned_steps_and_ends_at_zero(schedule):
+    optim = config_lib.OptimConfig(time_budget="1h", schedule=schedule, warmup_epochs=1.0,
+                                   learning_rate=0.1, decay_rate=0.1)
+    unplanned = config_lib.plan_steps(optim, config_lib.RuntimeConfig(), steps_per_epoch=10)
+    rates = learning_rate_schedule(optim, unplanned)
+    assert float(rates(5)) == pytest.approx(0.05)     # warm-up, whatever the plan
+    assert float(rates(100)) == pytest.approx(0.1)    # before the plan: the peak
+    rates.set_plan(config_lib.plan_steps(optim, config_lib.RuntimeConfig(), 10, total_steps=210))
+    assert float(rates(10)) == pytest.approx(0.1)
+    last = {"cosine": 0.0, "linear": 0.0, "multistep": 0.1 * 0.1 ** 2}[schedule]
+    assert float(rates(210)) == pytest.approx(last, abs=1e-7)
+    if schedule == "linear":
+        assert float(rates(110)) == pytest.approx(0.05)  # half-way from the end of warm-up
+
+
+def test_durations_show_days():
+    assert format_duration(3 * 3600 + 62) == "03:01:02"
+    assert format_duration(50 * 3600 + 7) == "2d 02:00:07"
+
+
+def _budgeted(model_dir, budget_text, **runtime):
+    return dataclasses.replace(
+        SMOKE, optim=dataclasses.replace(SMOKE.optim, train_steps=None, time_budget=budget_text,
+                                         schedule="cosine"),
+        runtime=config_lib.RuntimeConfig(model_dir=str(model_dir), log_every_steps=20,
+                                         **runtime))
+
+
+def test_a_budgeted_run_ends_inside_its_budget_and_a_resume_keeps_the_plan(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="absl")
+    first = train_and_evaluate(_budgeted(tmp_path, "20s", stop_at_step=60))
+    plan = json.loads((tmp_path / budget.PLAN_FILENAME).read_text())
+    assert first["step"] == 60 < plan["total_steps"]
+    assert f"~{plan['total_steps']} steps" in caplog.text
+    caplog.clear()
+    # Resumed with another budget: the plan, and so the schedule, stay as they were.
+    result = train_and_evaluate(_budgeted(tmp_path, "45s"))
+    assert result["step"] == plan["total_steps"]
+    assert "resuming the plan" in caplog.text and "keeps that plan" in caplog.text
+    assert json.loads((tmp_path / budget.PLAN_FILENAME).read_text()) == plan
+    rates = event_scalars(tmp_path)["learning_rate"]
+    assert rates[max(rates)] == pytest.approx(0.0, abs=1e-7)  # cosine, at its last step
+
+
+def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
+    started = time.monotonic()
+    result = train_and_evaluate(_budgeted(tmp_path, "25s"))
+    elapsed = time.monotonic() - started
+    plan = json.loads((tmp_path / budget.PLAN_FILENAME).read_text())
+    assert result["step"] == plan["total_steps"] > plan["planned_at_step"]
+    assert elapsed <= 25, elapsed
