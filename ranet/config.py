@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 ALL_REDUCE = ("auto", "ring", "nccl")
 SCHEDULES = ("multistep", "cosine", "linear")
 STEP_MODES = ("even", "lg")
+CONV_PADDINGS = ("pytorch", "same")
 CONFIG_FILENAME = "config.json"
 
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
@@ -151,6 +152,11 @@ class ModelConfig:
         False, "Batch norm statistics over the global batch (all-reduced over replicas and "
         "workers) instead of each replica's share; N replicas then train like one. Costs "
         "three small all-reduces per batch norm layer and step.")
+    conv_padding: str = flag(
+        "pytorch", "How strided convolutions pad: pytorch ((k-1)/2 on every side, as the "
+        "reference, so its weights import exactly) or same (Keras' 'same': (0, 1) at stride "
+        "2; what models trained before ranet 0.2 used, and what their config.json implies).",
+        choices=CONV_PADDINGS)
 
     def __post_init__(self):
         check_choice("model", self.name, MODELS)
@@ -160,6 +166,7 @@ class ModelConfig:
         require(self.image_size >= 32 and self.image_size % 8 == 0,
                 f"image_size must be a multiple of 8, at least 32. Received: {self.image_size}")
         check_choice("pretrained", self.pretrained, (None, "imagenet"))
+        check_choice("conv_padding", self.conv_padding, CONV_PADDINGS)
         require(self.pretrained is None or self.name == "resnet50",
                 f"--pretrained=imagenet exists only for resnet50. Received: model={self.name}")
 
@@ -360,6 +367,9 @@ def load(directory: str) -> ExperimentConfig:
                   "it from a backup, or write it again by running ranet.train with the same "
                   "flags and --model_dir (training resumes from the checkpoints).")
     raw = jsonio.read(path, how_to_fix)
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        # Written before strided convolutions padded as PyTorch does: they padded as "same".
+        raw["model"].setdefault("conv_padding", "same")
     sections = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
                 "runtime": RuntimeConfig}
     try:

@@ -82,3 +82,11 @@ def test_with_data_dir_changes_only_the_folder():
     data = DataConfig(dataset="cifar10", data_dir="/a")
     assert data.with_data_dir(None) is data
     assert data.with_data_dir("/b") == dataclasses.replace(data, data_dir="/b")
+
+
+def test_a_config_json_from_before_pytorch_padding_keeps_keras_same_padding(tmp_path):
+    config_lib.save(SMOKE, str(tmp_path))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["model"].pop("conv_padding") == "pytorch"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert config_lib.load(str(tmp_path)).model.conv_padding == "same"

@@ -41,6 +41,12 @@ def define_flags(values: flags.FlagValues) -> None:
                          lower_bound=1, **define)
     flags.DEFINE_integer("num_cpu_devices", 0, "Logical CPU devices (for mirrored on a CPU).",
                          lower_bound=0, **define)
+    flags.DEFINE_list("xla", ["off"], "XLA-compile the per-replica forward and backward: off, "
+                      "on, or both (off,on).", **define)
+    flags.DEFINE_integer("intra_op_threads", 0, "Threads one op may use; 0: every core.",
+                         lower_bound=0, **define)
+    flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: every core.",
+                         lower_bound=0, **define)
     flags.DEFINE_string("data_dir", None, "Real CIFAR-10 instead of synthetic data.", **define)
     flags.DEFINE_string("json", None, "Also write the results here.", **define)
 
@@ -94,25 +100,33 @@ def measure(config, steps: int, warmup_steps: int) -> dict:
 
 def main(values: flags.FlagValues) -> list:
     devices.configure_host_devices(values.num_cpu_devices)
+    devices.configure_threads(values.intra_op_threads, values.inter_op_threads)
+    if set(values.xla) - {"off", "on"}:
+        raise ValueError(f"--xla takes off, on or off,on. Received: --xla={','.join(values.xla)}")
     rows = []
     for preset in values.presets:
         for precision in values.precisions:
             for strategy in values.strategies:
-                logging.info("measuring %s, %s, %s", preset, precision, strategy)
-                config = preset_experiment(preset, batch_size=values.batch_size,
-                                           precision=precision, strategy=strategy,
-                                           num_cpu_devices=values.num_cpu_devices,
-                                           data_dir=values.data_dir)
-                rows.append({"preset": preset,
-                             **measure(config, values.steps, values.warmup_steps)})
+                for xla in values.xla:
+                    logging.info("measuring %s, %s, %s, XLA %s", preset, precision, strategy,
+                                 xla)
+                    config = preset_experiment(preset, batch_size=values.batch_size,
+                                               precision=precision, strategy=strategy,
+                                               num_cpu_devices=values.num_cpu_devices,
+                                               data_dir=values.data_dir, xla=xla == "on")
+                    rows.append({"preset": preset, "xla": xla == "on",
+                                 **measure(config, values.steps, values.warmup_steps)})
     environment = latency.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; "
           f"batch {values.batch_size}; "
           f"{'real CIFAR-10' if values.data_dir else 'synthetic data'}\n")
-    print(f"{'preset':<22} {'precision':<15} {'strategy':<10} {'bare img/s':>10} "
+    print(f"threads: intra {values.intra_op_threads}, inter {values.inter_op_threads} "
+          "(0: every core)")
+    print(f"{'preset':<22} {'precision':<15} {'strategy':<10} {'XLA':<4} {'bare img/s':>10} "
           f"{'loop img/s':>10} {'overhead':>9} {'input img/s':>11}")
     for r in rows:
-        print(f"{r['preset']:<22} {r['precision']:<15} {r['strategy']:<10} {r['bare_ips']:>10.1f} "
+        print(f"{r['preset']:<22} {r['precision']:<15} {r['strategy']:<10} "
+              f"{'on' if r['xla'] else 'off':<4} {r['bare_ips']:>10.1f} "
               f"{r['loop_ips']:>10.1f} {100 * r['loop_overhead']:>8.1f}% {r['input_ips']:>11.0f}"
               f"{'  INPUT-BOUND' if r['input_bound'] else ''}")
     if values.json:

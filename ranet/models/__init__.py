@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional
 
 from ranet.config import ModelConfig, check_choice
 from ranet.models import baselines, ranet
-from ranet.models.layers import gradient_equilibrium, synchronized_batch_norm
+from ranet.models.layers import conv_padding, gradient_equilibrium, synchronized_batch_norm
 from ranet.models.staged import ExitInfo, StagedClassifier
 
 
@@ -37,7 +37,7 @@ def validate(config: ModelConfig) -> None:
 def get_model(config: ModelConfig) -> StagedClassifier:
     """Builds the model under the current Keras dtype policy (set precision first)."""
     validate(config)
-    with synchronized_batch_norm(config.sync_batch_norm):
+    with synchronized_batch_norm(config.sync_batch_norm), conv_padding(config.conv_padding):
         return _REGISTRY[config.name].build(config)
 
 

@@ -10,7 +10,7 @@ import keras
 from keras import layers
 
 from ranet.config import ModelConfig
-from ranet.models.layers import batch_norm, classifier_dense, conv_bn_relu, conv_initializer
+from ranet.models.layers import batch_norm, classifier_dense, conv2d, conv_bn_relu
 from ranet.models.staged import ExitInfo, StageBuilder, StagedClassifier
 
 _VGG16_LAYOUT = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool",
@@ -44,13 +44,11 @@ def _bottleneck(x, width: int, strides: int, name: str):
     out_channels = width * _BOTTLENECK_EXPANSION
     shortcut = x
     if strides != 1 or x.shape[-1] != out_channels:
-        shortcut = layers.Conv2D(out_channels, 1, strides=strides, use_bias=False,
-                                 kernel_initializer=conv_initializer(), name=f"{name}_proj_conv")(x)
+        shortcut = conv2d(x, out_channels, 1, strides, name=f"{name}_proj_conv")
         shortcut = batch_norm(shortcut, name=f"{name}_proj_bn")
     x = conv_bn_relu(x, width, 1, name=f"{name}_a")
     x = conv_bn_relu(x, width, 3, strides=strides, name=f"{name}_b")
-    x = layers.Conv2D(out_channels, 1, use_bias=False, kernel_initializer=conv_initializer(),
-                      name=f"{name}_c_conv")(x)
+    x = conv2d(x, out_channels, 1, name=f"{name}_c_conv")
     x = batch_norm(x, name=f"{name}_c_bn")
     x = layers.Add(name=f"{name}_add")([x, shortcut])
     return layers.ReLU(name=f"{name}_relu")(x)

@@ -33,10 +33,40 @@ def dense_initializer() -> keras.initializers.Initializer:
     return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+# Set around a model build by ``conv_padding`` (``ModelConfig.conv_padding``).
+_CONV_PADDING = contextvars.ContextVar("conv_padding", default="pytorch")
+
+
+@contextlib.contextmanager
+def conv_padding(mode: str):
+    """Convolutions built inside pad as ``mode`` says ("pytorch" or "same"; see ``conv2d``)."""
+    token = _CONV_PADDING.set(mode)
+    try:
+        yield
+    finally:
+        _CONV_PADDING.reset(token)
+
+
+def conv2d(x, filters: int, kernel_size: int, strides: int = 1, use_bias: bool = False,
+           name: str = ""):
+    """A convolution padded as PyTorch pads it: (k - 1) / 2 zeros on every side.
+
+    Keras' "same" does that at stride 1, but at stride 2 on an even size it pads (0, 1): the
+    sampling grid moves by a pixel and weights trained by the reference would see other
+    inputs. Strided convolutions pad explicitly instead (``ZeroPadding2D``, then "valid"),
+    unless built inside ``conv_padding("same")`` (models trained before this was so).
+    """
+    padding = "same"
+    if strides > 1 and kernel_size > 1 and _CONV_PADDING.get() == "pytorch":
+        x = layers.ZeroPadding2D((kernel_size - 1) // 2, name=f"{name}_pad")(x)
+        padding = "valid"
+    return layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
+                         use_bias=use_bias, kernel_initializer=conv_initializer(), name=name)(x)
+
+
 def conv_bn_relu(x, filters: int, kernel_size: int = 3, strides: int = 1, name: str = ""):
     """Conv (no bias) -> BatchNorm -> ReLU, the reference's ConvBasic."""
-    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                      kernel_initializer=conv_initializer(), name=f"{name}_conv")(x)
+    x = conv2d(x, filters, kernel_size, strides, name=f"{name}_conv")
     x = batch_norm(x, name=f"{name}_bn")
     return layers.ReLU(name=f"{name}_relu")(x)
 
