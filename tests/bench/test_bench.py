@@ -69,10 +69,12 @@ def test_profile_attributes_the_step_to_op_types(tmp_path, mode, fused_op):
           "--batch_size=8", f"--logdir={tmp_path / 'trace'}", f"--json={out}")
     result = json.loads(out.read_text())
     op_types = result["op_types"]
-    # The smoke preset has 33 convolutions; at inference Grappler fuses each with its
-    # batch norm and ReLU, in training the fused batch norm has its fused gradient.
-    conv = next(op for op in op_types if op.endswith("Conv2D"))
-    assert op_types[conv]["calls_per_step"] == 33
+    # The smoke preset has 33 convolutions; at inference Grappler fuses those it can with
+    # their batch norm and ReLU (not the strided ones behind an explicit PyTorch-style Pad),
+    # in training the fused batch norm has its fused gradient.
+    convolutions = sum(stats["calls_per_step"] for op, stats in op_types.items()
+                       if op.endswith("Conv2D"))
+    assert convolutions == 33, sorted(op_types)
     assert any(op.endswith(fused_op) for op in op_types), sorted(op_types)
     assert result["ops_per_step"] > 33 and result["wall_ms_per_step"] > 0
     assert list(tmp_path.glob("trace/**/*.xplane.pb"))
