@@ -33,18 +33,23 @@ def dense_initializer() -> keras.initializers.Initializer:
     return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+@contextlib.contextmanager
+def _set_during(variable: contextvars.ContextVar, value):
+    """Models built inside the block see ``value``; the previous one is back after it."""
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
 # Set around a model build by ``conv_padding`` (``ModelConfig.conv_padding``).
 _CONV_PADDING = contextvars.ContextVar("conv_padding", default="pytorch")
 
 
-@contextlib.contextmanager
 def conv_padding(mode: str):
     """Convolutions built inside pad as ``mode`` says ("pytorch" or "same"; see ``conv2d``)."""
-    token = _CONV_PADDING.set(mode)
-    try:
-        yield
-    finally:
-        _CONV_PADDING.reset(token)
+    return _set_during(_CONV_PADDING, mode)
 
 
 def conv2d(x, filters: int, kernel_size: int, strides: int = 1, use_bias: bool = False,
@@ -76,7 +81,6 @@ def conv_bn_relu(x, filters: int, kernel_size: int = 3, strides: int = 1, name: 
 _SYNC_BATCH_NORM = contextvars.ContextVar("sync_batch_norm", default=False)
 
 
-@contextlib.contextmanager
 def synchronized_batch_norm(enabled: bool):
     """Batch norm layers built inside reduce their statistics over all replicas.
 
@@ -85,25 +89,16 @@ def synchronized_batch_norm(enabled: bool):
     one replica of batch B (at the price of three small all-reduces per layer and step).
     Outside ``strategy.run`` and at inference it changes nothing.
     """
-    token = _SYNC_BATCH_NORM.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _SYNC_BATCH_NORM.reset(token)
+    return _set_during(_SYNC_BATCH_NORM, bool(enabled))
 
 
 # Set around a model build by ``gradient_equilibrium`` (``OptimConfig.gradient_equilibrium``).
 _GRADIENT_EQUILIBRIUM = contextvars.ContextVar("gradient_equilibrium", default=False)
 
 
-@contextlib.contextmanager
 def gradient_equilibrium(enabled: bool):
     """RANet models built inside rescale the gradients at each exit (``GradientRescale``)."""
-    token = _GRADIENT_EQUILIBRIUM.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _GRADIENT_EQUILIBRIUM.reset(token)
+    return _set_during(_GRADIENT_EQUILIBRIUM, bool(enabled))
 
 
 def in_gradient_equilibrium() -> bool:
@@ -142,7 +137,6 @@ class GradientRescale(layers.Layer):
 _SERVING_LAYOUT = contextvars.ContextVar("serving_layout", default=False)
 
 
-@contextlib.contextmanager
 def serving_layout():
     """Models built inside are laid out for LiteRT's XNNPACK kernels, with the same weights.
 
@@ -151,11 +145,7 @@ def serving_layout():
     across stages: XNNPACK runs no int8 SLICE), and average pooling is a depthwise
     convolution with weights 1 / (pool area) (XNNPACK runs no int8 AVERAGE_POOL_2D).
     """
-    token = _SERVING_LAYOUT.set(True)
-    try:
-        yield
-    finally:
-        _SERVING_LAYOUT.reset(token)
+    return _set_during(_SERVING_LAYOUT, True)
 
 
 def in_serving_layout() -> bool:
