@@ -36,6 +36,7 @@ setup(
             "ranet-summary=ranet.summary:run",
             "ranet-eval=ranet.eval:run",
             "ranet-export=ranet.export:run",
+            "ranet-import-reference=ranet.import_reference:run",
         ],
     },
 )

@@ -97,6 +97,12 @@ class DataConfig:
         "and threshold calibration.")
     split_seed: int = flag(0, "Seed of the validation split.")
     augment: bool = flag(True, "Pad-4 random crop and horizontal flip.")
+    normalization_mean: Optional[tuple] = flag(
+        None, "Per-channel mean (R,G,B, pixel/255 units) the inputs are normalised with. "
+        "Default: computed over the train split. Models imported from the reference use "
+        "its constants (python -m ranet.import_reference sets them).", kind="floats")
+    normalization_std: Optional[tuple] = flag(
+        None, "Per-channel standard deviation to go with --normalization_mean.", kind="floats")
     synthetic_train_size: int = flag(2048, "Training images of --dataset=synthetic.")
     synthetic_test_size: int = flag(512, "Test images of --dataset=synthetic.")
 
@@ -104,6 +110,19 @@ class DataConfig:
         check_choice("dataset", self.dataset, DATASETS)
         require(self.validation_size >= 0,
                 f"validation_size must be >= 0. Received: validation_size={self.validation_size}")
+        for field in ("normalization_mean", "normalization_std"):
+            if getattr(self, field) is not None:
+                object.__setattr__(self, field, tuple(float(v) for v in getattr(self, field)))
+        require((self.normalization_mean is None) == (self.normalization_std is None),
+                "--normalization_mean and --normalization_std go together: pass both or "
+                f"neither. Received: normalization_mean={self.normalization_mean}, "
+                f"normalization_std={self.normalization_std}")
+        if self.normalization_mean is not None:
+            require(len(self.normalization_mean) == 3 == len(self.normalization_std)
+                    and min(self.normalization_std) > 0,
+                    "--normalization_mean and --normalization_std need 3 values each (R,G,B), "
+                    f"the std positive. Received: normalization_mean={self.normalization_mean}, "
+                    f"normalization_std={self.normalization_std}")
         require(self.synthetic_train_size > 0 and self.synthetic_test_size > 0,
                 "synthetic_train_size and synthetic_test_size must be positive. Received: "
                 f"{self.synthetic_train_size}, {self.synthetic_test_size}")
@@ -127,6 +146,8 @@ class ModelConfig:
     name: str = flag("ranet", "Which architecture.", name="model", choices=MODELS)
     num_classes: int = 10                    # from the dataset
     image_size: int = 32                     # from the dataset
+    # From the dataset: the reference's ImageNet stem (7x7/2 conv, max-pool) and exit heads.
+    imagenet: bool = False
     # RANet (reference argument in brackets); checked by ranet.models.ranet.validate.
     scale_list: tuple = flag(                                         # --scale-list
         (1, 2, 3), "RANet: scale of each flow, low to high resolution.", kind="ints")
@@ -264,6 +285,15 @@ class RuntimeConfig:
     precision: str = flag("fp32", "fp32, mixed_float16 (NVIDIA GPUs, loss scaling) or "
                           "mixed_bfloat16.", choices=PRECISIONS)
     xla: bool = flag(False, "XLA-compile the per-replica forward and backward pass.")
+    intra_op_threads: int = flag(0, "Threads one op may use; 0: TensorFlow's default (every "
+                                 "core).")
+    inter_op_threads: int = flag(0, "Ops TensorFlow runs at once; 0: its default.")
+    training_layout: str = flag(
+        "sliced", "How the RANet is laid out while it trains; the function and the variables "
+        "are the same, so checkpoints load in either. sliced: later stages slice channel "
+        "prefixes of earlier features; serving: every cross-stage feature is its own output "
+        "and average pooling a depthwise convolution (faster on a CPU, BUILD_NOTES.md).",
+        choices=("sliced", "serving"))
     seed: int = flag(0, "Seed of initialisation, data order and augmentation.")
     deterministic: bool = flag(False, "Deterministic ops (slower).")
     checkpoint_every_steps: int = flag(1000, "Checkpoint interval.")
@@ -289,7 +319,8 @@ class RuntimeConfig:
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("all_reduce", self.all_reduce, ALL_REDUCE)
-        for field in ("num_gpus", "num_cpu_devices"):
+        check_choice("training_layout", self.training_layout, ("sliced", "serving"))
+        for field in ("num_gpus", "num_cpu_devices", "intra_op_threads", "inter_op_threads"):
             require(getattr(self, field) >= 0,
                     f"{field} must be >= 0. Received: {field}={getattr(self, field)}")
         for field in ("checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs",

@@ -35,6 +35,13 @@ def test_a_missing_config_says_what_the_folder_is_not(tmp_path):
     (lambda: OptimConfig(distillation_weight=1.5), r"distillation_weight must be in \[0, 1\]"),
     (lambda: OptimConfig(decay_fractions=(0.5, 1.0)), r"decay_fractions must lie in \(0, 1\)"),
     (lambda: RuntimeConfig(stop_at_step=0), r"stop_at_step must be positive"),
+    (lambda: RuntimeConfig(training_layout="fused"), r"training_layout must be one of sliced, "
+                                                     r"serving\. Received: training_layout='fused'"),
+    (lambda: RuntimeConfig(intra_op_threads=-1), r"intra_op_threads must be >= 0"),
+    (lambda: DataConfig(normalization_mean=(0.5, 0.5, 0.5)), r"go together: pass both"),
+    (lambda: DataConfig(normalization_mean=(0.5,), normalization_std=(0.2,)), r"3 values each"),
+    (lambda: DataConfig(normalization_mean=(0.5,) * 3, normalization_std=(0.2, 0.0, 0.2)),
+     r"the std positive"),
     (lambda: dataclasses.replace(SMOKE, model=dataclasses.replace(SMOKE.model, num_classes=100)),
      r"model.num_classes \(100\) does not match dataset synthetic \(10 classes\)"),
 ])

@@ -201,3 +201,32 @@ def test_format_table_of_a_one_exit_model():
     table = costs.format_table(cost)
     assert table.splitlines()[0].startswith("toy: 1,234,567 parameters")
     assert "7,654,321" in table.splitlines()[-1] and table.splitlines()[-1].split()[0] == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's ImageNet configurations at 224x224 (issue 13), counted by its op_counter.py
+# (tests/fixtures/reference/imagenet_counts.json, HOW_MADE.md section 1).
+
+_IMAGENET = dict(imagenet=True, image_size=224, num_classes=1000, growth_rate=16, step=8,
+                 step_mode="even", scale_list=(1, 2, 3, 4))
+IMAGENET_REFERENCE = {
+    # train_imagenet.sh.
+    "imagenet_a": ModelConfig(**_IMAGENET, growth_factors=(4, 2, 1, 1),
+                              bottleneck_factors=(4, 2, 1, 1)),
+    # The README's command: wider.
+    "imagenet_b": ModelConfig(**_IMAGENET, base_channels=32, growth_factors=(4, 2, 2, 1),
+                              bottleneck_factors=(4, 2, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET_REFERENCE))
+def test_imagenet_configurations_match_the_reference_counter(name):
+    import json
+    from tests.helpers import REPO_ROOT
+    counts = json.loads((REPO_ROOT / "tests" / "fixtures" / "reference" /
+                         "imagenet_counts.json").read_text())[name]
+    keras.mixed_precision.set_global_policy("float32")
+    cost = costs.count(get_model(IMAGENET_REFERENCE[name]))
+    assert cost.params == counts["params_sum_numel"]
+    assert [e.macs for e in cost.exits] == [int(m) for m in counts["macs_per_exit_cumulative"]]
+    assert [e.params for e in cost.exits] == counts["params_op_counter_cls_params"]

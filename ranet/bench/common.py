@@ -10,7 +10,8 @@ from ranet import config as config_lib
 def preset_experiment(preset: str, *, batch_size: int, precision: str = "fp32",
                       strategy: str = "default", num_cpu_devices: int = 0,
                       data_dir: Optional[str] = None,
-                      xla: bool = False) -> config_lib.ExperimentConfig:
+                      xla: bool = False,
+                      training_layout: str = "sliced") -> config_lib.ExperimentConfig:
     """A preset's model and recipe at ``batch_size`` on real CIFAR-10 or synthetic images.
 
     Synthetic data (``data_dir`` None) is as large as the pipeline needs and holds nothing out;
@@ -24,4 +25,5 @@ def preset_experiment(preset: str, *, batch_size: int, precision: str = "fp32",
         data=data, model=dataclasses.replace(config.model, num_classes=data.num_classes),
         optim=dataclasses.replace(config.optim, batch_size=batch_size),
         runtime=config_lib.RuntimeConfig(strategy=strategy, precision=precision,
-                                         num_cpu_devices=num_cpu_devices, xla=xla))
+                                         num_cpu_devices=num_cpu_devices, xla=xla,
+                                         training_layout=training_layout))

@@ -17,6 +17,7 @@ Synthetic data by default (same pipeline code as CIFAR: augmentation, normalisat
 per-replica batching); ``--data_dir`` uses real CIFAR-10.
 """
 
+import itertools
 import time
 
 import keras
@@ -43,6 +44,8 @@ def define_flags(values: flags.FlagValues) -> None:
                          lower_bound=0, **define)
     flags.DEFINE_list("xla", ["off"], "XLA-compile the per-replica forward and backward: off, "
                       "on, or both (off,on).", **define)
+    flags.DEFINE_list("training_layouts", ["sliced"], "RANet layouts to train in: sliced, "
+                      "serving, or both (--training_layout).", **define)
     flags.DEFINE_integer("intra_op_threads", 0, "Threads one op may use; 0: every core.",
                          lower_bound=0, **define)
     flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: every core.",
@@ -103,18 +106,22 @@ def main(values: flags.FlagValues) -> list:
     devices.configure_threads(values.intra_op_threads, values.inter_op_threads)
     if set(values.xla) - {"off", "on"}:
         raise ValueError(f"--xla takes off, on or off,on. Received: --xla={','.join(values.xla)}")
+    if set(values.training_layouts) - {"sliced", "serving"}:
+        raise ValueError("--training_layouts takes sliced, serving or sliced,serving. "
+                         f"Received: --training_layouts={','.join(values.training_layouts)}")
     rows = []
     for preset in values.presets:
         for precision in values.precisions:
             for strategy in values.strategies:
-                for xla in values.xla:
-                    logging.info("measuring %s, %s, %s, XLA %s", preset, precision, strategy,
-                                 xla)
+                for xla, layout in itertools.product(values.xla, values.training_layouts):
+                    logging.info("measuring %s, %s, %s, XLA %s, %s layout", preset, precision,
+                                 strategy, xla, layout)
                     config = preset_experiment(preset, batch_size=values.batch_size,
                                                precision=precision, strategy=strategy,
                                                num_cpu_devices=values.num_cpu_devices,
-                                               data_dir=values.data_dir, xla=xla == "on")
-                    rows.append({"preset": preset, "xla": xla == "on",
+                                               data_dir=values.data_dir, xla=xla == "on",
+                                               training_layout=layout)
+                    rows.append({"preset": preset, "xla": xla == "on", "layout": layout,
                                  **measure(config, values.steps, values.warmup_steps)})
     environment = latency.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; "
@@ -122,11 +129,12 @@ def main(values: flags.FlagValues) -> list:
           f"{'real CIFAR-10' if values.data_dir else 'synthetic data'}\n")
     print(f"threads: intra {values.intra_op_threads}, inter {values.inter_op_threads} "
           "(0: every core)")
-    print(f"{'preset':<22} {'precision':<15} {'strategy':<10} {'XLA':<4} {'bare img/s':>10} "
+    print(f"{'preset':<22} {'precision':<15} {'strategy':<10} {'XLA':<4} {'layout':<8} "
+          f"{'bare img/s':>10} "
           f"{'loop img/s':>10} {'overhead':>9} {'input img/s':>11}")
     for r in rows:
         print(f"{r['preset']:<22} {r['precision']:<15} {r['strategy']:<10} "
-              f"{'on' if r['xla'] else 'off':<4} {r['bare_ips']:>10.1f} "
+              f"{'on' if r['xla'] else 'off':<4} {r['layout']:<8} {r['bare_ips']:>10.1f} "
               f"{r['loop_ips']:>10.1f} {100 * r['loop_overhead']:>8.1f}% {r['input_ips']:>11.0f}"
               f"{'  INPUT-BOUND' if r['input_bound'] else ''}")
     if values.json:

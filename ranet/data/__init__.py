@@ -4,6 +4,8 @@
 ``pipeline`` feeds them to a tf.distribute strategy.
 """
 
+import numpy as np
+
 from ranet.data import cifar, synthetic
 from ranet.data.pipeline import (eval_input_fn, num_eval_steps, steps_per_epoch,
                                  train_input_fn)
@@ -19,7 +21,11 @@ def load_splits(config) -> DataSplits:
     full_train, test, source = _SOURCES[config.dataset](config)
     train, validation = hold_out(full_train, config.validation_size, config.num_classes,
                                  config.split_seed)
-    mean, std = channel_statistics(train.images)
+    if config.normalization_mean is not None:
+        mean = np.array(config.normalization_mean, np.float32)
+        std = np.array(config.normalization_std, np.float32)
+    else:
+        mean, std = channel_statistics(train.images)
     return DataSplits(name=config.dataset, train=train, validation=validation, test=test,
                       num_classes=config.num_classes, mean=mean, std=std, source=source)
 

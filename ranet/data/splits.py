@@ -62,21 +62,30 @@ def _class_quotas(counts: np.ndarray, total: int) -> np.ndarray:
     return quotas
 
 
-def hold_out(full: Split, size: int, num_classes: int, seed: int) -> tuple:
-    """(rest, held out): ``size`` rows picked class-balanced at random; both keep file order."""
-    if size >= len(full):
-        raise DataError(f"validation_size must be smaller than the {len(full)} training images, "
+def held_out_mask(labels: np.ndarray, size: int, num_classes: int, seed: int) -> np.ndarray:
+    """True for ``size`` rows picked class-balanced at random, reproducible from ``seed``.
+
+    The one hold-out rule of every dataset: CIFAR's arrays and ImageNet's record index alike.
+    """
+    if size >= len(labels):
+        raise DataError(f"validation_size must be smaller than the {len(labels)} training images, "
                         f"or nothing is left to train on. Pass a smaller --validation_size. "
                         f"Received: validation_size={size}")
     # One uniform key per row: per-class picks are the smallest keys, reproducible from seed.
-    keys = np.random.default_rng(seed).random(len(full))
-    quotas = _class_quotas(np.bincount(full.labels, minlength=num_classes), size)
+    keys = np.random.default_rng(seed).random(len(labels))
+    quotas = _class_quotas(np.bincount(labels, minlength=num_classes), size)
     picked = []
     for label, quota in enumerate(quotas):
-        rows = np.flatnonzero(full.labels == label)
+        rows = np.flatnonzero(labels == label)
         picked.append(rows[np.argsort(keys[rows], kind="stable")[:quota]])
-    is_held_out = np.zeros(len(full), bool)
+    is_held_out = np.zeros(len(labels), bool)
     is_held_out[np.concatenate(picked)] = True
+    return is_held_out
+
+
+def hold_out(full: Split, size: int, num_classes: int, seed: int) -> tuple:
+    """(rest, held out): ``size`` rows picked class-balanced at random; both keep file order."""
+    is_held_out = held_out_mask(full.labels, size, num_classes, seed)
     return full.subset(~is_held_out), full.subset(is_held_out)
 
 

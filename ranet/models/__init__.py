@@ -8,7 +8,8 @@ from typing import Callable, Dict, Optional
 
 from ranet.config import ModelConfig, check_choice
 from ranet.models import baselines, ranet
-from ranet.models.layers import conv_padding, gradient_equilibrium, synchronized_batch_norm
+from ranet.models.layers import (conv_padding, gradient_equilibrium, serving_layout,
+                                 synchronized_batch_norm)
 from ranet.models.staged import ExitInfo, StagedClassifier
 
 
@@ -42,4 +43,4 @@ def get_model(config: ModelConfig) -> StagedClassifier:
 
 
 __all__ = ["ExitInfo", "MODEL_NAMES", "StagedClassifier", "get_model", "gradient_equilibrium",
-           "validate"]
+           "serving_layout", "validate"]

@@ -137,15 +137,16 @@ class GradientRescale(layers.Layer):
 _SERVING_LAYOUT = contextvars.ContextVar("serving_layout", default=False)
 
 
-def serving_layout():
+def serving_layout(enabled: bool = True):
     """Models built inside are laid out for LiteRT's XNNPACK kernels, with the same weights.
 
     Two things differ, neither in the function computed nor in the variables: every feature a
     later stage reads is an output of the stage that makes it (no channel-prefix slices
     across stages: XNNPACK runs no int8 SLICE), and average pooling is a depthwise
     convolution with weights 1 / (pool area) (XNNPACK runs no int8 AVERAGE_POOL_2D).
+    Training in this layout is faster on a CPU too (``--training_layout=serving``).
     """
-    return _set_during(_SERVING_LAYOUT, True)
+    return _set_during(_SERVING_LAYOUT, bool(enabled))
 
 
 def in_serving_layout() -> bool:

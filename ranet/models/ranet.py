@@ -23,11 +23,12 @@ import math
 from keras import layers
 
 from ranet.config import STEP_MODES, ModelConfig, check_choice, require
-from ranet.models.layers import (GradientRescale, average_pool, classifier_dense, conv_bn_relu,
-                                 in_gradient_equilibrium, resize_to)
+from ranet.models.layers import (GradientRescale, average_pool, batch_norm, classifier_dense,
+                                 conv2d, conv_bn_relu, in_gradient_equilibrium, resize_to)
 from ranet.models.staged import ExitInfo, StageBuilder, StagedClassifier
 
 _HEAD_CHANNELS = 128  # MSDNet's CIFAR classifier width, kept by RANet.
+_IMAGENET_STEM_KERNEL = 7
 
 
 def validate(config: ModelConfig) -> None:
@@ -41,7 +42,8 @@ def validate(config: ModelConfig) -> None:
             "growth_factors and bottleneck_factors need one entry per scale flow "
             f"({len(scales)}). Received: growth_factors={config.growth_factors}, "
             f"bottleneck_factors={config.bottleneck_factors}")
-    require(config.image_size // 2 ** (max(scales) - 1) >= 4,
+    stem_stride = 4 if config.imagenet else 1  # the 7x7/2 conv and the max-pool
+    require(config.image_size // stem_stride // 2 ** (max(scales) - 1) >= 4,
             f"image_size {config.image_size} is too small for {max(scales)} resolutions")
     for field in ("growth_rate", "base_channels", "num_blocks", "step"):
         require(getattr(config, field) > 0,
@@ -94,13 +96,31 @@ def _trans_flag(block: int, blocks_in_flow: int, scale: int) -> bool:
     return any(block == math.floor((i + 1) * blocks_in_flow / scale) for i in range(scale - 1))
 
 
-def _classifier(x, num_classes: int, name: str):
-    """MSDNet's CIFAR exit: two stride-2 ConvBNReLU, 2x2 average pool, linear."""
-    x = conv_bn_relu(x, _HEAD_CHANNELS, 3, strides=2, name=f"{name}_conv1")
-    x = conv_bn_relu(x, _HEAD_CHANNELS, 3, strides=2, name=f"{name}_conv2")
+def _classifier(x, num_classes: int, imagenet: bool, name: str):
+    """MSDNet's exit: two stride-2 ConvBNReLU, 2x2 average pool, linear.
+
+    128 channels wide on CIFAR; on ImageNet as wide as the features it reads (the reference's
+    _build_classifier_imagenet), which is why its heads hold most of the parameters.
+    """
+    width = x.shape[-1] if imagenet else _HEAD_CHANNELS
+    x = conv_bn_relu(x, width, 3, strides=2, name=f"{name}_conv1")
+    x = conv_bn_relu(x, width, 3, strides=2, name=f"{name}_conv2")
     x = average_pool(x, 2, name=f"{name}_pool")
     x = layers.Flatten(name=f"{name}_flatten")(x)
     return classifier_dense(x, num_classes, name=f"{name}_logits")
+
+
+def _imagenet_stem(x, filters: int, name: str):
+    """The reference's ImageNet first layer: 7x7/2 conv (with a bias), BN, ReLU, 3x3/2 max-pool.
+
+    The max-pool pads by 1 with zeros where PyTorch pads with -inf: after the ReLU every
+    value is >= 0, so the maxima are the same.
+    """
+    x = conv2d(x, filters, _IMAGENET_STEM_KERNEL, strides=2, use_bias=True, name=f"{name}_conv")
+    x = batch_norm(x, name=f"{name}_bn")
+    x = layers.ReLU(name=f"{name}_relu")(x)
+    x = layers.ZeroPadding2D(1, name=f"{name}_pool_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x)
 
 
 def _stem(builder: StageBuilder, config: ModelConfig) -> None:
@@ -111,8 +131,11 @@ def _stem(builder: StageBuilder, config: ModelConfig) -> None:
     for flow in reversed(range(num_flows)):
         scale = config.scale_list[flow]
         strides = 1 if previous_scale in (None, scale) else 2
-        x = conv_bn_relu(x, config.base_channels * config.growth_factors[flow], 3, strides,
-                         name=f"stem{flow}")
+        filters = config.base_channels * config.growth_factors[flow]
+        if previous_scale is None and config.imagenet:
+            x = _imagenet_stem(x, filters, name=f"stem{flow}")
+        else:
+            x = conv_bn_relu(x, filters, 3, strides, name=f"stem{flow}")
         builder.put(f"stem{flow}", x)
         previous_scale = scale
 
@@ -188,7 +211,8 @@ def build_ranet(config: ModelConfig) -> StagedClassifier:
             builder.put(f"flow{flow}_x", x)
 
             if not fusing:
-                logits = _classifier(head, config.num_classes, name=f"exit{len(exits) + 1}")
+                logits = _classifier(head, config.num_classes, config.imagenet,
+                                     name=f"exit{len(exits) + 1}")
                 exits.append(ExitInfo(index=len(exits) + 1, resolution=x.shape[1],
                                       channels=x.shape[-1]))
                 builder.end_stage(logits)

@@ -57,6 +57,7 @@ class Training:
 def create_strategy(runtime: config_lib.RuntimeConfig) -> tf.distribute.Strategy:
     """Prepares the process for ``runtime`` and returns its tf.distribute strategy."""
     devices.configure_host_devices(runtime.num_cpu_devices)
+    devices.configure_threads(runtime.intra_op_threads, runtime.inter_op_threads)
     devices.set_precision(runtime.precision)
     if runtime.deterministic:
         keras.utils.set_random_seed(runtime.seed)
@@ -86,7 +87,8 @@ def build(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy,
         len(splits.train), config.optim.batch_size))
     with strategy.scope():
         keras.utils.set_random_seed(runtime.seed)
-        with models.gradient_equilibrium(config.optim.gradient_equilibrium):
+        with models.gradient_equilibrium(config.optim.gradient_equilibrium), \
+                models.serving_layout(runtime.training_layout == "serving"):
             model = models.get_model(config.model)
         schedule = learning_rate_schedule(config.optim, plan)
         optimizer = create_optimizer(config.optim, schedule, runtime.precision)

@@ -26,6 +26,17 @@ def test_synthetic_is_deterministic_and_sized():
     np.testing.assert_array_equal(dists.argmin(1), first.test.labels)
 
 
+def test_fixed_normalization_replaces_the_train_split_statistics():
+    computed = data.load_splits(DataConfig(dataset="synthetic", validation_size=0))
+    assert not np.allclose(computed.mean, 0.5)
+    fixed = data.load_splits(DataConfig(dataset="synthetic", validation_size=0,
+                                        normalization_mean=(0.5, 0.4, 0.3),
+                                        normalization_std=(0.25, 0.2, 0.1)))
+    np.testing.assert_array_equal(fixed.mean, np.float32([0.5, 0.4, 0.3]))
+    np.testing.assert_array_equal(fixed.std, np.float32([0.25, 0.2, 0.1]))
+    np.testing.assert_array_equal(fixed.train.images, computed.train.images)
+
+
 def test_normalize_is_one_formula_for_arrays_and_tensors():
     pixels = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
