@@ -188,7 +188,7 @@ def data_config(values: flags.FlagValues = FLAGS) -> config_lib.DataConfig:
 def model_config(values: flags.FlagValues = FLAGS) -> config_lib.ModelConfig:
     data = data_config(values)
     return from_flags(config_lib.ModelConfig, values, num_classes=data.num_classes,
-                      image_size=data.image_size)
+                      image_size=data.image_size, imagenet=data.dataset == "imagenet")
 
 
 def experiment_config(values: flags.FlagValues = FLAGS) -> config_lib.ExperimentConfig:

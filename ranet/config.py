@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from ranet import jsonio
 
-DATASETS = ("cifar10", "cifar100", "synthetic")
+DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
 MODELS = ("ranet", "vgg16", "resnet50")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
@@ -27,8 +27,8 @@ STEP_MODES = ("even", "lg")
 CONV_PADDINGS = ("pytorch", "same")
 CONFIG_FILENAME = "config.json"
 
-_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
-_IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "synthetic": 32}
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": 10}
+_IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "imagenet": 224, "synthetic": 32}
 # The Keras dtype policy of each --precision.
 _POLICIES = {"fp32": "float32", "mixed_float16": "mixed_float16",
              "mixed_bfloat16": "mixed_bfloat16"}
@@ -91,12 +91,17 @@ class DataConfig:
     dataset: str = flag("cifar10", "Which images.", choices=DATASETS)
     data_dir: Optional[str] = flag(
         None, "Folder holding cifar-10-batches-py or cifar-100-python (or that folder "
-        "itself). Default: the Keras cache, then a download.", kind="str")
+        "itself; default: the Keras cache, then a download), or ImageNet's TFRecord shards "
+        "(train-*-of-*, validation-*-of-*).", kind="str")
     validation_size: int = flag(
         5000, "Training images held out (class-balanced, fixed seed) for model selection "
         "and threshold calibration.")
     split_seed: int = flag(0, "Seed of the validation split.")
-    augment: bool = flag(True, "Pad-4 random crop and horizontal flip.")
+    augment: bool = flag(True, "CIFAR: pad-4 random crop and horizontal flip; ImageNet: "
+                         "random-resized crop and flip.")
+    skip_bad_records: bool = flag(
+        False, "ImageNet: leave out records that cannot be read (counted and reported) "
+        "instead of stopping at the first, which names its shard.")
     normalization_mean: Optional[tuple] = flag(
         None, "Per-channel mean (R,G,B, pixel/255 units) the inputs are normalised with. "
         "Default: computed over the train split. Models imported from the reference use "

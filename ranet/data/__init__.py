@@ -1,14 +1,15 @@
 """The data: ``load_splits(config)`` reads a dataset and holds out its validation split.
 
-``cifar`` and ``synthetic`` read the images, ``splits`` holds them out and normalises them,
-``pipeline`` feeds them to a tf.distribute strategy.
+``cifar`` and ``synthetic`` read the images into memory, ``splits`` holds them out and
+normalises them, ``pipeline`` feeds them to a tf.distribute strategy. ``imagenet`` keeps its
+splits on disk (TFRecord shards) and streams them; ``train_input_fn`` and ``eval_input_fn``
+here take either kind of split.
 """
 
 import numpy as np
 
-from ranet.data import cifar, synthetic
-from ranet.data.pipeline import (eval_input_fn, num_eval_steps, steps_per_epoch,
-                                 train_input_fn)
+from ranet.data import cifar, imagenet, pipeline, synthetic
+from ranet.data.pipeline import num_eval_steps, steps_per_epoch
 from ranet.data.splits import (DataError, DataSplits, Split, channel_statistics, hold_out,
                                normalize, split_in_two)
 
@@ -18,6 +19,8 @@ _SOURCES = {"cifar10": cifar.load, "cifar100": cifar.load, "synthetic": syntheti
 
 def load_splits(config) -> DataSplits:
     """Loads ``config.dataset`` and holds out ``config.validation_size`` training images."""
+    if config.dataset == "imagenet":
+        return imagenet.load_splits(config)
     full_train, test, source = _SOURCES[config.dataset](config)
     train, validation = hold_out(full_train, config.validation_size, config.num_classes,
                                  config.split_seed)
@@ -28,6 +31,26 @@ def load_splits(config) -> DataSplits:
         mean, std = channel_statistics(train.images)
     return DataSplits(name=config.dataset, train=train, validation=validation, test=test,
                       num_classes=config.num_classes, mean=mean, std=std, source=source)
+
+
+def train_input_fn(split, *, deterministic: bool = True, skip_bad_records: bool = False,
+                   **options):
+    """The training input function of a split in memory or on disk (``pipeline``, ``imagenet``).
+
+    The in-memory pipeline is always deterministic; ``deterministic`` and ``skip_bad_records``
+    concern the streamed one.
+    """
+    if isinstance(split, imagenet.RecordSplit):
+        return imagenet.train_input_fn(split, deterministic=deterministic,
+                                       skip_bad_records=skip_bad_records, **options)
+    return pipeline.train_input_fn(split, **options)
+
+
+def eval_input_fn(split, **options):
+    """One padded evaluation pass over a split in memory or on disk."""
+    if isinstance(split, imagenet.RecordSplit):
+        return imagenet.eval_input_fn(split, **options)
+    return pipeline.eval_input_fn(split, **options)
 
 
 def require_split(splits: DataSplits, name: str) -> Split:

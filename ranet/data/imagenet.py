@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ranet.data.splits import DataError, normalize
+from ranet.data.pipeline import num_eval_steps, slice_sizes, steps_per_epoch
+from ranet.data.splits import DataError, DataSplits, held_out_mask, normalize
 
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224
@@ -186,7 +187,7 @@ def _records(index: RecordIndex, keys: tf.Tensor, file_ids: Sequence[int],
 
 def train_dataset(index: RecordIndex, keep: np.ndarray, *, batch_size: int, seed: int,
                   pipeline_id: int = 0, num_pipelines: int = 1, deterministic: bool = False,
-                  mean=MEAN, std=STD, skip_bad_records: bool = False,
+                  mean=MEAN, std=STD, augment: bool = True, skip_bad_records: bool = False,
                   cycle_length: int = 16) -> tf.data.Dataset:
     """Endless shuffled training batches (images float32 normalised, labels int32) of one
     input pipeline: the files ``pipeline_id``, ``pipeline_id + num_pipelines``, ..."""
@@ -195,25 +196,22 @@ def train_dataset(index: RecordIndex, keep: np.ndarray, *, batch_size: int, seed
         raise DataError(f"{len(index.files)} training shards cannot feed {num_pipelines} input "
                         "pipelines (workers): each needs at least one shard.")
     keys = record_keys(index, keep)
-    epochs = tf.data.Dataset.counter()
+    # A Python seed (tf.data takes no tensor here); the shuffle buffer spans epoch ends.
+    shuffle_seed = seed * 1_000_003 + pipeline_id if deterministic else None
+    records = _records(index, keys, file_ids, deterministic, cycle_length).repeat() \
+        .shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed).enumerate()
 
-    def epoch(number):
-        records = _records(index, keys, file_ids, deterministic, cycle_length)
-        if deterministic:
-            shuffle_seed = tf.random.experimental.stateless_fold_in(
-                tf.constant([seed, pipeline_id], tf.int64), number)[0]
-        else:
-            shuffle_seed = None
-        return records.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed)
-
-    def transform(key, raw):
-        encoded, label = _parse(raw)
+    def transform(count, record):
+        encoded, label = _parse(record[1])
+        if not augment:
+            return normalize(_decode_eval(encoded), mean, std), label
+        # Drawn per element of the stream: an image seen again gets another crop.
         crop_seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([seed, 0], tf.int64), key)
+            tf.constant([seed, pipeline_id], tf.int64), count)
         return normalize(_decode_train(encoded, crop_seed), mean, std), label
 
-    dataset = epochs.flat_map(epoch).map(transform, num_parallel_calls=tf.data.AUTOTUNE,
-                                         deterministic=deterministic)
+    dataset = records.map(transform, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=deterministic)
     if skip_bad_records:
         dataset = dataset.ignore_errors(log_warning=True)
     options = tf.data.Options()
@@ -235,3 +233,92 @@ def eval_dataset(index: RecordIndex, keep: np.ndarray, *, batch_size: int, mean=
 
     return records.map(transform, num_parallel_calls=tf.data.AUTOTUNE) \
         .batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecordSplit:
+    """Some records of an index (``keep``): a split that stays on disk."""
+    index: RecordIndex
+    keep: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index.labels[self.keep]
+
+
+def load_splits(config) -> DataSplits:
+    """ImageNet's splits: train minus the hold-out, the hold-out, and the official validation
+    shards as the test split (when present)."""
+    train_index = index_records(shard_files(config.data_dir, "train"), config.skip_bad_records)
+    held_out = (held_out_mask(train_index.labels, config.validation_size, NUM_CLASSES,
+                              config.split_seed) if config.validation_size
+                else np.zeros(len(train_index), bool))
+    test = None
+    if glob.glob(os.path.join(config.data_dir, SHARD_PATTERNS["validation"])):
+        test_index = index_records(shard_files(config.data_dir, "validation"),
+                                   config.skip_bad_records)
+        test = RecordSplit(test_index, np.ones(len(test_index), bool))
+    if config.normalization_mean is not None:
+        mean, std = config.normalization_mean, config.normalization_std
+    else:
+        mean, std = MEAN, STD
+    return DataSplits(name="imagenet", train=RecordSplit(train_index, ~held_out),
+                      validation=RecordSplit(train_index, held_out), test=test,
+                      num_classes=NUM_CLASSES, mean=np.array(mean, np.float32),
+                      std=np.array(std, np.float32), source=config.data_dir)
+
+
+def train_input_fn(split: RecordSplit, *, global_batch_size: int, mean, std, seed: int,
+                   augment: bool = True, start_step: int = 0, deterministic: bool = False,
+                   skip_bad_records: bool = False):
+    """Training batches for ``strategy.distribute_datasets_from_function``.
+
+    Each input pipeline reads its own shards. A resumed run (``start_step``) draws a fresh
+    order and fresh crops (seeded by the step), not the batches the interrupted run would have
+    seen next: the stream is not indexable the way CIFAR's in-memory one is.
+    """
+    steps_per_epoch(len(split), global_batch_size)
+
+    def input_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        _, per_replica = slice_sizes(ctx, global_batch_size)
+        return train_dataset(split.index, split.keep, batch_size=per_replica,
+                             seed=seed + start_step, pipeline_id=ctx.input_pipeline_id,
+                             num_pipelines=ctx.num_input_pipelines, deterministic=deterministic,
+                             mean=mean, std=std, augment=augment,
+                             skip_bad_records=skip_bad_records)
+
+    return input_fn
+
+
+def eval_input_fn(split: RecordSplit, *, global_batch_size: int, mean, std):
+    """One pass, padded to whole global batches: (images, labels, weights), as CIFAR's.
+
+    Every pipeline reads the records and keeps every k-th, so each image is decoded once;
+    padding rows repeat the first record with weight 0.
+    """
+    num_examples = len(split)
+    if num_examples == 0:
+        raise DataError("The split to evaluate is empty. Evaluate another split, or set "
+                        "--validation_size > 0 to evaluate on validation. Received: 0 examples")
+    padding = num_eval_steps(num_examples, global_batch_size) * global_batch_size - num_examples
+
+    def input_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        _, per_replica = slice_sizes(ctx, global_batch_size)
+        records = _records(split.index, record_keys(split.index, split.keep),
+                           range(len(split.index.files)), deterministic=True, cycle_length=1)
+        records = records.map(lambda _key, raw: (raw, tf.constant(1.0)))
+        records = records.concatenate(records.take(1).map(
+            lambda raw, _weight: (raw, tf.constant(0.0))).repeat(padding))
+        records = records.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+
+        def transform(raw, weight):
+            encoded, label = _parse(raw)
+            return normalize(_decode_eval(encoded), mean, std), label, weight
+
+        return records.map(transform, num_parallel_calls=tf.data.AUTOTUNE) \
+            .batch(per_replica).prefetch(tf.data.AUTOTUNE)
+
+    return input_fn

@@ -37,7 +37,7 @@ def num_eval_steps(num_examples: int, global_batch_size: int) -> int:
     return -(-num_examples // global_batch_size)
 
 
-def _slice_sizes(ctx: tf.distribute.InputContext, global_batch_size: int) -> tuple:
+def slice_sizes(ctx: tf.distribute.InputContext, global_batch_size: int) -> tuple:
     """(rows per pipeline per global batch, rows per replica batch), after checking they divide."""
     replicas, pipelines = ctx.num_replicas_in_sync, ctx.num_input_pipelines
     if global_batch_size % replicas or replicas % pipelines:
@@ -90,7 +90,7 @@ def train_input_fn(split: Split, *, global_batch_size: int, mean, std, seed: int
     start_epoch, start_offset = divmod(start_step, steps)
 
     def input_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        rows_per_pipeline, per_replica = _slice_sizes(ctx, global_batch_size)
+        rows_per_pipeline, per_replica = slice_sizes(ctx, global_batch_size)
         batches_per_step = rows_per_pipeline // per_replica
         images, labels = tf.constant(split.images), tf.constant(split.labels)
 
@@ -143,7 +143,7 @@ def eval_input_fn(split: Split, *, global_batch_size: int, mean,
     padded[num_examples:] = 0
 
     def input_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        rows_per_pipeline, per_replica = _slice_sizes(ctx, global_batch_size)
+        rows_per_pipeline, per_replica = slice_sizes(ctx, global_batch_size)
         images, labels = tf.constant(split.images), tf.constant(split.labels)
         plan = {name: _pipeline_rows(tf.reshape(values, [steps, global_batch_size]), ctx,
                                      rows_per_pipeline, per_replica)

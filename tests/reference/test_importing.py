@@ -162,3 +162,31 @@ def test_only_ranet_imports(tmp_path):
     config = tiny_config(tmp_path / "vgg", "--model=vgg16")
     with pytest.raises(ValueError, match="only RANet checkpoints"):
         importing.build_imported_model(config, reference_state_dict(tmp_path))
+
+
+def test_imagenet_configuration_reproduces_the_reference_logits(tmp_path):
+    """The reference's ImageNet layout: a biased 7x7/2 stem conv, a 3x3/2 max-pool, and exit
+    heads as wide as their input, on 224x224 images (tests/fixtures/reference/tiny_imagenet)."""
+    import lzma
+    from ranet import models
+    from ranet.data import imagenet
+    fixture = TINY.parent / "tiny_imagenet"
+    path = tmp_path / "imagenet.pth"
+    path.write_bytes(lzma.decompress((fixture / "checkpoint.pth.tar.xz").read_bytes()))
+    model_config = config_lib.ModelConfig(
+        imagenet=True, image_size=224, num_classes=1000, scale_list=(1, 2, 3, 4),
+        growth_factors=(4, 2, 1, 1), bottleneck_factors=(4, 2, 1, 1), base_channels=4,
+        growth_rate=4, num_blocks=1, block_step=1, step=2)
+    model = models.get_model(model_config)
+    state_dict = importing.state_dict_of(torch_file.read(str(path)), str(path))
+    for variable, value in mapping.assignments(model, state_dict, model_config):
+        variable.assign(value)
+    small = np.load(fixture / "images_32.npz")["images"]
+    images = np.repeat(np.repeat(small, 7, axis=1), 7, axis=2)  # as the fixture was made
+    reference = np.load(fixture / "logits.npz")
+    outputs = model(data.normalize(images, imagenet.MEAN, imagenet.STD), training=False)
+    assert len(outputs) == len(reference.files) == 4
+    for k, logits in enumerate(outputs, start=1):
+        expected = reference[f"exit_{k}"]
+        error = np.abs(np.asarray(logits) - expected)
+        assert np.all(error <= 1e-4 * (1 + np.abs(expected))), (k, error.max())

@@ -169,3 +169,21 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path
 def test_model_dir_is_required(tmp_path):
     with pytest.raises(ValueError, match="model_dir is required"):
         train_and_evaluate(_experiment(""))
+
+
+def test_training_in_the_serving_layout_is_the_same_training(tmp_path):
+    """--training_layout=serving computes the same function with the same variables: the run
+    matches the sliced layout's, and its checkpoint loads into the ordinary model."""
+    sliced, serving = tmp_path / "sliced", tmp_path / "serving"
+    train_and_evaluate(_experiment(sliced, steps=10, deterministic=True))
+    train_and_evaluate(_experiment(serving, steps=10, deterministic=True,
+                                   training_layout="serving"))
+    losses = _scalars(sliced)["loss/total"], _scalars(serving)["loss/total"]
+    assert sorted(losses[0]) == sorted(losses[1]) == [5, 10]
+    for step in (5, 10):
+        np.testing.assert_allclose(losses[1][step], losses[0][step], rtol=1e-4)
+    weights, _, _ = _restore_variables(serving, "ckpt-10")
+    expected, _, _ = _restore_variables(sliced, "ckpt-10")
+    assert [name for name, _ in weights] == [name for name, _ in expected]
+    for (name, value), (_, reference) in zip(weights, expected):
+        np.testing.assert_allclose(value, reference, rtol=1e-3, atol=1e-5, err_msg=name)
