@@ -99,6 +99,10 @@ class DataConfig:
     split_seed: int = flag(0, "Seed of the validation split.")
     augment: bool = flag(True, "CIFAR: pad-4 random crop and horizontal flip; ImageNet: "
                          "random-resized crop and flip.")
+    tf_data_service: Optional[str] = flag(
+        None, "ImageNet: grpc://host:port of a tf.data service dispatcher; the training "
+        "images are then decoded and augmented on its workers, not on the training hosts "
+        "(launch/README.md starts them). Not with --deterministic.", kind="str")
     skip_bad_records: bool = flag(
         False, "ImageNet: leave out records that cannot be read (counted and reported) "
         "instead of stopping at the first, which names its shard.")
@@ -128,6 +132,11 @@ class DataConfig:
                     "--normalization_mean and --normalization_std need 3 values each (R,G,B), "
                     f"the std positive. Received: normalization_mean={self.normalization_mean}, "
                     f"normalization_std={self.normalization_std}")
+        require(self.tf_data_service is None or (
+                    self.dataset == "imagenet" and self.tf_data_service.startswith("grpc://")),
+                "--tf_data_service takes grpc://host:port and serves the streamed ImageNet "
+                "pipeline (CIFAR is decoded in memory already). Received: "
+                f"dataset={self.dataset}, tf_data_service={self.tf_data_service}")
         require(self.synthetic_train_size > 0 and self.synthetic_test_size > 0,
                 "synthetic_train_size and synthetic_test_size must be positive. Received: "
                 f"{self.synthetic_train_size}, {self.synthetic_test_size}")
@@ -342,6 +351,9 @@ class ExperimentConfig:
     runtime: RuntimeConfig
 
     def __post_init__(self):
+        require(not (self.data.tf_data_service and self.runtime.deterministic),
+                "--tf_data_service and --deterministic do not go together: the service's "
+                "workers each shuffle the stream their own way. Drop one of them.")
         require(self.model.num_classes == self.data.num_classes,
                 f"model.num_classes ({self.model.num_classes}) does not match dataset "
                 f"{self.data.dataset} ({self.data.num_classes} classes)")

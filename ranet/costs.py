@@ -19,7 +19,8 @@ from ranet.models.layers import BilinearResize, GradientRescale
 from ranet.models.staged import StagedClassifier
 
 _FREE_LAYERS = (layers.InputLayer, layers.BatchNormalization, layers.Concatenate, layers.Add,
-                layers.Flatten, layers.ZeroPadding2D, BilinearResize, GradientRescale)
+                layers.Flatten, layers.ZeroPadding2D, layers.Dropout, BilinearResize,
+                GradientRescale)
 
 
 @dataclasses.dataclass(frozen=True)

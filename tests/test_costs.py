@@ -230,3 +230,21 @@ def test_imagenet_configurations_match_the_reference_counter(name):
     assert cost.params == counts["params_sum_numel"]
     assert [e.macs for e in cost.exits] == [int(m) for m in counts["macs_per_exit_cumulative"]]
     assert [e.params for e in cost.exits] == counts["params_op_counter_cls_params"]
+
+
+# torchvision's resnet50 has 25,557,032 parameters; its vgg16_bn 138,365,992, of which 4,224
+# are conv biases that the batch norm after each conv makes redundant (ranet's convs have none).
+@pytest.mark.parametrize("name, params", [("vgg16", 138_365_992 - 4_224),
+                                          ("resnet50", 25_557_032)])
+def test_imagenet_baselines_have_the_standard_parameter_counts(name, params):
+    keras.mixed_precision.set_global_policy("float32")
+    cost = costs.count(get_model(ModelConfig(name=name, imagenet=True, image_size=224,
+                                             num_classes=1000)))
+    assert cost.params == params
+
+
+@pytest.mark.parametrize("preset, reference", [("ranet_imagenet", "imagenet_a"),
+                                               ("ranet_imagenet_wide", "imagenet_b")])
+def test_imagenet_presets_are_the_counted_configurations(preset, reference):
+    from ranet import cli
+    assert cli.preset_config(preset).model == IMAGENET_REFERENCE[reference]

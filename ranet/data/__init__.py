@@ -34,15 +34,16 @@ def load_splits(config) -> DataSplits:
 
 
 def train_input_fn(split, *, deterministic: bool = True, skip_bad_records: bool = False,
-                   **options):
+                   tf_data_service=None, **options):
     """The training input function of a split in memory or on disk (``pipeline``, ``imagenet``).
 
-    The in-memory pipeline is always deterministic; ``deterministic`` and ``skip_bad_records``
-    concern the streamed one.
+    The in-memory pipeline is always deterministic; ``deterministic``, ``skip_bad_records``
+    and ``tf_data_service`` concern the streamed one.
     """
     if isinstance(split, imagenet.RecordSplit):
         return imagenet.train_input_fn(split, deterministic=deterministic,
-                                       skip_bad_records=skip_bad_records, **options)
+                                       skip_bad_records=skip_bad_records,
+                                       tf_data_service=tf_data_service, **options)
     return pipeline.train_input_fn(split, **options)
 
 

@@ -188,9 +188,16 @@ def _records(index: RecordIndex, keys: tf.Tensor, file_ids: Sequence[int],
 def train_dataset(index: RecordIndex, keep: np.ndarray, *, batch_size: int, seed: int,
                   pipeline_id: int = 0, num_pipelines: int = 1, deterministic: bool = False,
                   mean=MEAN, std=STD, augment: bool = True, skip_bad_records: bool = False,
+                  tf_data_service: Optional[str] = None,
                   cycle_length: int = 16) -> tf.data.Dataset:
     """Endless shuffled training batches (images float32 normalised, labels int32) of one
-    input pipeline: the files ``pipeline_id``, ``pipeline_id + num_pipelines``, ..."""
+    input pipeline: the files ``pipeline_id``, ``pipeline_id + num_pipelines``, ...
+
+    With ``tf_data_service`` (grpc://host:port of a dispatcher) every worker of the service
+    runs this pipeline (reading, decoding, augmenting, batching: ``ShardingPolicy.OFF``, each
+    in its own random order, as the service's documentation advises) and this process only
+    receives the batches.
+    """
     file_ids = list(range(pipeline_id, len(index.files), num_pipelines))
     if not file_ids:
         raise DataError(f"{len(index.files)} training shards cannot feed {num_pipelines} input "
@@ -216,8 +223,15 @@ def train_dataset(index: RecordIndex, keep: np.ndarray, *, batch_size: int, seed
         dataset = dataset.ignore_errors(log_warning=True)
     options = tf.data.Options()
     options.deterministic = deterministic
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE) \
-        .with_options(options)
+    dataset = dataset.batch(batch_size, drop_remainder=True).with_options(options)
+    if tf_data_service:
+        if deterministic:
+            raise DataError("the tf.data service cannot give a deterministic stream: its "
+                            "workers each shuffle their own way. Drop --deterministic.")
+        dataset = dataset.apply(tf.data.experimental.service.distribute(
+            processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
+            service=tf_data_service))
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(index: RecordIndex, keep: np.ndarray, *, batch_size: int, mean=MEAN,
@@ -273,7 +287,7 @@ def load_splits(config) -> DataSplits:
 
 def train_input_fn(split: RecordSplit, *, global_batch_size: int, mean, std, seed: int,
                    augment: bool = True, start_step: int = 0, deterministic: bool = False,
-                   skip_bad_records: bool = False):
+                   skip_bad_records: bool = False, tf_data_service: Optional[str] = None):
     """Training batches for ``strategy.distribute_datasets_from_function``.
 
     Each input pipeline reads its own shards. A resumed run (``start_step``) draws a fresh
@@ -288,7 +302,7 @@ def train_input_fn(split: RecordSplit, *, global_batch_size: int, mean, std, see
                              seed=seed + start_step, pipeline_id=ctx.input_pipeline_id,
                              num_pipelines=ctx.num_input_pipelines, deterministic=deterministic,
                              mean=mean, std=std, augment=augment,
-                             skip_bad_records=skip_bad_records)
+                             skip_bad_records=skip_bad_records, tf_data_service=tf_data_service)
 
     return input_fn
 

@@ -45,7 +45,8 @@ class Training:
             mean=self.splits.mean, std=self.splits.std, seed=self.config.runtime.seed,
             augment=self.config.data.augment, start_step=start_step,
             deterministic=self.config.runtime.deterministic,
-            skip_bad_records=self.config.data.skip_bad_records))
+            skip_bad_records=self.config.data.skip_bad_records,
+            tf_data_service=self.config.data.tf_data_service))
 
     def validation_dataset(self) -> Optional[tf.distribute.DistributedDataset]:
         """One pass over the validation split, or None when there is none."""

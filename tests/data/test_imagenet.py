@@ -134,3 +134,29 @@ def test_too_few_shards_for_the_pipelines_is_an_error(tmp_path):
     with pytest.raises(DataError, match="1 training shards cannot feed 2 input pipelines"):
         imagenet.train_dataset(index, np.ones(len(index), bool), batch_size=1, seed=0,
                                pipeline_id=1, num_pipelines=2)
+
+
+def test_training_batches_through_an_in_process_tf_data_service(tmp_path):
+    index = imagenet.index_records(imagenet.shard_files(str(write_shards(tmp_path / "d")), "train"))
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer()
+    worker = service.WorkerServer(service.WorkerConfig(
+        dispatcher_address=dispatcher.target.split("://")[1]))
+    dataset = imagenet.train_dataset(index, np.ones(len(index), bool), batch_size=4, seed=0,
+                                     tf_data_service=dispatcher.target)
+    batches = [b for _, b in zip(range(6), dataset.as_numpy_iterator())]
+    assert all(images.shape == (4, 224, 224, 3) for images, _ in batches)
+    assert set(np.concatenate([labels for _, labels in batches])) <= {0, 1, 2}
+    with pytest.raises(DataError, match="cannot give a deterministic stream"):
+        imagenet.train_dataset(index, np.ones(len(index), bool), batch_size=4, seed=0,
+                               deterministic=True, tf_data_service=dispatcher.target)
+    del worker
+
+
+def test_tf_data_service_flag_is_checked():
+    from ranet.config import DataConfig
+    with pytest.raises(ValueError, match="grpc://host:port and serves the streamed ImageNet"):
+        DataConfig(dataset="cifar10", tf_data_service="grpc://localhost:5050")
+    with pytest.raises(ValueError, match="grpc://host:port"):
+        DataConfig(dataset="imagenet", tf_data_service="localhost:5050")
+    assert DataConfig(dataset="imagenet", tf_data_service="grpc://h:1").tf_data_service
