@@ -33,6 +33,15 @@ def load_splits(config) -> DataSplits:
                       num_classes=config.num_classes, mean=mean, std=std, source=source)
 
 
+def load_splits_in_memory(config, purpose: str) -> DataSplits:
+    """``load_splits`` for what needs every image as an array (``purpose``: who asks)."""
+    if config.dataset == "imagenet":
+        raise ValueError(f"{purpose} reads its images into memory, which ImageNet's do not fit: "
+                         "it does not take ImageNet models yet. ranet.train evaluates them on "
+                         "the validation split, streamed from the shards.")
+    return load_splits(config)
+
+
 def train_input_fn(split, *, deterministic: bool = True, skip_bad_records: bool = False,
                    tf_data_service=None, **options):
     """The training input function of a split in memory or on disk (``pipeline``, ``imagenet``).
@@ -68,5 +77,6 @@ def require_split(splits: DataSplits, name: str) -> Split:
 
 
 __all__ = ["DataError", "DataSplits", "SPLIT_NAMES", "Split", "eval_input_fn", "load_splits",
+           "load_splits_in_memory",
            "normalize", "num_eval_steps", "require_split", "split_in_two", "steps_per_epoch",
            "train_input_fn"]

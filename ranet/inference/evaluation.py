@@ -59,8 +59,8 @@ def load_models(model_dirs: Sequence[str], checkpoint: str = "best",
 def load_images(models: Sequence[LoadedModel], split: str, seed: int = 0,
                 data_dir: Optional[str] = None) -> "EvaluationImages":
     """The shared dataset of ``models`` (optionally from another folder), split for reporting."""
-    return evaluation_images(data.load_splits(models[0].config.data.with_data_dir(data_dir)),
-                             split, seed)
+    return evaluation_images(data.load_splits_in_memory(
+        models[0].config.data.with_data_dir(data_dir), "ranet.eval"), split, seed)
 
 
 # Training images kept for the int8 conversion's representative dataset.

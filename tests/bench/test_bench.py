@@ -6,7 +6,7 @@ import pytest
 
 from helpers import VGG16, write_model_dir
 from ranet import cli
-from ranet.bench import inference, profile, train
+from ranet.bench import inference, input as input_bench, profile, train
 
 
 def _call(binary, *args):
@@ -78,3 +78,15 @@ def test_profile_attributes_the_step_to_op_types(tmp_path, mode, fused_op):
     assert any(op.endswith(fused_op) for op in op_types), sorted(op_types)
     assert result["ops_per_step"] > 33 and result["wall_ms_per_step"] > 0
     assert list(tmp_path.glob("trace/**/*.xplane.pb"))
+
+
+def test_input_benchmark_generates_jpegs_and_times_both_modes(tmp_path, capsys):
+    out = tmp_path / "input.json"
+    rows = _call(input_bench, "--images=64", "--shards=2", "--batch_size=8", "--batches=2",
+                 "--warmup_batches=1", f"--json={out}")
+    assert [row["mode"] for row in rows] == ["local", "service"]
+    assert all(row["images_per_second"] > 0 for row in rows)
+    result = json.loads(out.read_text())
+    assert result["images"] == 64 and result["cores"] >= 1
+    printed = capsys.readouterr().out
+    assert "64 images" in printed and "per core" in printed and "service" in printed

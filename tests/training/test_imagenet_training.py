@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from ranet import cli
 from ranet.training import train_and_evaluate
@@ -42,3 +43,8 @@ def test_three_steps_on_tfrecord_shards_then_a_resume(tmp_path):
     resumed = train_and_evaluate(imagenet_config(data_dir, tmp_path / "model",
                                                  "--strategy=one_device", "--train_steps=5"))
     assert resumed["step"] == 5
+    # Evaluation and export read images into memory: they refuse ImageNet, and say so.
+    from ranet import eval as eval_binary
+    with pytest.raises(ValueError, match="ranet.eval reads its images into memory"):
+        cli.call(eval_binary.main, eval_binary.define_flags,
+                 [f"--model_dir={tmp_path / 'model'}", f"--report_dir={tmp_path / 'report'}"])

@@ -137,7 +137,8 @@ def restore(options: ExportOptions) -> RestoredModel:
                                                             options.checkpoint)
     logging.info("restored %s", checkpoint)
     return RestoredModel(config=config, model=model, checkpoint=checkpoint,
-                         splits=data.load_splits(config.data.with_data_dir(options.data_dir)),
+                         splits=data.load_splits_in_memory(
+                             config.data.with_data_dir(options.data_dir), "ranet.export"),
                          cost=costs.count(model))
 
 
