@@ -23,7 +23,8 @@ def test_a_missing_config_says_what_the_folder_is_not(tmp_path):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: DataConfig(dataset="mnist"), r"dataset must be one of cifar10, cifar100, synthetic"
+    (lambda: DataConfig(dataset="mnist"), r"dataset must be one of cifar10, cifar100, imagenet, "
+                                          r"synthetic"
                                           r"\. Received: dataset='mnist'"),
     (lambda: RuntimeConfig(strategy="ps"), r"strategy must be one of default, .*'ps'"),
     (lambda: RuntimeConfig(precision="fp16"), r"precision must be one of fp32, .*'fp16'"),

@@ -118,6 +118,10 @@ class Controller:
                 for interval in (runtime.log_every_steps, runtime.checkpoint_every_steps,
                                  plan.eval_every_steps):
                     boundaries.append((self.step // interval + 1) * interval)
+                if self.budget_started_at is not None and self._planned is None:
+                    # Probing: a step at a time, so that the probe ends when its time is up
+                    # rather than at the next log line, however far that is.
+                    boundaries.append(self.step + 1)
                 started, before = time.monotonic(), self.step
                 self._advance(iterator, min(boundaries) - self.step)
                 at_end = self.step >= end_step

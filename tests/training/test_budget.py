@@ -91,3 +91,16 @@ def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
     plan = json.loads((tmp_path / budget.PLAN_FILENAME).read_text())
     assert result["step"] == plan["total_steps"] > plan["planned_at_step"]
     assert elapsed <= 25, elapsed
+
+
+def test_the_probe_ends_on_time_even_when_every_boundary_is_far_away(tmp_path):
+    # Logs, checkpoints and evaluations far beyond what 20 s hold: the probe must not wait
+    # for the first of them to plan (it would then run ~forever: the plan sets the end).
+    config = _budgeted(tmp_path, "20s")
+    config = dataclasses.replace(config, runtime=dataclasses.replace(
+        config.runtime, log_every_steps=10 ** 6, checkpoint_every_steps=10 ** 6,
+        eval_every_epochs=10 ** 4))
+    started = time.monotonic()
+    result = train_and_evaluate(config)
+    assert time.monotonic() - started <= 20
+    assert result["step"] == json.loads((tmp_path / budget.PLAN_FILENAME).read_text())["total_steps"]
