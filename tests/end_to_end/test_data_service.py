@@ -61,3 +61,17 @@ def test_slurm_and_kubernetes_data_service_definitions():
     assert any("launch.data_service dispatcher --port=5050" in c for c in commands)
     assert any("launch.data_service worker --dispatcher=ranet-data-dispatcher:5050" in c
                for c in commands)
+
+
+def test_imagenet_trains_under_mirrored_over_two_logical_cpus(tmp_path):
+    """The shrunken ImageNet RANet, 3 steps, MirroredStrategy over 2 logical CPU devices."""
+    from helpers import python, tail
+    from tests.training.test_imagenet_training import SHRUNKEN_IMAGENET_RANET
+    data_dir = write_shards(tmp_path / "imagenet")
+    process = python("-m", "ranet.train", *SHRUNKEN_IMAGENET_RANET, f"--data_dir={data_dir}",
+                     f"--model_dir={tmp_path / 'model'}", "--validation_size=6",
+                     "--batch_size=4", "--train_steps=3", "--log_every_steps=1",
+                     "--strategy=mirrored", "--num_cpu_devices=2", timeout=600)
+    assert process.returncode == 0, tail(process)
+    assert "done at step 3" in process.stderr, tail(process)
+    assert "'examples': 6" in process.stderr, tail(process)
