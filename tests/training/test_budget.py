@@ -93,14 +93,16 @@ def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
     assert elapsed <= 25, elapsed
 
 
-def test_the_probe_ends_on_time_even_when_every_boundary_is_far_away(tmp_path):
-    # Logs, checkpoints and evaluations far beyond what 20 s hold: the probe must not wait
-    # for the first of them to plan (it would then run ~forever: the plan sets the end).
-    config = _budgeted(tmp_path, "20s")
+def test_the_probe_plans_without_waiting_for_a_boundary(tmp_path):
+    # Logs, checkpoints and evaluations far beyond what 20 s hold: the probe must plan after
+    # its own time, not at the first of them (before, this run never planned: it trained
+    # until stop_at_step with the schedule's placeholder length).
+    config = _budgeted(tmp_path, "20s", stop_at_step=2000)
     config = dataclasses.replace(config, runtime=dataclasses.replace(
         config.runtime, log_every_steps=10 ** 6, checkpoint_every_steps=10 ** 6,
         eval_every_epochs=10 ** 4))
-    started = time.monotonic()
     result = train_and_evaluate(config)
-    assert time.monotonic() - started <= 20
-    assert result["step"] == json.loads((tmp_path / budget.PLAN_FILENAME).read_text())["total_steps"]
+    plan = json.loads((tmp_path / budget.PLAN_FILENAME).read_text())
+    assert 0 < plan["planned_at_step"] < plan["total_steps"]
+    assert plan["planned_after_seconds"] < 20
+    assert result["step"] == min(plan["total_steps"], 2000)
