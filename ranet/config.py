@@ -351,9 +351,6 @@ class ExperimentConfig:
     runtime: RuntimeConfig
 
     def __post_init__(self):
-        require(not (self.data.tf_data_service and self.runtime.deterministic),
-                "--tf_data_service and --deterministic do not go together: the service's "
-                "workers each shuffle the stream their own way. Drop one of them.")
         require(self.model.num_classes == self.data.num_classes,
                 f"model.num_classes ({self.model.num_classes}) does not match dataset "
                 f"{self.data.dataset} ({self.data.num_classes} classes)")

@@ -21,6 +21,12 @@ tf.config.set_logical_device_configuration(
     [tf.config.LogicalDeviceConfiguration()] * NUM_TEST_CPU_DEVICES)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches (the ImageNet record index) go to a scratch folder, not the user's ~/.cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def real_cifar10() -> Path:
     """The shared real CIFAR-10 folder, or a skip when this checkout has none beside it."""

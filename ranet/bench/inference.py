@@ -1,8 +1,8 @@
 """Inference benchmark: every model on every runtime, batch 1 and batched, and the targets.
 
     python -m ranet.bench.inference --model_dir=runs/ranet --model_dir=runs/vgg16 \\
-        --model_dir=runs/resnet50 --runtimes=tf,litert,litert_int8 \\
-        --tf_settings=default,xla,one_thread,one_thread_xla --json=bench_inference.json
+        --model_dir=runs/resnet50 --runtimes=tf,litert,litert_int8 --json=bench_inference.json \\
+        --tf_settings=default,xla,one_thread,one_thread_xla,bfloat16,one_thread_bfloat16
 
 Every model runs the same kind of paths on the same images, timed interleaved in one process
 (``ranet.inference.comparison``), on each runtime of ``--runtimes``. TensorFlow's thread
@@ -26,9 +26,12 @@ from ranet import cli, jsonio
 from ranet.inference import comparison, latency
 from ranet.inference.comparison import ComparisonOptions
 
-# TensorFlow settings: (intra-op threads, inter-op threads, XLA) of the batch-1 paths.
-TF_SETTINGS = {"default": (0, 0, False), "xla": (0, 0, True), "one_thread": (1, 2, False),
-               "one_thread_xla": (1, 2, True)}
+# TensorFlow settings: (intra-op threads, inter-op threads, XLA, precision) of the batch-1
+# paths. bfloat16 runs the convolutions on the AMX units of CPUs that have them (oneDNN).
+TF_SETTINGS = {"default": (0, 0, False, "fp32"), "xla": (0, 0, True, "fp32"),
+               "one_thread": (1, 2, False, "fp32"), "one_thread_xla": (1, 2, True, "fp32"),
+               "bfloat16": (0, 0, False, "mixed_bfloat16"),
+               "one_thread_bfloat16": (1, 2, False, "mixed_bfloat16")}
 # Batch-1 speed-ups RANet's adaptive path must reach over each baseline's full pass (by the
 # baseline's architecture): on each one's fastest runtime within 1 point of its fp32
 # accuracy, and on LiteRT fp32 against LiteRT fp32.
@@ -67,28 +70,36 @@ def _p50(result: comparison.Comparison, runtime: str, model: str, path: str) -> 
     return None if stats is None else stats.p50
 
 
-def _path_accuracy(evaluation, path: str) -> float:
-    if path == latency.FULL or evaluation.default is None:
+def _headline_accuracy(evaluation) -> float:
+    """Accuracy of the path compared: RANet's adaptive default point, a baseline's full pass."""
+    if evaluation.default is None:
         return evaluation.exit_accuracy[-1]
     return evaluation.default.point.accuracy
 
 
-def best_runtimes(result: comparison.Comparison, tf_settings: Dict[str, dict]
-                  ) -> Dict[str, Tuple[str, float, float]]:
+def _headline_path(evaluation) -> str:
+    return latency.FULL if evaluation.default is None else "adaptive"
+
+
+def best_runtimes(result: comparison.Comparison, tf_settings: Dict[str, dict],
+                  tf_accuracy: Dict[str, Dict[str, float]]) -> Dict[str, Tuple[str, float, float]]:
     """Per model, its fastest (runtime, p50, accuracy) whose accuracy is within 1 point of fp32.
 
     The path is RANet's adaptive default point, a baseline's full pass. TensorFlow counts
-    with every setting timed (``tf_settings``: setting -> model -> p50 of each path).
+    with every setting timed (``tf_settings``: setting -> model -> p50 of each path;
+    ``tf_accuracy``: setting -> model -> accuracy of the path, which bfloat16 changes).
     """
     best = {}
     for index, loaded in enumerate(result.models):
         reference = result.evaluations[comparison.TF][index]
-        path = "adaptive" if reference.default is not None else latency.FULL
-        fp32_accuracy = _path_accuracy(reference, path)
-        candidates = [(f"tf ({setting})", by_model[loaded.name][path], fp32_accuracy)
-                      for setting, by_model in tf_settings.items()]
+        path = _headline_path(reference)
+        fp32_accuracy = _headline_accuracy(reference)
+        candidates = [(f"tf ({setting})", by_model[loaded.name][path],
+                       tf_accuracy[setting][loaded.name])
+                      for setting, by_model in tf_settings.items()
+                      if tf_accuracy[setting][loaded.name] >= fp32_accuracy - ACCURACY_TOLERANCE]
         for runtime in result.evaluations:
-            accuracy = _path_accuracy(result.evaluations[runtime][index], path)
+            accuracy = _headline_accuracy(result.evaluations[runtime][index])
             if runtime != comparison.TF and accuracy >= fp32_accuracy - ACCURACY_TOLERANCE:
                 candidates.append((runtime, _p50(result, runtime, loaded.name, path), accuracy))
         best[loaded.name] = min(candidates, key=lambda candidate: candidate[1])
@@ -96,6 +107,7 @@ def best_runtimes(result: comparison.Comparison, tf_settings: Dict[str, dict]
 
 
 def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
+            tf_accuracy: Dict[str, Dict[str, float]],
             pytorch_full_ms: Optional[float]) -> List[Tuple[str, float, float, str]]:
     """The performance targets as (label, measured, needed, unit): met when measured >= needed.
 
@@ -103,7 +115,7 @@ def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
     difference in percentage points.
     """
     rows = []
-    best = best_runtimes(result, tf_settings)
+    best = best_runtimes(result, tf_settings, tf_accuracy)
     baselines = [(m.name, m.config.model.name) for m in result.models if m.model.num_exits == 1]
     litert = "litert" in result.latency
     for index, loaded in enumerate(result.models):
@@ -136,11 +148,11 @@ def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
                     vgg_rate = vgg.cost.exits[-1].macs / _p50(result, "litert", baseline, "full")
                     rows.append((f"litert full pass MAC/s: {name} / {baseline}", rate / vgg_rate,
                                  FULL_PASS_MAC_RATE_SHARE, "x"))
-        # Batched, on whichever runtime delivers more adaptive images/s at batch 64 or more.
+        # Batched: at batch 64 or more, on whichever runtime delivers more adaptive images/s
+        # there (LiteRT's stage files take one image at a time, so today TensorFlow).
         saving = loaded.cost.exits[-1].macs / evaluation.default.point.expected_macs
         batched = [(runtime, batch, by_path) for runtime, by_model in result.throughput.items()
-                   for batch, by_path in by_model[name].items()
-                   if batch >= 64 or runtime != comparison.TF]
+                   for batch, by_path in by_model[name].items() if batch >= 64]
         if batched:
             runtime, batch, by_path = max(batched, key=lambda entry: entry[2]["adaptive"])
             rows.append((f"{name}: adaptive / full images/s, {runtime} batch {batch} "
@@ -161,16 +173,19 @@ def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
 
 def _tf_setting(options: ComparisonOptions) -> str:
     """The name of the TensorFlow setting ``options`` runs with (or a description)."""
-    own = (options.intra_op_threads, options.inter_op_threads, options.xla)
+    own = (options.intra_op_threads, options.inter_op_threads, options.xla, options.precision)
     return next((name for name, setting in TF_SETTINGS.items() if setting == own),
-                f"intra {own[0]}, inter {own[1]}{', xla' if own[2] else ''}")
+                f"intra {own[0]}, inter {own[1]}{', xla' if own[2] else ''}, {own[3]}")
 
 
-def _time_tf_setting(setting: str, options: ComparisonOptions) -> Dict[str, Dict[str, float]]:
-    """TensorFlow batch-1 p50 of every path of every model, in a child process."""
-    intra, inter, xla = TF_SETTINGS[setting]
+def _time_tf_setting(setting: str, options: ComparisonOptions
+                     ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float]]:
+    """TensorFlow batch-1 p50 of every path of every model, in a child process, and the
+    accuracy of each model's compared path there."""
+    intra, inter, xla, precision = TF_SETTINGS[setting]
     child_options = dataclasses.replace(options, intra_op_threads=intra, inter_op_threads=inter,
-                                        xla=xla, runtimes=(comparison.TF,), throughput_images=1)
+                                        xla=xla, precision=precision, runtimes=(comparison.TF,),
+                                        throughput_images=1)
     with tempfile.TemporaryDirectory(prefix="ranet_bench_") as scratch:
         output = os.path.join(scratch, "tf.json")
         command = [sys.executable, "-m", "ranet.bench.inference", *cli.to_flags(child_options),
@@ -181,8 +196,11 @@ def _time_tf_setting(setting: str, options: ComparisonOptions) -> Dict[str, Dict
             raise RuntimeError(f"the child timing TensorFlow ({setting}) failed:\n"
                                f"{child.stderr[-3000:]}")
         timed = jsonio.read(output, "It is this benchmark's own scratch file.")
-    return {model: {path: stats["p50"] for path, stats in paths.items()}
-            for model, paths in timed["latency_ms"][comparison.TF].items()}
+    points = timed["operating_points"][comparison.TF]
+    accuracy = {model: points[model]["accuracy"] if model in points else exits[-1]
+                for model, exits in timed["exit_accuracy"][comparison.TF].items()}
+    return ({model: {path: stats["p50"] for path, stats in paths.items()}
+             for model, paths in timed["latency_ms"][comparison.TF].items()}, accuracy)
 
 
 def main(values: flags.FlagValues) -> dict:
@@ -198,12 +216,17 @@ def main(values: flags.FlagValues) -> dict:
                          f"Received: tf_settings={','.join(values.tf_settings)}")
     own_setting = _tf_setting(options)
     # The children run first, each alone, so that nothing else runs beside any timing.
-    tf_settings = {setting: _time_tf_setting(setting, options)
-                   for setting in values.tf_settings if setting and setting != own_setting}
+    children = {setting: _time_tf_setting(setting, options)
+                for setting in values.tf_settings if setting and setting != own_setting}
+    tf_settings = {setting: p50 for setting, (p50, _) in children.items()}
+    tf_accuracy = {setting: accuracy for setting, (_, accuracy) in children.items()}
     result = comparison.compare(options, throughput_batch_sizes=batch_sizes)
     tf_settings[own_setting] = {model: {path: stats.p50 for path, stats in paths.items()}
                                 for model, paths in result.latency[comparison.TF].items()}
-    rows = targets(result, tf_settings, values.pytorch_full_ms)
+    tf_accuracy[own_setting] = {
+        loaded.name: _headline_accuracy(evaluation)
+        for loaded, evaluation in zip(result.models, result.evaluations[comparison.TF])}
+    rows = targets(result, tf_settings, tf_accuracy, values.pytorch_full_ms)
     operating_points = {
         runtime: {loaded.name: {"last_exit_accuracy": evaluation.exit_accuracy[-1],
                                 **evaluation.default.to_json()}
@@ -212,11 +235,12 @@ def main(values: flags.FlagValues) -> dict:
     latency_ms = {runtime: {name: {path: stats.to_json() for path, stats in paths.items()}
                             for name, paths in by_model.items()}
                   for runtime, by_model in result.latency.items()}
-    _print(result, operating_points, tf_settings, batch_sizes, rows, options)
+    _print(result, operating_points, tf_settings, tf_accuracy, batch_sizes, rows, options)
     output = {"environment": latency.device_info(), "xla": options.xla,
               "litert_threads": options.litert_threads or os.cpu_count(),
               "operating_points": operating_points, "latency_ms": latency_ms,
-              "tf_settings_p50_ms": tf_settings, "best": best_runtimes(result, tf_settings),
+              "tf_settings_p50_ms": tf_settings, "tf_settings_accuracy": tf_accuracy,
+              "best": best_runtimes(result, tf_settings, tf_accuracy),
               "throughput_ips": result.throughput,
               "exit_accuracy": {runtime: {m.name: e.exit_accuracy
                                           for m, e in zip(result.models, evaluations)}
@@ -228,7 +252,8 @@ def main(values: flags.FlagValues) -> dict:
     return output
 
 
-def _print(result, operating_points, tf_settings, batch_sizes, rows, options) -> None:
+def _print(result, operating_points, tf_settings, tf_accuracy, batch_sizes, rows,
+           options) -> None:
     environment = latency.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; XLA "
           f"{'on' if options.xla else 'off'} (batch-1 paths); LiteRT "
@@ -253,6 +278,8 @@ def _print(result, operating_points, tf_settings, batch_sizes, rows, options) ->
         for path in paths:
             print(f"{name:<24} {path:<14} " + " ".join(
                 f"{tf_settings[s][name][path]:>15.2f}" for s in settings))
+        print(f"{name:<24} {'accuracy':<14} " + " ".join(
+            f"{tf_accuracy[s][name]:>15.2%}" for s in settings))
     print(f"\n{'model':<24} {'runtime':<12} {'path':<14} "
           + " ".join(f"{f'b={b}':>9}" for b in batch_sizes) + "   (images/s)")
     for runtime, by_model in result.throughput.items():

@@ -8,18 +8,26 @@ so that they compress like photographs, ~110 kB each) into TFRecord shards in a 
 folder. It then times the training pipeline (``ranet.data.imagenet.train_dataset``: read,
 fused decode-and-crop, resize to 224, flip, normalise, batch) on this process's cores, and
 again through a tf.data service whose dispatcher and one worker run in this process: the
-same work plus the service's transfer. Benchmarks print numbers; nothing here is a test.
+same work plus the service's transfer.
+
+Then, for each ImageNet preset of ``--step_presets``, how many such cores one GPU needs. The
+GPU's training rate is an estimate until a GPU measures it: the preset's train step
+(forward, backward, SGD update, 224x224) is timed on this CPU, which gives the share of the
+CPU's matmul FLOP/s the step achieves (training FLOPs per image: 6 x its multiply-adds); the
+same share of ``--gpu_tflops`` gives the GPU's images/s. Benchmarks print numbers; nothing
+here is a test.
 """
 
 import os
 import tempfile
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
-from ranet import cli, jsonio
+from ranet import cli, costs, jsonio, models
 from ranet.data import imagenet
 
 _SIZE = (375, 500)  # height, width: the most common ImageNet image size
@@ -42,6 +50,17 @@ def define_flags(values: flags.FlagValues) -> None:
                          **define)
     flags.DEFINE_list("modes", ["local", "service"], "local: this process; service: an "
                       "in-process tf.data service.", **define)
+    flags.DEFINE_list("step_presets", ["ranet_imagenet", "ranet_imagenet_wide",
+                                       "resnet50_imagenet"],
+                      "ImageNet presets whose GPU input needs to estimate (empty: none).",
+                      **define)
+    flags.DEFINE_integer("step_batch_size", 8, "Batch of the CPU train step.", lower_bound=1,
+                         **define)
+    flags.DEFINE_integer("steps", 3, "Timed CPU train steps per preset.", lower_bound=1,
+                         **define)
+    flags.DEFINE_float("gpu_tflops", 130.0, "Peak TFLOP/s of the trainers' GPU at the "
+                       "training precision (default: a Titan RTX's fp16 tensor cores).",
+                       lower_bound=0.0, **define)
     flags.DEFINE_string("json", None, "Also write the results here.", **define)
 
 
@@ -78,7 +97,63 @@ def images_per_second(dataset: tf.data.Dataset, batch_size: int, batches: int,
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def main(values: flags.FlagValues) -> list:
+def matmul_flops_per_second(size: int = 2048, repeats: int = 10) -> float:
+    """This CPU's float32 FLOP/s on a large matrix product: the rate its arithmetic peaks at."""
+    a = tf.random.uniform([size, size])
+
+    @tf.function
+    def products(x):
+        for _ in range(repeats):
+            x = tf.matmul(x, a) * (1.0 / size)
+        return x
+
+    products(a).numpy()
+    started = time.perf_counter()
+    products(a).numpy()
+    return repeats * 2 * size ** 3 / (time.perf_counter() - started)
+
+
+def train_step_images_per_second(preset: str, batch_size: int, steps: int) -> tuple:
+    """(images/s of the preset's float32 train step on this CPU, multiply-adds per image)."""
+    model = models.get_model(cli.preset_config(preset).model)
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    images = tf.random.uniform([batch_size, *model.image_shape], -2.0, 2.0)
+    labels = tf.random.uniform([batch_size], 0, model.num_classes, tf.int32)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True)) for logits in model(images, training=True)])
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                      model.trainable_variables))
+        return loss
+
+    step().numpy()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.numpy()
+    return steps * batch_size / (time.perf_counter() - started), costs.count(model).exits[-1].macs
+
+
+def gpu_input_needs(presets, batch_size: int, steps: int, gpu_tflops: float,
+                    images_per_core: float) -> list:
+    """Per preset: the CPU step, the estimated GPU rate, and the input cores it needs."""
+    cpu_flops = matmul_flops_per_second()
+    rows = []
+    for preset in presets:
+        logging.info("timing %s's train step on this CPU", preset)
+        cpu_ips, macs = train_step_images_per_second(preset, batch_size, steps)
+        share = cpu_ips * 6 * macs / cpu_flops
+        gpu_ips = share * gpu_tflops * 1e12 / (6 * macs)
+        rows.append({"preset": preset, "macs": macs, "cpu_step_images_per_second": cpu_ips,
+                     "cpu_peak_share": share, "estimated_gpu_images_per_second": gpu_ips,
+                     "cores_per_gpu": gpu_ips / images_per_core})
+    return rows
+
+
+def main(values: flags.FlagValues) -> dict:
     if set(values.modes) - {"local", "service"}:
         raise ValueError(f"--modes takes local, service or both. Received: "
                          f"--modes={','.join(values.modes)}")
@@ -107,15 +182,31 @@ def main(values: flags.FlagValues) -> list:
             rows.append({"mode": mode, "images_per_second": rate,
                          "images_per_second_per_core": rate / os.cpu_count()})
     cores = os.cpu_count()
+    local = next((r for r in rows if r["mode"] == "local"), rows[0])
+    needs = gpu_input_needs([p for p in values.step_presets if p], values.step_batch_size,
+                            values.steps, values.gpu_tflops, local["images_per_second_per_core"])
     print(f"\n{len(index)} images, mean {sum(sizes) / len(index) / 1e3:.0f} kB per record; "
           f"{cores} CPU cores; batch {values.batch_size}")
     print(f"{'mode':<8} {'images/s':>9} {'per core':>9}")
     for row in rows:
         print(f"{row['mode']:<8} {row['images_per_second']:>9.1f} "
               f"{row['images_per_second_per_core']:>9.1f}")
+    if needs:
+        print(f"\nCores one GPU needs ({values.gpu_tflops:g} TFLOP/s; its rate is an ESTIMATE "
+              "until a GPU measures it: the CPU step's share of the CPU's matmul peak, "
+              "applied to the GPU's):")
+        print(f"{'preset':<22} {'G MACs':>7} {'CPU img/s':>10} {'share':>6} "
+              f"{'GPU img/s (est.)':>17} {'cores/GPU':>9}")
+        for row in needs:
+            print(f"{row['preset']:<22} {row['macs'] / 1e9:>7.2f} "
+                  f"{row['cpu_step_images_per_second']:>10.2f} {row['cpu_peak_share']:>6.1%} "
+                  f"{row['estimated_gpu_images_per_second']:>17.0f} "
+                  f"{row['cores_per_gpu']:>9.1f}")
+    result = {"cores": cores, "images": len(index), "results": rows, "gpu_input": needs,
+              "gpu_tflops": values.gpu_tflops}
     if values.json:
-        jsonio.write(values.json, {"cores": cores, "images": len(index), "results": rows})
-    return rows
+        jsonio.write(values.json, result)
+    return result
 
 
 def run() -> None:

@@ -3,15 +3,18 @@
 ``cifar`` and ``synthetic`` read the images into memory, ``splits`` holds them out and
 normalises them, ``pipeline`` feeds them to a tf.distribute strategy. ``imagenet`` keeps its
 splits on disk (TFRecord shards) and streams them; ``train_input_fn`` and ``eval_input_fn``
-here take either kind of split.
+here take either kind of split. ``load_splits_in_memory`` gives the eval and export binaries
+arrays of every dataset (ImageNet's decoded samples).
 """
+
+import dataclasses
 
 import numpy as np
 
 from ranet.data import cifar, imagenet, pipeline, synthetic
 from ranet.data.pipeline import num_eval_steps, steps_per_epoch
 from ranet.data.splits import (DataError, DataSplits, Split, channel_statistics, hold_out,
-                               normalize, split_in_two)
+                               normalize, sample_mask, split_in_two)
 
 SPLIT_NAMES = ("train", "validation", "test")
 _SOURCES = {"cifar10": cifar.load, "cifar100": cifar.load, "synthetic": synthetic.load}
@@ -33,13 +36,26 @@ def load_splits(config) -> DataSplits:
                       num_classes=config.num_classes, mean=mean, std=std, source=source)
 
 
-def load_splits_in_memory(config, purpose: str) -> DataSplits:
-    """``load_splits`` for what needs every image as an array (``purpose``: who asks)."""
+def load_splits_in_memory(config, *, max_images: int = 0, train_images: int = 256,
+                          include_test: bool = True, seed: int = 0) -> DataSplits:
+    """``load_splits`` as arrays, for what works on arrays (the eval and export binaries).
+
+    Validation and test are cut to at most ``max_images`` each (0: all) by a class-balanced
+    seeded sample. ImageNet's splits are decoded through the evaluation transform (256/224),
+    train as a sample of ``train_images`` (all that evaluation and export read of it), test
+    only with ``include_test``.
+    """
+    splits = load_splits(config)
     if config.dataset == "imagenet":
-        raise ValueError(f"{purpose} reads its images into memory, which ImageNet's do not fit: "
-                         "it does not take ImageNet models yet. ranet.train evaluates them on "
-                         "the validation split, streamed from the shards.")
-    return load_splits(config)
+        return imagenet.splits_in_memory(splits, max_images=max_images, train_images=train_images,
+                                         include_test=include_test, seed=seed)
+
+    def cut(split):
+        if split is None:
+            return None
+        return split.subset(sample_mask(split.labels, max_images, splits.num_classes, seed))
+
+    return dataclasses.replace(splits, validation=cut(splits.validation), test=cut(splits.test))
 
 
 def train_input_fn(split, *, deterministic: bool = True, skip_bad_records: bool = False,

@@ -83,6 +83,13 @@ def held_out_mask(labels: np.ndarray, size: int, num_classes: int, seed: int) ->
     return is_held_out
 
 
+def sample_mask(labels: np.ndarray, limit: int, num_classes: int, seed: int) -> np.ndarray:
+    """True for at most ``limit`` rows (0: every row), class-balanced by the hold-out rule."""
+    if not limit or limit >= len(labels):
+        return np.ones(len(labels), bool)
+    return held_out_mask(labels, limit, num_classes, seed)
+
+
 def hold_out(full: Split, size: int, num_classes: int, seed: int) -> tuple:
     """(rest, held out): ``size`` rows picked class-balanced at random; both keep file order."""
     is_held_out = held_out_mask(full.labels, size, num_classes, seed)

@@ -51,7 +51,11 @@ class ComparisonOptions:
                                       "(e.g. 0.85).", kind="float")
     confidence: str = flag(adaptive.MAX_SOFTMAX, "Exit confidence.",
                            choices=adaptive.CONFIDENCE_KINDS)
-    seed: int = flag(0, "Seed of the validation halves (--split=validation).")
+    seed: int = flag(0, "Seed of the validation halves (--split=validation) and of the "
+                     "samples of --max_images.")
+    max_images: int = flag(0, "Read at most this many images of each split, a class-balanced "
+                           "seeded sample (0: all). They are held in memory: ImageNet's take "
+                           "150 KB each.", lower_bound=0)
     xla: bool = flag(False, "XLA-compile the batch-1 paths (full and adaptive) of every model "
                      "alike (on a CPU it speeds RANet up and slows VGG16 down: BUILD_NOTES.md).")
     intra_op_threads: int = flag(0, "Threads one op may use; 0: every core. 1 suits batch-1 "
@@ -156,7 +160,8 @@ def compare(options: ComparisonOptions,
     devices.configure_threads(options.intra_op_threads, options.inter_op_threads)
     models = evaluation.load_models(options.model_dir, options.checkpoint, options.precision)
     evaluation.check_budgets(models, options.budget_mflops)
-    images = evaluation.load_images(models, options.split, options.seed, options.data_dir)
+    images = evaluation.load_images(models, options.split, options.seed, options.data_dir,
+                                    options.max_images)
     logging.info("calibrating on %s (%d images), reporting on %s (%d images)",
                  images.calibration_name, len(images.calibration_labels), images.report_name,
                  len(images.report_labels))

@@ -57,10 +57,12 @@ def load_models(model_dirs: Sequence[str], checkpoint: str = "best",
 
 
 def load_images(models: Sequence[LoadedModel], split: str, seed: int = 0,
-                data_dir: Optional[str] = None) -> "EvaluationImages":
-    """The shared dataset of ``models`` (optionally from another folder), split for reporting."""
+                data_dir: Optional[str] = None, max_images: int = 0) -> "EvaluationImages":
+    """The shared dataset of ``models`` (optionally from another folder), split for reporting:
+    at most ``max_images`` of each split (0: all)."""
     return evaluation_images(data.load_splits_in_memory(
-        models[0].config.data.with_data_dir(data_dir), "ranet.eval"), split, seed)
+        models[0].config.data.with_data_dir(data_dir), max_images=max_images,
+        train_images=REPRESENTATIVE_IMAGES, include_test=split == "test", seed=seed), split, seed)
 
 
 # Training images kept for the int8 conversion's representative dataset.

@@ -1,5 +1,7 @@
 """ImageNet TFRecord shards: a tiny generated set (a few dozen JPEGs, a few classes)."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -117,8 +119,7 @@ def test_each_pipeline_reads_its_own_shards_and_the_hold_out_is_filtered(tmp_pat
     seen = {}
     for pipeline in range(2):
         dataset = imagenet.train_dataset(index, ~held_out, batch_size=1, seed=0,
-                                         pipeline_id=pipeline, num_pipelines=2,
-                                         deterministic=True)
+                                         pipeline_id=pipeline, num_pipelines=2)
         labels = [int(b[1][0]) for _, b in zip(range(40), dataset.as_numpy_iterator())]
         seen[pipeline] = set(labels)
         # Shard s holds class s: pipeline 0 reads shards 0 and 2, pipeline 1 shard 1.
@@ -136,6 +137,20 @@ def test_too_few_shards_for_the_pipelines_is_an_error(tmp_path):
                                pipeline_id=1, num_pipelines=2)
 
 
+def test_deterministic_pipelines_each_take_their_rows_of_one_global_batch(tmp_path):
+    index = imagenet.index_records(imagenet.shard_files(str(write_shards(tmp_path / "d")), "train"))
+    keep = np.ones(len(index), bool)
+    one = imagenet.train_dataset(index, keep, batch_size=4, seed=3, deterministic=True)
+    halves = [imagenet.train_dataset(index, keep, batch_size=2, seed=3, deterministic=True,
+                                     pipeline_id=p, num_pipelines=2, rows_per_pipeline=2)
+              for p in (0, 1)]
+    # 10 steps: past the 24 records, so the second epoch's order and fresh crops too.
+    for (images, labels), *parts in zip(one.take(10).as_numpy_iterator(),
+                                        *(h.take(10).as_numpy_iterator() for h in halves)):
+        np.testing.assert_array_equal(labels, np.concatenate([p[1] for p in parts]))
+        np.testing.assert_allclose(images, np.concatenate([p[0] for p in parts]), atol=1e-6)
+
+
 def test_training_batches_through_an_in_process_tf_data_service(tmp_path):
     index = imagenet.index_records(imagenet.shard_files(str(write_shards(tmp_path / "d")), "train"))
     service = tf.data.experimental.service
@@ -147,9 +162,14 @@ def test_training_batches_through_an_in_process_tf_data_service(tmp_path):
     batches = [b for _, b in zip(range(6), dataset.as_numpy_iterator())]
     assert all(images.shape == (4, 224, 224, 3) for images, _ in batches)
     assert set(np.concatenate([labels for _, labels in batches])) <= {0, 1, 2}
-    with pytest.raises(DataError, match="cannot give a deterministic stream"):
-        imagenet.train_dataset(index, np.ones(len(index), bool), batch_size=4, seed=0,
-                               deterministic=True, tf_data_service=dispatcher.target)
+    # One service worker runs the deterministic pipeline as this process would.
+    served, local = (imagenet.train_dataset(index, np.ones(len(index), bool), batch_size=4,
+                                            seed=0, deterministic=True, tf_data_service=service)
+                     for service in (dispatcher.target, None))
+    for (images, labels), (local_images, local_labels) in zip(
+            served.take(3).as_numpy_iterator(), local.take(3).as_numpy_iterator()):
+        np.testing.assert_array_equal(labels, local_labels)
+        np.testing.assert_array_equal(images, local_images)
     del worker
 
 
@@ -160,3 +180,44 @@ def test_tf_data_service_flag_is_checked():
     with pytest.raises(ValueError, match="grpc://host:port"):
         DataConfig(dataset="imagenet", tf_data_service="localhost:5050")
     assert DataConfig(dataset="imagenet", tf_data_service="grpc://h:1").tf_data_service
+
+
+def test_splits_decode_into_memory_as_class_balanced_samples(tmp_path):
+    from ranet import data
+    from ranet.config import DataConfig
+    data_dir = write_shards(tmp_path / "d")
+    write_shards(data_dir, "validation")
+    config = DataConfig(dataset="imagenet", data_dir=str(data_dir), validation_size=9)
+    splits = data.load_splits_in_memory(config, max_images=6, train_images=4, include_test=True)
+    for split, size in ((splits.validation, 6), (splits.test, 6), (splits.train, 4)):
+        assert split.images.shape == (size, 224, 224, 3) and split.images.dtype == np.uint8
+    assert np.bincount(splits.validation.labels).tolist() == [2, 2, 2]
+    assert np.bincount(splits.test.labels).tolist() == [2, 2, 2]
+    on_disk = data.load_splits(config)
+    # The sampled validation images are held-out ones, decoded as the evaluation pass does.
+    (streamed, labels), = imagenet.eval_dataset(
+        on_disk.validation.index, on_disk.validation.keep, batch_size=100, mean=(0, 0, 0),
+        std=(1 / 255,) * 3).as_numpy_iterator()
+    held_out = {(round(float(image.mean())), int(label)) for image, label in zip(streamed, labels)}
+    sampled = {(round(float(image.mean())), int(label))
+               for image, label in zip(splits.validation.images, splits.validation.labels)}
+    assert len(sampled) == 6 and sampled <= held_out
+    assert data.load_splits_in_memory(config, include_test=False).test is None
+
+
+def test_the_index_is_cached_until_a_shard_changes(tmp_path, monkeypatch):
+    files = imagenet.shard_files(str(write_shards(tmp_path / "d")), "train")
+    first = imagenet.index_records(files)
+    indexed = []
+    monkeypatch.setattr(imagenet, "_index_file",
+                        lambda *args: indexed.append(args[0]) or ([0], [0], []))
+    again = imagenet.index_records(files)
+    assert indexed == []  # read back from the cache, not from the shards
+    np.testing.assert_array_equal(again.labels, first.labels)
+    np.testing.assert_array_equal(again.positions, first.positions)
+    assert again.files == first.files
+    os.utime(files[1], (1, 1))  # a re-written shard: another modification time
+    imagenet.index_records(files)
+    assert indexed == files
+    imagenet.index_records(files, cache=False)
+    assert indexed == files * 2

@@ -61,6 +61,10 @@ class ExportOptions:
         kind="list")
     representative_images: int = flag(
         256, "LiteRT int8: training images that calibrate the quantisation ranges.")
+    max_images: int = flag(
+        0, "Calibrate the thresholds on at most this many validation images, a class-balanced "
+        "seeded sample (0: all). The images are read into memory: ImageNet's take 150 KB each.",
+        lower_bound=0)
 
     def __post_init__(self):
         require(bool(self.model_dir), "--model_dir is required: the model directory to export")
@@ -138,7 +142,9 @@ def restore(options: ExportOptions) -> RestoredModel:
     logging.info("restored %s", checkpoint)
     return RestoredModel(config=config, model=model, checkpoint=checkpoint,
                          splits=data.load_splits_in_memory(
-                             config.data.with_data_dir(options.data_dir), "ranet.export"),
+                             config.data.with_data_dir(options.data_dir),
+                             max_images=options.max_images,
+                             train_images=options.representative_images, include_test=False),
                          cost=costs.count(model))
 
 

@@ -211,8 +211,9 @@ def export(options: exporting.ExportOptions) -> dict:
     exit_macs = [e.macs for e in restored.cost.exits]
     representative = []
     if "int8" in options.litert_precision:
-        rows = np.random.default_rng(0).choice(len(splits.train), options.representative_images,
-                                              replace=False)
+        rows = np.random.default_rng(0).choice(
+            len(splits.train), min(options.representative_images, len(splits.train)),
+            replace=False)
         representative = stage_inputs_on(model, splits.train.images[np.sort(rows)], splits.mean,
                                          splits.std)
     metadata = exporting.metadata(restored, options)

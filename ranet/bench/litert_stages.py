@@ -1,0 +1,131 @@
+"""Where a LiteRT export's time goes, stage by stage: ops, multiply-adds, p50 per precision.
+
+    python -m ranet.export --model_dir=runs/ranet --export_dir=/tmp/ranet_litert --format=litert
+    python -m ranet.bench.litert_stages --export_dir=/tmp/ranet_litert \\
+        --export_dir=/tmp/vgg16_litert --threads=1,2
+
+XNNPACK runs each stage as one delegated node, and the Python interpreter of ai-edge-litert
+exposes no op profile (nor does the wheel's benchmark script). So this benchmark times every
+stage of every image (in order, as early exit runs them),
+counts each stage file's operators, and fits ``p50 = a * ops + b * multiply-adds`` per
+precision over all stages: ``a`` is what one op costs whatever its size, ``1 / b`` the rate
+at which the arithmetic runs. That says how much of a model's time is per-op cost, which int8
+does not reduce, and how much is arithmetic, which it does.
+"""
+
+import collections
+import os
+import time
+from typing import Dict, List
+
+import numpy as np
+from absl import flags
+from ai_edge_litert.tools import flatbuffer_utils
+
+from ranet import cli, jsonio
+from ranet.inference.serving import litert_runtime
+
+
+def define_flags(values: flags.FlagValues) -> None:
+    define = {"flag_values": values}
+    flags.DEFINE_multi_string("export_dir", [], "A LiteRT export (ranet.export "
+                              "--format=litert); repeat the flag for several models.", **define)
+    flags.DEFINE_list("precisions", ["fp32", "int8"], "Precisions to time (those the export "
+                      "holds).", **define)
+    flags.DEFINE_list("threads", ["2"], "XNNPACK thread counts to time.", **define)
+    flags.DEFINE_integer("images", 100, "Images timed per setting.", lower_bound=1, **define)
+    flags.DEFINE_integer("warmup", 5, "Untimed images first.", lower_bound=0, **define)
+    flags.DEFINE_string("json", None, "Also write the results here.", **define)
+
+
+def operator_counts(path: str) -> Dict[str, int]:
+    """How many operators of each kind a .tflite file's main graph holds."""
+    model = flatbuffer_utils.read_model(path)
+    names = [flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+             for op in model.subgraphs[0].operators]
+    return dict(collections.Counter(names))
+
+
+def time_stages(stages: litert_runtime.LiteRTStages, images: np.ndarray,
+                warmup: int) -> List[float]:
+    """p50 milliseconds of each stage, every image running every stage in order."""
+    seconds = np.empty((len(images), stages.num_exits))
+    for row, image in enumerate(np.concatenate([images[:warmup], images])):
+        for k in range(stages.num_exits):
+            started = time.perf_counter()
+            stages.run_stage(k, image)
+            if row >= warmup:
+                seconds[row - warmup, k] = time.perf_counter() - started
+    return [float(ms) for ms in 1e3 * np.median(seconds, axis=0)]
+
+
+def fit_costs(ops: List[int], macs: List[float], ms: List[float]) -> Dict[str, float]:
+    """Least squares of ``ms = a * ops + b * macs`` over stages (non-negative where it fits)."""
+    design = np.stack([np.asarray(ops, float), np.asarray(macs, float)], axis=1)
+    (per_op, per_mac), *_ = np.linalg.lstsq(design, np.asarray(ms, float), rcond=None)
+    return {"us_per_op": 1e3 * float(per_op),
+            "gmacs_per_s": float("inf") if per_mac <= 0 else 1e-6 / float(per_mac)}
+
+
+def main(values: flags.FlagValues) -> dict:
+    if not values.export_dir:
+        raise ValueError("pass at least one --export_dir (a folder written by ranet.export "
+                         "--format=litert)")
+    try:
+        threads = [int(t) for t in values.threads]
+    except ValueError:
+        raise ValueError("--threads takes comma-separated integers. "
+                         f"Received: --threads={','.join(values.threads)}") from None
+    rng = np.random.default_rng(0)
+    results = []
+    for export_dir in values.export_dir:
+        manifest = litert_runtime.read_manifest(export_dir)
+        cumulative = [0, *manifest["exit_macs"]]
+        stage_macs = [b - a for a, b in zip(cumulative, cumulative[1:])]
+        images = rng.integers(0, 256, (values.images, *manifest["input"]["shape"][1:]),
+                              dtype=np.uint8)
+        for precision in values.precisions:
+            files = [os.path.join(export_dir, f)
+                     for f in manifest["precisions"][precision]["files"]]
+            counts = [operator_counts(f) for f in files]
+            ops = [sum(c.values()) for c in counts]
+            for num_threads in threads:
+                stages = litert_runtime.LiteRTStages(export_dir, precision, num_threads)
+                ms = time_stages(stages, images, values.warmup)
+                results.append({
+                    "model": manifest["model"], "export_dir": export_dir,
+                    "precision": precision, "threads": num_threads,
+                    "stages": [{"stage": k + 1, "ops": ops[k], "operators": counts[k],
+                                "macs": stage_macs[k], "p50_ms": ms[k]}
+                               for k in range(len(files))],
+                    "fit": fit_costs(ops, stage_macs, ms) if len(files) > 1 else None})
+    _print(results)
+    if values.json:
+        jsonio.write(values.json, {"results": results})
+    return {"results": results}
+
+
+def _print(results: List[dict]) -> None:
+    print(f"\n{'model':<10} {'prec':<5} {'thr':>3} {'stage':>5} {'ops':>5} {'conv':>5} "
+          f"{'M MACs':>8} {'p50 ms':>8} {'GMAC/s':>7} {'us/op':>6}")
+    for result in results:
+        for stage in result["stages"]:
+            convs = sum(n for name, n in stage["operators"].items() if "CONV" in name)
+            print(f"{result['model']:<10} {result['precision']:<5} {result['threads']:>3} "
+                  f"{stage['stage']:>5} {stage['ops']:>5} {convs:>5} "
+                  f"{stage['macs'] / 1e6:>8.2f} {stage['p50_ms']:>8.3f} "
+                  f"{stage['macs'] / stage['p50_ms'] / 1e6:>7.1f} "
+                  f"{1e3 * stage['p50_ms'] / stage['ops']:>6.1f}")
+        if result["fit"]:
+            fit = result["fit"]
+            print(f"{result['model']:<10} {result['precision']:<5} {result['threads']:>3} "
+                  f"fit: {fit['us_per_op']:.1f} us per op + multiply-adds at "
+                  f"{fit['gmacs_per_s']:.1f} GMAC/s")
+
+
+def run() -> None:
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    run()
