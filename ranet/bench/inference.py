@@ -235,7 +235,7 @@ def main(values: flags.FlagValues) -> dict:
     latency_ms = {runtime: {name: {path: stats.to_json() for path, stats in paths.items()}
                             for name, paths in by_model.items()}
                   for runtime, by_model in result.latency.items()}
-    _print(result, operating_points, tf_settings, tf_accuracy, batch_sizes, rows, options)
+    _print(result, operating_points, tf_settings, tf_accuracy, rows, options)
     output = {"environment": latency.device_info(), "xla": options.xla,
               "litert_threads": options.litert_threads or os.cpu_count(),
               "operating_points": operating_points, "latency_ms": latency_ms,
@@ -252,8 +252,7 @@ def main(values: flags.FlagValues) -> dict:
     return output
 
 
-def _print(result, operating_points, tf_settings, tf_accuracy, batch_sizes, rows,
-           options) -> None:
+def _print(result, operating_points, tf_settings, tf_accuracy, rows, options) -> None:
     environment = latency.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; XLA "
           f"{'on' if options.xla else 'off'} (batch-1 paths); LiteRT "
@@ -280,6 +279,9 @@ def _print(result, operating_points, tf_settings, tf_accuracy, batch_sizes, rows
                 f"{tf_settings[s][name][path]:>15.2f}" for s in settings))
         print(f"{name:<24} {'accuracy':<14} " + " ".join(
             f"{tf_accuracy[s][name]:>15.2%}" for s in settings))
+    # LiteRT is measured at batch 1 only, whatever --batch_sizes says.
+    batch_sizes = sorted({b for by_model in result.throughput.values()
+                          for by_batch in by_model.values() for b in by_batch})
     print(f"\n{'model':<24} {'runtime':<12} {'path':<14} "
           + " ".join(f"{f'b={b}':>9}" for b in batch_sizes) + "   (images/s)")
     for runtime, by_model in result.throughput.items():

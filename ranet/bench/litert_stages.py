@@ -16,7 +16,7 @@ does not reduce, and how much is arithmetic, which it does.
 import collections
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 from absl import flags
@@ -59,12 +59,16 @@ def time_stages(stages: litert_runtime.LiteRTStages, images: np.ndarray,
     return [float(ms) for ms in 1e3 * np.median(seconds, axis=0)]
 
 
-def fit_costs(ops: List[int], macs: List[float], ms: List[float]) -> Dict[str, float]:
-    """Least squares of ``ms = a * ops + b * macs`` over stages (non-negative where it fits)."""
+def fit_costs(ops: List[int], macs: List[float], ms: List[float]) -> Dict[str, Optional[float]]:
+    """Least squares of ``ms = a * ops + b * macs`` over stages.
+
+    ``gmacs_per_s`` is None where the fit gives multiply-adds no positive cost: the stages'
+    times do not grow with their arithmetic at all.
+    """
     design = np.stack([np.asarray(ops, float), np.asarray(macs, float)], axis=1)
     (per_op, per_mac), *_ = np.linalg.lstsq(design, np.asarray(ms, float), rcond=None)
     return {"us_per_op": 1e3 * float(per_op),
-            "gmacs_per_s": float("inf") if per_mac <= 0 else 1e-6 / float(per_mac)}
+            "gmacs_per_s": 1e-6 / float(per_mac) if per_mac > 0 else None}
 
 
 def main(values: flags.FlagValues) -> dict:
@@ -118,9 +122,10 @@ def _print(results: List[dict]) -> None:
                   f"{1e3 * stage['p50_ms'] / stage['ops']:>6.1f}")
         if result["fit"]:
             fit = result["fit"]
+            rate = (f"multiply-adds at {fit['gmacs_per_s']:.1f} GMAC/s" if fit["gmacs_per_s"]
+                    else "no time that grows with the multiply-adds")
             print(f"{result['model']:<10} {result['precision']:<5} {result['threads']:>3} "
-                  f"fit: {fit['us_per_op']:.1f} us per op + multiply-adds at "
-                  f"{fit['gmacs_per_s']:.1f} GMAC/s")
+                  f"fit: {fit['us_per_op']:.1f} us per op + {rate}")
 
 
 def run() -> None:

@@ -62,6 +62,10 @@ class ComparisonOptions:
                                  "latency of small networks (BUILD_NOTES.md).", lower_bound=0)
     inter_op_threads: int = flag(0, "Ops run at once; 0: every core.", lower_bound=0)
     latency_images: int = flag(300, "Images timed one by one for batch-1 latency.")
+    latency_block: int = flag(
+        1, "Images each path answers in a row before the next path runs. 1: every call "
+        "follows other models' calls, caches cold (a host serving many models); 10: most "
+        "calls find their own weights cached (a host serving one).", lower_bound=1)
     warmup: int = flag(10, "Untimed calls per path before timing.")
     batch_size: int = flag(256, "Batch size of inference and of the throughput test.")
     throughput_images: int = flag(2048, "Images per throughput measurement.")
@@ -189,7 +193,7 @@ def compare(options: ComparisonOptions,
         logging.info("timing %d paths on %d images one by one, interleaved",
                      sum(map(len, batch1.values())), len(timed))
         stats = latency.measure_latency(
-            batch1, timed, warmup=options.warmup,
+            batch1, timed, warmup=options.warmup, block=options.latency_block,
             progress=lambda done, total: logging.info("latency: %d/%d images", done, total))
         throughput = {runtime: {} for runtime in runtimes}
         for runtime, by_model in runtimes.items():

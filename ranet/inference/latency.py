@@ -217,16 +217,18 @@ def _check_images(images) -> np.ndarray:
 
 def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
                     images: np.ndarray, warmup: int = 10, clock: Callable[[], float] = time.perf_counter,
-                    progress: Optional[Callable[[int, int], None]] = None
+                    progress: Optional[Callable[[int, int], None]] = None, block: int = 1
                     ) -> Dict[str, Dict[str, LatencyStats]]:
     """Batch-1 latency of every path of every model, measured interleaved.
 
     First every path runs on ``warmup`` images, untimed, so tracing, graph
-    optimisation and allocator growth happen before timing starts. Then for each
-    image i, every (model, path) runs once on ``images[i:i+1]``, each call timed
-    alone with ``clock``. The order of the paths rotates by one per image, so no
-    path always runs first after the idle gap between images, or always right
-    after the heaviest one.
+    optimisation and allocator growth happen before timing starts. Then, for each
+    block of ``block`` consecutive images, every (model, path) answers the block's
+    images one by one (``images[i:i+1]``), each call timed alone with ``clock``. The
+    order of the paths rotates by one per block, so no path always runs first after
+    the idle gap, or always right after the heaviest one. With ``block`` 1 every call
+    finds the caches filled by the other paths (a host serving many models); with a
+    larger block most calls find their own weights still cached (a host serving one).
 
     Args:
         paths_by_model: model name -> path name -> path (see ``batch1_paths``).
@@ -234,6 +236,7 @@ def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
         warmup: untimed calls per path before timing (images reused cyclically).
         clock: seconds, monotonic; injectable for tests.
         progress: called as ``progress(images_done, N)`` about every 10% of the images.
+        block: images each path answers in a row before the next path runs.
 
     Returns:
         model name -> path name -> ``LatencyStats`` (milliseconds) over the N images.
@@ -241,6 +244,8 @@ def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
     images = _check_images(images)
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0. Received: warmup={warmup}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1. Received: block={block}")
     calls = [(model_name, path_name, path) for model_name, paths in paths_by_model.items()
              for path_name, path in paths.items()]
     if not calls:
@@ -259,14 +264,16 @@ def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
 
     seconds: Dict[tuple, List[float]] = {(m, p): [] for m, p, _ in calls}
     report_every = max(1, num_images // 10)
-    for i in range(num_images):
-        image = images[i:i + 1]
-        for model_name, path_name, path in rotated(i):
-            start = clock()
-            path(image)
-            seconds[model_name, path_name].append(clock() - start)
-        if progress is not None and ((i + 1) % report_every == 0 or i + 1 == num_images):
-            progress(i + 1, num_images)
+    for first in range(0, num_images, block):
+        end = min(first + block, num_images)
+        for model_name, path_name, path in rotated(first // block):
+            for i in range(first, end):
+                start = clock()
+                path(images[i:i + 1])
+                seconds[model_name, path_name].append(clock() - start)
+        if progress is not None and (end // report_every > first // report_every
+                                     or end == num_images):
+            progress(end, num_images)
 
     results: Dict[str, Dict[str, LatencyStats]] = {name: {} for name in paths_by_model}
     for (model_name, path_name), times in seconds.items():

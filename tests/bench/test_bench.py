@@ -133,3 +133,9 @@ def test_stage_benchmark_times_and_counts_every_stage(tmp_path, capsys):
         assert stage["p50_ms"] > 0
     assert set(run["fit"]) == {"us_per_op", "gmacs_per_s"}
     assert "us per op" in capsys.readouterr().out
+
+
+def test_stage_cost_fit_says_when_time_does_not_grow_with_arithmetic():
+    # Time set by the ops alone, less where the arithmetic is larger: no positive MAC cost.
+    fit = litert_stages.fit_costs([10, 20, 40], [9e6, 1e6, 2e6], [0.25, 0.60, 1.2])
+    assert fit["gmacs_per_s"] is None and fit["us_per_op"] > 0

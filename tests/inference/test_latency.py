@@ -221,3 +221,23 @@ def test_device_info_describes_this_machine():
     assert info["intra_op_threads"] >= 0 and info["inter_op_threads"] >= 0
     assert info["cpu_count"] >= 1
     json.dumps(info)
+
+
+def test_measure_latency_in_blocks_runs_each_path_on_consecutive_images():
+    clock, order = FakeClock(), []
+
+    def fake_path(name, milliseconds_per_image):
+        def path(images):
+            order.append((name, int(images[0, 0, 0, 0])))
+            clock.now += milliseconds_per_image * (1 + float(images[0, 0, 0, 0])) / 1e3
+        return path
+
+    paths = {"ranet": {"adaptive": fake_path("a", 1.0)}, "vgg16": {"full": fake_path("v", 4.0)}}
+    stats = latency.measure_latency(paths, _images(5), warmup=0, clock=clock, block=2)
+    # Blocks [0, 1], [2, 3], [4]; the path that goes first alternates per block.
+    assert order == [("a", 0), ("a", 1), ("v", 0), ("v", 1), ("v", 2), ("v", 3), ("a", 2),
+                     ("a", 3), ("a", 4), ("v", 4)]
+    assert stats["ranet"]["adaptive"].p50 == pytest.approx(3.0)
+    assert stats["vgg16"]["full"].mean == pytest.approx(12.0)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        latency.measure_latency(paths, _images(2), block=0)
