@@ -72,7 +72,8 @@ def test_two_workers_fed_by_a_tf_data_service_train_like_one_worker(tmp_path):
     collectives serve other tests). Against one replica (one_device) the trainable weights
     agree as closely (2.3e-4 measured), but the moving statistics do not: synchronized batch
     norm computes E[x^2] - E[x]^2 over 50k values per channel at 224x224, and summing them in
-    another order moves moving variances by up to 8e-2 (BUILD_NOTES.md).
+    another order moves moving variances by up to 8e-2 (BUILD_NOTES.md). The workers' model
+    then goes through the eval and export binaries.
     """
     from helpers import python, tail
     from ranet.training.model_dir import restore_model
@@ -106,3 +107,17 @@ def test_two_workers_fed_by_a_tf_data_service_train_like_one_worker(tmp_path):
         assert variable.path == expected.path
         np.testing.assert_allclose(variable.numpy(), expected.numpy(), rtol=WEIGHT_RTOL,
                                    atol=WEIGHT_ATOL, err_msg=variable.path)
+    # The model the workers trained evaluates and exports like any other.
+    from ranet import cli
+    from ranet import eval as eval_binary
+    from ranet import export as export_binary
+    report = cli.call(eval_binary.main, eval_binary.define_flags, [
+        f"--model_dir={tmp_path / 'two'}", f"--report_dir={tmp_path / 'report'}",
+        "--split=validation", "--latency_images=2", "--warmup=0", "--batch_size=4",
+        "--throughput_images=4"])
+    assert report["num_images"] == 3 and len(report["models"][0]["exits"]) == 4
+    cli.call(export_binary.main, export_binary.define_flags, [
+        f"--model_dir={tmp_path / 'two'}", f"--export_dir={tmp_path / 'export'}"])
+    served = tf.saved_model.load(str(tmp_path / "export")).signatures["serving_default"](
+        images=tf.zeros([2, 224, 224, 3]))
+    assert served["probabilities"].shape == (2, 1000)
