@@ -23,6 +23,7 @@ import glob
 import hashlib
 import os
 import tempfile
+import zipfile
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -164,7 +165,7 @@ def index_records(files: Sequence[str], skip_bad_records: bool = False,
                 return RecordIndex(files=tuple(files), file_ids=cached["file_ids"],
                                    positions=cached["positions"], labels=cached["labels"],
                                    skipped=tuple(str(s) for s in cached["skipped"]))
-        except (OSError, KeyError, ValueError) as error:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
             logging.warning("ignoring the unreadable index cache %s (%s)", cache_path, error)
     logging.info("indexing %d ImageNet shards", len(files))
     file_ids, positions, labels, skipped = [], [], [], []

@@ -1,5 +1,6 @@
 """ImageNet TFRecord shards: a tiny generated set (a few dozen JPEGs, a few classes)."""
 
+import glob
 import os
 
 import numpy as np
@@ -205,7 +206,7 @@ def test_splits_decode_into_memory_as_class_balanced_samples(tmp_path):
     assert data.load_splits_in_memory(config, include_test=False).test is None
 
 
-def test_the_index_is_cached_until_a_shard_changes(tmp_path, monkeypatch):
+def test_the_index_is_cached_until_a_shard_changes(tmp_path, monkeypatch, caplog):
     files = imagenet.shard_files(str(write_shards(tmp_path / "d")), "train")
     first = imagenet.index_records(files)
     indexed = []
@@ -221,3 +222,10 @@ def test_the_index_is_cached_until_a_shard_changes(tmp_path, monkeypatch):
     assert indexed == files
     imagenet.index_records(files, cache=False)
     assert indexed == files * 2
+    # A cache file cut short is read past, and the shards are indexed again.
+    for cached in glob.glob(os.path.join(os.environ["XDG_CACHE_HOME"], "ranet", "*", "*.npz")):
+        with open(cached, "r+b") as f:
+            f.truncate(100)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(imagenet.index_records(files).labels, first.labels)
+    assert "ignoring the unreadable index cache" in caplog.text
