@@ -12,23 +12,26 @@ same work plus the service's transfer.
 
 Then, for each ImageNet preset of ``--step_presets``, how many such cores one GPU needs. The
 GPU's training rate is an estimate until a GPU measures it: the preset's train step
-(forward, backward, SGD update, 224x224) is timed on this CPU, which gives the share of the
+(the trainer's own, on one 224x224 batch) is timed on this CPU, which gives the share of the
 CPU's matmul FLOP/s the step achieves (training FLOPs per image: 6 x its multiply-adds); the
 same share of ``--gpu_tflops`` gives the GPU's images/s. Benchmarks print numbers; nothing
 here is a test.
 """
 
+import dataclasses
 import os
 import tempfile
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
 from ranet import cli, costs, jsonio, models
+from ranet import config as config_lib
 from ranet.data import imagenet
+from ranet.training.optimizer import create_optimizer, learning_rate_schedule
+from ranet.training.steps import TrainingSteps
 
 _SIZE = (375, 500)  # height, width: the most common ImageNet image size
 
@@ -114,26 +117,24 @@ def matmul_flops_per_second(size: int = 2048, repeats: int = 10) -> float:
 
 
 def train_step_images_per_second(preset: str, batch_size: int, steps: int) -> tuple:
-    """(images/s of the preset's float32 train step on this CPU, multiply-adds per image)."""
-    model = models.get_model(cli.preset_config(preset).model)
-    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    """(images/s of the preset's float32 bare train step on this CPU, multiply-adds per image).
+
+    The trainer's own step (``TrainingSteps.repeat_step``: the preset's loss, weight decay
+    and optimizer) on one random batch, as ``ranet.bench.train`` times its bare step.
+    """
+    config = cli.preset_config(preset)
+    optim = dataclasses.replace(config.optim, batch_size=batch_size)
+    model = models.get_model(config.model)
+    plan = config_lib.plan_steps(optim, config.runtime, steps_per_epoch=1000)
+    optimizer = create_optimizer(optim, learning_rate_schedule(optim, plan), "fp32")
+    training = TrainingSteps(model, optimizer, tf.distribute.get_strategy(), optim)
     images = tf.random.uniform([batch_size, *model.image_shape], -2.0, 2.0)
     labels = tf.random.uniform([batch_size], 0, model.num_classes, tf.int32)
-
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            loss = tf.add_n([tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True)) for logits in model(images, training=True)])
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
-                                      model.trainable_variables))
-        return loss
-
-    step().numpy()
+    training.repeat_step(images, labels, tf.constant(1))
+    model.trainable_variables[0].numpy()
     started = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.numpy()
+    training.repeat_step(images, labels, tf.constant(steps))
+    model.trainable_variables[0].numpy()
     return steps * batch_size / (time.perf_counter() - started), costs.count(model).exits[-1].macs
 
 
