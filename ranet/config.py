@@ -288,6 +288,12 @@ class OptimConfig:
 class RuntimeConfig:
     """Where and how the job runs: devices, precision, checkpoints, logging."""
     model_dir: str = flag("", "Checkpoints, TensorBoard events and config.json.")
+    init_from: Optional[str] = flag(
+        None, "Start a new run from the weights of another run's model directory (its best "
+        "checkpoint, else its latest); optimizer, step and schedule start fresh. The "
+        "architecture and the validation split must be the ones it was trained with. For "
+        "fine-tuning, e.g. a second, distillation phase (--exit_distillation) after a "
+        "first one. Ignored when --model_dir has a checkpoint to resume.", kind="str")
     strategy: str = flag("default", "tf.distribute strategy.", choices=STRATEGIES)
     num_gpus: int = flag(0, "GPUs for mirrored/one_device (0: all).")
     num_cpu_devices: int = flag(
@@ -328,6 +334,13 @@ class RuntimeConfig:
         require(self.collective_timeout_seconds >= 0,
                 "collective_timeout_seconds must be >= 0 (0: no timeout). Received: "
                 f"collective_timeout_seconds={self.collective_timeout_seconds}")
+        require(self.init_from is None or self.init_from.strip() != "",
+                "init_from must name a model directory written by ranet.train. Received: "
+                f"init_from={self.init_from!r}")
+        require(self.init_from is None or not self.model_dir or os.path.abspath(
+                    self.init_from) != os.path.abspath(self.model_dir),
+                f"init_from={self.init_from} is --model_dir itself: a run resumes from its own "
+                "checkpoints without --init_from; pass another run's model directory.")
         require(self.stop_at_step is None or self.stop_at_step > 0,
                 f"stop_at_step must be positive. Received: stop_at_step={self.stop_at_step}")
         check_choice("strategy", self.strategy, STRATEGIES)

@@ -36,6 +36,9 @@ def test_a_missing_config_says_what_the_folder_is_not(tmp_path):
     (lambda: OptimConfig(distillation_weight=1.5), r"distillation_weight must be in \[0, 1\]"),
     (lambda: OptimConfig(decay_fractions=(0.5, 1.0)), r"decay_fractions must lie in \(0, 1\)"),
     (lambda: RuntimeConfig(stop_at_step=0), r"stop_at_step must be positive"),
+    (lambda: RuntimeConfig(model_dir="runs/a", init_from="runs/./a"), r"init_from=runs/\./a is "
+                                                                      r"--model_dir itself"),
+    (lambda: RuntimeConfig(init_from=" "), r"init_from must name a model directory"),
     (lambda: RuntimeConfig(training_layout="fused"), r"training_layout must be one of sliced, "
                                                      r"serving\. Received: training_layout='fused'"),
     (lambda: RuntimeConfig(intra_op_threads=-1), r"intra_op_threads must be >= 0"),

@@ -61,6 +61,8 @@ def _prepare(config: config_lib.ExperimentConfig, flags_text: str, strategy, wat
     setup.check(config, strategy)
     if chief:
         model_dir.check_model_dir(config)
+    if runtime.init_from:
+        model_dir.check_init_from(config)
     logging.info("runtime: %s", distribute.describe(strategy, runtime))
     training = setup.build(config, strategy, stop_request=watcher.flag)
     model, optimizer, steps = training.model, training.optimizer, training.steps
@@ -81,6 +83,9 @@ def _prepare(config: config_lib.ExperimentConfig, flags_text: str, strategy, wat
         restored = model_dir.restore_newest_readable(checkpoint, chief_checkpoints)
         if restored:
             logging.info("resumed from %s", restored)
+        elif runtime.init_from:
+            logging.info("started from the weights of %s (--init_from); optimizer, step and "
+                         "schedule start fresh", model_dir.initialize_from(model, config))
         best = model_dir.BestCheckpoint(
             checkpoint, os.path.join(workdir.path, model_dir.BEST_SUBDIR),
             record_dir=os.path.join(runtime.model_dir, model_dir.BEST_SUBDIR))

@@ -87,20 +87,47 @@ def check_model_dir(config: config_lib.ExperimentConfig) -> None:
             raise ValueError(f"--model_dir={model_dir} holds checkpoints but no "
                              f"{config_lib.CONFIG_FILENAME}; use a fresh --model_dir.")
         return
-    saved = config_lib.load(model_dir)
+    _check_same_model_and_split(
+        config_lib.load(model_dir), config, f"--model_dir={model_dir} holds checkpoints of",
+        "Use a new --model_dir, or the same flags to resume.")
+
+
+def _check_same_model_and_split(saved: config_lib.ExperimentConfig,
+                                config: config_lib.ExperimentConfig, what: str,
+                                how_to_fix: str) -> None:
+    """Fails if ``saved`` has another architecture or another validation split than ``config``."""
     if saved.model != config.model:
         changed = {k: (v, getattr(config.model, k)) for k, v in
                    dataclasses.asdict(saved.model).items() if getattr(config.model, k) != v}
-        raise ValueError(
-            f"--model_dir={model_dir} holds checkpoints of another model configuration "
-            f"(saved vs requested: {changed}). Use a new --model_dir, or the same model flags "
-            "to resume.")
+        raise ValueError(f"{what} another model configuration (saved vs requested: "
+                         f"{changed}). {how_to_fix}")
     data_fields = ("dataset", "validation_size", "split_seed")
     if any(getattr(saved.data, f) != getattr(config.data, f) for f in data_fields):
         raise ValueError(
-            f"--model_dir={model_dir} was trained with a different data split "
-            f"({', '.join(f'{f}={getattr(saved.data, f)}' for f in data_fields)}); resuming "
-            "with another would leak validation images into training. Use the saved values.")
+            f"{what} a run with a different data split "
+            f"({', '.join(f'{f}={getattr(saved.data, f)}' for f in data_fields)}); training "
+            f"with another would leak validation images into training. {how_to_fix}")
+
+
+def check_init_from(config: config_lib.ExperimentConfig) -> None:
+    """Fails early if --init_from is not a model directory of this architecture and split."""
+    source = config.runtime.init_from
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"--init_from={source} does not exist: pass the --model_dir "
+                                "of a finished or interrupted ranet.train run.")
+    _check_same_model_and_split(
+        config_lib.load(source), config, f"--init_from={source} is",
+        "Pass the architecture and data flags it was trained with (its config.json).")
+
+
+def initialize_from(model: StagedClassifier, config: config_lib.ExperimentConfig) -> str:
+    """Loads --init_from's weights (best, else latest checkpoint) into ``model``; returns the path.
+
+    Only the model's variables are read: the optimizer's slots, the step and the schedule of
+    the run that made them stay behind.
+    """
+    return _restore_weights(tf.train.Checkpoint(**trackables(model)), config.runtime.init_from,
+                            "best")
 
 
 def write_config(config: config_lib.ExperimentConfig, flags_text: str) -> None:
@@ -287,12 +314,17 @@ def restore_model(model_dir: str, which: str = "best",
     config = config_lib.load(model_dir)
     with devices.precision_policy(precision):
         model = get_model(config.model)
-    checkpoint = tf.train.Checkpoint(**trackables(model))
+    return config, model, _restore_weights(tf.train.Checkpoint(**trackables(model)),
+                                           model_dir, which)
+
+
+def _restore_weights(checkpoint: tf.train.Checkpoint, model_dir: str, which: str) -> str:
+    """Restores a model-only ``checkpoint`` from ``model_dir`` (``which``: best or latest)."""
     directories = [BEST_SUBDIR, CHECKPOINT_SUBDIR] if which == "best" else [CHECKPOINT_SUBDIR]
     for subdir in directories:
         path = restore_newest_readable(checkpoint, os.path.join(model_dir, subdir), partial=True)
         if path is not None:
-            return config, model, path
+            return path
     raise FileNotFoundError(
         f"{model_dir} has no checkpoint under {CHECKPOINT_SUBDIR}/: train it first with "
         f"python -m ranet.train --model_dir={model_dir} ...")

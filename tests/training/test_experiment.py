@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import SMOKE, TINY_RANET
+from helpers import SMOKE, TINY_RANET, write_model_dir
 from helpers import event_scalars as _scalars
 from helpers import experiment as _experiment
 from ranet import config as config_lib
@@ -99,6 +99,49 @@ def test_model_dir_of_another_model_is_refused(tmp_path):
     other = dataclasses.replace(TINY_RANET, growth_rate=6)
     with pytest.raises(ValueError, match="another model configuration.*growth_rate"):
         train_and_evaluate(_experiment(tmp_path, steps=5, model=other))
+
+
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, caplog):
+    source = write_model_dir(tmp_path / "source")
+    caplog.set_level(logging.INFO)
+    # A learning rate of ~0: what the run ends with is what it started from.
+    result = train_and_evaluate(_experiment(tmp_path / "tuned", steps=10, lr=1e-12,
+                                            init_from=str(tmp_path / "source")))
+    assert result["step"] == 10  # its own step and schedule, not the source's
+    assert "started from the weights of" in caplog.text
+    weights, _, step = _restore_variables(tmp_path / "tuned", "ckpt-10")
+    assert step == 10
+    expected = {v.path: v.numpy() for v in source.trainable_variables}
+    assert len(expected) > 10
+    for name, value in weights:
+        if name in expected:
+            np.testing.assert_allclose(value, expected.pop(name), atol=1e-6, err_msg=name)
+    assert not expected  # every trainable variable was compared
+
+
+def test_init_from_is_ignored_by_a_run_that_resumes(tmp_path, monkeypatch):
+    write_model_dir(tmp_path / "source")
+    config = _experiment(tmp_path / "tuned", steps=10, init_from=str(tmp_path / "source"),
+                         stop_at_step=5)
+    train_and_evaluate(config)
+    monkeypatch.setattr(model_dir, "initialize_from", lambda *args: pytest.fail("re-initialised"))
+    result = train_and_evaluate(dataclasses.replace(
+        config, runtime=dataclasses.replace(config.runtime, stop_at_step=None)))
+    assert result["step"] == 10
+
+
+def test_init_from_errors_say_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--init_from=.*missing does not exist"):
+        train_and_evaluate(_experiment(tmp_path / "run", init_from=str(tmp_path / "missing")))
+    write_model_dir(tmp_path / "source", model_config=dataclasses.replace(TINY_RANET,
+                                                                          growth_rate=6))
+    with pytest.raises(ValueError, match=r"--init_from=.*source is another model "
+                                         r"configuration.*growth_rate.*flags it was trained"):
+        train_and_evaluate(_experiment(tmp_path / "run", init_from=str(tmp_path / "source")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a model directory written by ranet.train"):
+        train_and_evaluate(_experiment(tmp_path / "run", init_from=str(tmp_path / "empty")))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing half-written
 
 
 def test_batch_must_divide_over_replicas(tmp_path):
