@@ -293,7 +293,8 @@ class RuntimeConfig:
         "checkpoint, else its latest); optimizer, step and schedule start fresh. The "
         "architecture and the validation split must be the ones it was trained with. For "
         "fine-tuning, e.g. a second, distillation phase (--exit_distillation) after a "
-        "first one. Ignored when --model_dir has a checkpoint to resume.", kind="str")
+        "first one. Its weights are not read when --model_dir has a checkpoint to resume.",
+        kind="str")
     strategy: str = flag("default", "tf.distribute strategy.", choices=STRATEGIES)
     num_gpus: int = flag(0, "GPUs for mirrored/one_device (0: all).")
     num_cpu_devices: int = flag(

@@ -126,8 +126,7 @@ def initialize_from(model: StagedClassifier, config: config_lib.ExperimentConfig
     Only the model's variables are read: the optimizer's slots, the step and the schedule of
     the run that made them stay behind.
     """
-    return _restore_weights(tf.train.Checkpoint(**trackables(model)), config.runtime.init_from,
-                            "best")
+    return _restore_weights(model, config.runtime.init_from, "best")
 
 
 def write_config(config: config_lib.ExperimentConfig, flags_text: str) -> None:
@@ -314,12 +313,12 @@ def restore_model(model_dir: str, which: str = "best",
     config = config_lib.load(model_dir)
     with devices.precision_policy(precision):
         model = get_model(config.model)
-    return config, model, _restore_weights(tf.train.Checkpoint(**trackables(model)),
-                                           model_dir, which)
+    return config, model, _restore_weights(model, model_dir, which)
 
 
-def _restore_weights(checkpoint: tf.train.Checkpoint, model_dir: str, which: str) -> str:
-    """Restores a model-only ``checkpoint`` from ``model_dir`` (``which``: best or latest)."""
+def _restore_weights(model: StagedClassifier, model_dir: str, which: str) -> str:
+    """Loads ``model``'s weights from ``model_dir`` (``which``: best or latest); returns the path."""
+    checkpoint = tf.train.Checkpoint(**trackables(model))
     directories = [BEST_SUBDIR, CHECKPOINT_SUBDIR] if which == "best" else [CHECKPOINT_SUBDIR]
     for subdir in directories:
         path = restore_newest_readable(checkpoint, os.path.join(model_dir, subdir), partial=True)
