@@ -25,6 +25,7 @@ ALL_REDUCE = ("auto", "ring", "nccl")
 SCHEDULES = ("multistep", "cosine", "linear")
 STEP_MODES = ("even", "lg")
 CONV_PADDINGS = ("pytorch", "same")
+TRAINABLE = ("all", "classifiers")
 CONFIG_FILENAME = "config.json"
 
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": 10}
@@ -243,6 +244,11 @@ class OptimConfig:
     gradient_equilibrium: bool = flag(
         False, "Rescale the gradients reaching the shared trunk at each exit (Li et al., ICCV "
         "2019): 1/(K-k+1) from exit k's classifier, (K-k)/(K-k+1) from what follows it.")
+    trainable: str = flag(
+        "all", "all: every layer trains. classifiers: only the exits' classifiers train; the "
+        "shared trunk is frozen, its batch norm on its moving statistics (RANet only). For a "
+        "second phase after --init_from, e.g. distillation as the ICCV 2019 code runs it.",
+        choices=TRAINABLE)
 
     def __post_init__(self):
         object.__setattr__(self, "decay_fractions", tuple(float(v) for v in self.decay_fractions))
@@ -271,6 +277,7 @@ class OptimConfig:
         require(self.distillation_temperature > 0,
                 "distillation_temperature must be positive. Received: "
                 f"{self.distillation_temperature}")
+        check_choice("trainable", self.trainable, TRAINABLE)
         require(0 <= self.distillation_weight <= 1,
                 f"distillation_weight must be in [0, 1]. Received: {self.distillation_weight}")
 

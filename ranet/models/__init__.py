@@ -17,10 +17,12 @@ from ranet.models.staged import ExitInfo, StagedClassifier
 class ModelSpec:
     build: Callable[[ModelConfig], StagedClassifier]
     validate: Optional[Callable[[ModelConfig], None]] = None
+    # Where exits share a trunk: freezes it, leaving the exits' classifiers trainable.
+    freeze_trunk: Optional[Callable[[StagedClassifier], None]] = None
 
 
 _REGISTRY: Dict[str, ModelSpec] = {
-    "ranet": ModelSpec(ranet.build_ranet, ranet.validate),
+    "ranet": ModelSpec(ranet.build_ranet, ranet.validate, ranet.freeze_trunk),
     "vgg16": ModelSpec(baselines.build_vgg16),
     "resnet50": ModelSpec(baselines.build_resnet50),
 }
@@ -35,6 +37,21 @@ def validate(config: ModelConfig) -> None:
         spec.validate(config)
 
 
+def check_trainable(config: ModelConfig, trainable: str) -> None:
+    """Raises ``ValueError`` when ``trainable`` (--trainable) does not apply to the model."""
+    if trainable == "classifiers" and _REGISTRY[config.name].freeze_trunk is None:
+        raise ValueError(f"--trainable=classifiers freezes the trunk that a model's exits "
+                         f"share; {config.name} has one exit and no shared trunk. Train it "
+                         "with --trainable=all.")
+
+
+def set_trainable(config: ModelConfig, model: StagedClassifier, trainable: str) -> None:
+    """Applies --trainable to a model built from ``config``."""
+    check_trainable(config, trainable)
+    if trainable == "classifiers":
+        _REGISTRY[config.name].freeze_trunk(model)
+
+
 def get_model(config: ModelConfig) -> StagedClassifier:
     """Builds the model under the current Keras dtype policy (set precision first)."""
     validate(config)
@@ -42,5 +59,5 @@ def get_model(config: ModelConfig) -> StagedClassifier:
         return _REGISTRY[config.name].build(config)
 
 
-__all__ = ["ExitInfo", "MODEL_NAMES", "StagedClassifier", "get_model", "gradient_equilibrium",
-           "serving_layout", "validate"]
+__all__ = ["ExitInfo", "MODEL_NAMES", "StagedClassifier", "check_trainable", "get_model",
+           "gradient_equilibrium", "serving_layout", "set_trainable", "validate"]

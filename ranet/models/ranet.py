@@ -19,6 +19,7 @@ Cross-stage features are named ``stem{f}`` (stem output for flow f),
 """
 
 import math
+import re
 
 from keras import layers
 
@@ -29,6 +30,8 @@ from ranet.models.staged import ExitInfo, StageBuilder, StagedClassifier
 
 _HEAD_CHANNELS = 128  # MSDNet's CIFAR classifier width, kept by RANet.
 _IMAGENET_STEM_KERNEL = 7
+# Every layer of exit k's classifier, and no other, is named exit<k>_...
+_CLASSIFIER_LAYER = re.compile(r"exit\d+_")
 
 
 def validate(config: ModelConfig) -> None:
@@ -108,6 +111,14 @@ def _classifier(x, num_classes: int, imagenet: bool, name: str):
     x = average_pool(x, 2, name=f"{name}_pool")
     x = layers.Flatten(name=f"{name}_flatten")(x)
     return classifier_dense(x, num_classes, name=f"{name}_logits")
+
+
+def freeze_trunk(model: StagedClassifier) -> None:
+    """Leaves only the exits' classifiers trainable; the trunk's batch norm then normalises
+    with its moving statistics (FusedBatchNormalization trains only when trainable)."""
+    for stage in model.stages:
+        for layer in stage.layers:
+            layer.trainable = bool(_CLASSIFIER_LAYER.match(layer.name))
 
 
 def _imagenet_stem(x, filters: int, name: str):
@@ -212,7 +223,7 @@ def build_ranet(config: ModelConfig) -> StagedClassifier:
 
             if not fusing:
                 logits = _classifier(head, config.num_classes, config.imagenet,
-                                     name=f"exit{len(exits) + 1}")
+                                     name=f"exit{len(exits) + 1}")  # freeze_trunk reads the prefix
                 exits.append(ExitInfo(index=len(exits) + 1, resolution=x.shape[1],
                                       channels=x.shape[-1]))
                 builder.end_stage(logits)

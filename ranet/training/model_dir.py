@@ -87,9 +87,16 @@ def check_model_dir(config: config_lib.ExperimentConfig) -> None:
             raise ValueError(f"--model_dir={model_dir} holds checkpoints but no "
                              f"{config_lib.CONFIG_FILENAME}; use a fresh --model_dir.")
         return
-    _check_same_model_and_split(
-        config_lib.load(model_dir), config, f"--model_dir={model_dir} holds checkpoints of",
-        "Use a new --model_dir, or the same flags to resume.")
+    saved = config_lib.load(model_dir)
+    _check_same_model_and_split(saved, config, f"--model_dir={model_dir} holds checkpoints of",
+                                "Use a new --model_dir, or the same flags to resume.")
+    if saved.optim.trainable != config.optim.trainable:
+        # The optimizer holds slots for the variables that train: another set would resume
+        # some of them without their momentum.
+        raise ValueError(f"--model_dir={model_dir} was trained with "
+                         f"--trainable={saved.optim.trainable}, not "
+                         f"--trainable={config.optim.trainable}. Resume with the same value, "
+                         "or start a new --model_dir (with --init_from to keep the weights).")
 
 
 def _check_same_model_and_split(saved: config_lib.ExperimentConfig,

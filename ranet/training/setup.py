@@ -71,6 +71,7 @@ def create_strategy(runtime: config_lib.RuntimeConfig) -> tf.distribute.Strategy
 def check(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy) -> None:
     """Raises ``ValueError`` for a configuration that cannot train on ``strategy``."""
     models.validate(config.model)
+    models.check_trainable(config.model, config.optim.trainable)
     replicas = strategy.num_replicas_in_sync
     if config.optim.batch_size % replicas:
         raise ValueError(f"--batch_size={config.optim.batch_size} is global and must divide "
@@ -93,6 +94,7 @@ def build(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy,
         with models.gradient_equilibrium(config.optim.gradient_equilibrium), \
                 models.serving_layout(runtime.training_layout == "serving"):
             model = models.get_model(config.model)
+        models.set_trainable(config.model, model, config.optim.trainable)
         schedule = learning_rate_schedule(config.optim, plan)
         optimizer = create_optimizer(config.optim, schedule, runtime.precision)
         optimizer.build(model.trainable_variables)
