@@ -34,6 +34,8 @@ def test_a_missing_config_says_what_the_folder_is_not(tmp_path):
                                                     r"90s, 12m, 8h or 1h30m"),
     (lambda: OptimConfig(time_budget="1h", train_steps=10), r"--time_budget and --train_steps"),
     (lambda: OptimConfig(distillation_weight=1.5), r"distillation_weight must be in \[0, 1\]"),
+    (lambda: OptimConfig(trainable="heads"), r"trainable must be one of all, classifiers\. "
+                                             r"Received: trainable='heads'"),
     (lambda: OptimConfig(decay_fractions=(0.5, 1.0)), r"decay_fractions must lie in \(0, 1\)"),
     (lambda: RuntimeConfig(stop_at_step=0), r"stop_at_step must be positive"),
     (lambda: RuntimeConfig(model_dir="runs/a", init_from="runs/./a"), r"init_from=runs/\./a is "

@@ -37,8 +37,8 @@ class _Probe:
 class _Progress:
     """Step rate and ETA over the whole run, for log lines.
 
-    Timed from the end of the first compiled call, so tracing does not count; the ETA shows
-    days once there are any.
+    Timed from the end of the first compiled call, so tracing does not count, and again from
+    a time budget's plan; the ETA shows days once there are any.
     """
 
     def __init__(self, start_step: int, total_steps: int):
@@ -151,7 +151,8 @@ class Controller:
                 if probe is not None and probe.done(self.training.config.optim):
                     eval_metrics = self._plan_budget(probe, eval_data) or eval_metrics
                     probe, plan = None, self.training.plan
-                    progress.total_steps = plan.total_steps
+                    # The ETA is timed from here: the probe's extra evaluations do not recur.
+                    progress = _Progress(self.step, plan.total_steps)
                     end_step = min(plan.total_steps, runtime.stop_at_step or plan.total_steps)
         finally:
             # An exception's traceback keeps this frame alive until the interpreter exits, and

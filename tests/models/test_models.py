@@ -224,6 +224,28 @@ def test_registry_rejects_an_unknown_name_listing_the_known_ones():
         get_model(config)
 
 
+def test_trainable_classifiers_leaves_exactly_the_exits_classifiers_trainable():
+    model = get_model(TINY_RANET)
+    everything = {v.path for v in model.trainable_variables}
+    models.set_trainable(TINY_RANET, model, "classifiers")
+    trainable = {v.path for v in model.trainable_variables}
+    # Per exit: two convolutions with their batch norms, and the linear layer.
+    expected = {f"exit{k}_{part}" for k in range(1, model.num_exits + 1) for part in (
+        "conv1_conv/kernel", "conv1_bn/gamma", "conv1_bn/beta", "conv2_conv/kernel",
+        "conv2_bn/gamma", "conv2_bn/beta", "logits/kernel", "logits/bias")}
+    assert trainable == expected
+    assert len(everything) > 3 * len(expected)  # the trunk holds the rest, now frozen
+    models.set_trainable(TINY_RANET, model, "all")  # "all" leaves a model as it is built
+    assert {v.path for v in model.trainable_variables} == expected
+
+
+def test_trainable_classifiers_is_refused_for_a_model_with_one_exit():
+    models.check_trainable(ModelConfig(name="vgg16"), "all")
+    with pytest.raises(ValueError, match=r"vgg16 has one exit and no shared trunk.*"
+                                         r"--trainable=all"):
+        models.check_trainable(ModelConfig(name="vgg16"), "classifiers")
+
+
 def test_pretrained_is_only_imagenet():
     assert ModelConfig(name="resnet50", pretrained="imagenet").pretrained == "imagenet"
     with pytest.raises(ValueError, match=r"pretrained must be one of None, imagenet"):

@@ -84,6 +84,11 @@ def test_a_budgeted_run_ends_inside_its_budget_and_a_resume_keeps_the_plan(tmp_p
     assert rates[max(rates)] == pytest.approx(0.0, abs=1e-7)  # cosine, at its last step
 
 
+def _eta_seconds(message: str) -> int:
+    hours, minutes, seconds = map(int, message.rsplit("ETA ", 1)[1].split(":"))
+    return hours * 3600 + minutes * 60 + seconds
+
+
 def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
     started = time.monotonic()
     result = train_and_evaluate(_budgeted(tmp_path, "25s"))
@@ -93,6 +98,25 @@ def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
     # The plan fits the budget from what was measured; other tests on the same cores can
     # slow the run after that (the plan only shortens at log lines), hence the margin.
     assert plan["planned_after_seconds"] < 25 and elapsed <= 25 * 1.25, elapsed
+
+
+def test_the_eta_after_the_plan_is_timed_from_the_plan(tmp_path, caplog):
+    # Evaluations (a large validation split) dwarf the steps; the probe runs two of them, the
+    # first one traced, and no other comes before the last step. Timed from the first step,
+    # the ETA would count them in the rate of every step to come.
+    caplog.set_level(logging.INFO, logger="absl")
+    config = _budgeted(tmp_path, "40s", eval_every_epochs=10 ** 4)
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, synthetic_train_size=4096, validation_size=2048))
+    wall_started = time.time()
+    train_and_evaluate(config)
+    planned = [i for i, r in enumerate(caplog.records) if "time budget: ~" in r.getMessage()]
+    progress = [r for r in caplog.records[planned[0]:] if "ETA " in r.getMessage()]
+    assert len(progress) > 3
+    for record in progress:
+        # The margin of the test above: other tests on the same cores slow the run.
+        assert record.created + _eta_seconds(record.getMessage()) <= wall_started + 40 * 1.25, \
+            (record.created - wall_started, record.getMessage())
 
 
 def test_the_probe_plans_without_waiting_for_a_boundary(tmp_path):

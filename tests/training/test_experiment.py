@@ -130,6 +130,30 @@ def test_init_from_is_ignored_by_a_run_that_resumes(tmp_path, monkeypatch):
     assert result["step"] == 10
 
 
+def test_trainable_classifiers_trains_the_exits_on_a_frozen_trunk(tmp_path):
+    source = write_model_dir(tmp_path / "source")
+    config = _experiment(tmp_path / "heads", steps=10, init_from=str(tmp_path / "source"))
+    config = dataclasses.replace(config, optim=dataclasses.replace(config.optim,
+                                                                   trainable="classifiers"))
+    train_and_evaluate(config)
+    weights, _, _ = _restore_variables(tmp_path / "heads", "ckpt-10")
+    started = {v.path: v.numpy() for v in source.variables}
+    changed = {name for name, value in weights if not np.allclose(value, started[name])}
+    # Every exit's linear layer learned; nothing outside the classifiers moved, not even the
+    # trunk's batch-norm statistics (frozen batch norm normalises with them).
+    assert {f"exit{k}_logits/kernel" for k in (1, 2, 3)} <= changed
+    assert all(name.startswith("exit") for name in changed), sorted(changed)
+    assert any("moving_mean" in name for name, _ in weights)
+
+    with pytest.raises(ValueError, match=r"trained with --trainable=classifiers, not "
+                                         r"--trainable=all\. Resume with the same value"):
+        train_and_evaluate(_experiment(tmp_path / "heads", steps=20))
+    resumed = dataclasses.replace(config, optim=dataclasses.replace(config.optim, train_steps=20))
+    assert train_and_evaluate(resumed)["step"] == 20
+    _, slots, _ = _restore_variables(tmp_path / "heads", "ckpt-20")
+    assert any(np.abs(value).sum() > 0 for name, value in slots if "exit1_logits" in name)
+
+
 def test_init_from_errors_say_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--init_from=.*missing does not exist"):
         train_and_evaluate(_experiment(tmp_path / "run", init_from=str(tmp_path / "missing")))
