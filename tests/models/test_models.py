@@ -235,7 +235,7 @@ def test_trainable_classifiers_leaves_exactly_the_exits_classifiers_trainable():
         "conv2_bn/gamma", "conv2_bn/beta", "logits/kernel", "logits/bias")}
     assert trainable == expected
     assert len(everything) > 3 * len(expected)  # the trunk holds the rest, now frozen
-    models.set_trainable(TINY_RANET, model, "all")  # "all" leaves a model as it is built
+    models.set_trainable(TINY_RANET, model, "all")  # "all" changes nothing
     assert {v.path for v in model.trainable_variables} == expected
 
 
