@@ -98,8 +98,11 @@ class DataConfig:
         5000, "Training images held out (class-balanced, fixed seed) for model selection "
         "and threshold calibration.")
     split_seed: int = flag(0, "Seed of the validation split.")
-    augment: bool = flag(True, "CIFAR: pad-4 random crop and horizontal flip; ImageNet: "
-                         "random-resized crop and flip.")
+    augment: bool = flag(True, "CIFAR: random crop (--crop_padding) and horizontal flip; "
+                         "ImageNet: random-resized crop and flip.")
+    crop_padding: int = flag(
+        4, "CIFAR: zero pixels padded around each training image before the random crop of "
+        "its original size (the reference's 4); 0: flips only.", lower_bound=0)
     tf_data_service: Optional[str] = flag(
         None, "ImageNet: grpc://host:port of a tf.data service dispatcher; the training "
         "images are then decoded and augmented on its workers, not on the training hosts "
@@ -118,6 +121,12 @@ class DataConfig:
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
+        require(self.crop_padding >= 0, f"crop_padding must be >= 0 (0: flips only). "
+                                        f"Received: crop_padding={self.crop_padding}")
+        require(self.dataset != "imagenet" or self.crop_padding == 4,
+                "crop_padding applies to the images held in memory (CIFAR, synthetic); "
+                "ImageNet's training crop is the random-resized crop. Leave --crop_padding "
+                f"at 4 for --dataset=imagenet. Received: crop_padding={self.crop_padding}")
         require(self.validation_size >= 0,
                 f"validation_size must be >= 0. Received: validation_size={self.validation_size}")
         for field in ("normalization_mean", "normalization_std"):

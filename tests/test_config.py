@@ -44,6 +44,9 @@ def test_a_missing_config_says_what_the_folder_is_not(tmp_path):
     (lambda: RuntimeConfig(training_layout="fused"), r"training_layout must be one of sliced, "
                                                      r"serving\. Received: training_layout='fused'"),
     (lambda: RuntimeConfig(intra_op_threads=-1), r"intra_op_threads must be >= 0"),
+    (lambda: DataConfig(crop_padding=-1), r"crop_padding must be >= 0 \(0: flips only\)"),
+    (lambda: DataConfig(dataset="imagenet", crop_padding=0), r"Leave --crop_padding at 4 for "
+                                                             r"--dataset=imagenet"),
     (lambda: DataConfig(normalization_mean=(0.5, 0.5, 0.5)), r"go together: pass both"),
     (lambda: DataConfig(normalization_mean=(0.5,), normalization_std=(0.2,)), r"3 values each"),
     (lambda: DataConfig(normalization_mean=(0.5,) * 3, normalization_std=(0.2, 0.0, 0.2)),

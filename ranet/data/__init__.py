@@ -59,17 +59,17 @@ def load_splits_in_memory(config, *, max_images: int = 0, train_images: int = 25
 
 
 def train_input_fn(split, *, deterministic: bool = True, skip_bad_records: bool = False,
-                   tf_data_service=None, **options):
+                   tf_data_service=None, crop_padding: int = 4, **options):
     """The training input function of a split in memory or on disk (``pipeline``, ``imagenet``).
 
     The in-memory pipeline is always deterministic; ``deterministic``, ``skip_bad_records``
-    and ``tf_data_service`` concern the streamed one.
+    and ``tf_data_service`` concern the streamed one, ``crop_padding`` the in-memory one.
     """
     if isinstance(split, imagenet.RecordSplit):
         return imagenet.train_input_fn(split, deterministic=deterministic,
                                        skip_bad_records=skip_bad_records,
                                        tf_data_service=tf_data_service, **options)
-    return pipeline.train_input_fn(split, **options)
+    return pipeline.train_input_fn(split, crop_padding=crop_padding, **options)
 
 
 def eval_input_fn(split, **options):

@@ -12,7 +12,6 @@ import tensorflow as tf
 
 from ranet.data.splits import DataError, Split, normalize
 
-_PAD = 4
 # Independent random streams derived from one user seed (synthetic data uses stream 0).
 _SHUFFLE_STREAM = 1
 _AUGMENT_STREAM = 2
@@ -54,9 +53,11 @@ def _stream_seed(seed: int, stream: int, epoch) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64), alg=_RNG_ALG)
 
 
-def _crop_and_flip(images: tf.Tensor, offsets: tf.Tensor, flips: tf.Tensor) -> tf.Tensor:
-    """Zero-pads by 4, takes the window of the original size at ``offsets`` (B, 2), mirrors rows where flips."""
-    padded = tf.pad(images, [[0, 0], [_PAD, _PAD], [_PAD, _PAD], [0, 0]])
+def _crop_and_flip(images: tf.Tensor, offsets: tf.Tensor, flips: tf.Tensor,
+                   padding: int) -> tf.Tensor:
+    """Zero-pads by ``padding``, takes the window of the original size at ``offsets`` (B, 2),
+    mirrors rows where flips."""
+    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
     size = images.shape[1]
     span = tf.range(size)
     ys = offsets[:, :1] + span
@@ -75,13 +76,14 @@ def _pipeline_rows(global_rows: tf.Tensor, ctx, rows_per_pipeline: int,
 
 
 def train_input_fn(split: Split, *, global_batch_size: int, mean, std, seed: int,
-                   augment: bool = True,
+                   augment: bool = True, crop_padding: int = 4,
                    start_step: int = 0) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
     """An infinite, shuffled, resumable training pipeline: yields (images f32, labels i32).
 
     Global step s is batch s % steps_per_epoch of epoch s // steps_per_epoch; epoch e reads the
     rows of a permutation drawn from (seed, e), and augmentation of a row is drawn from
-    (seed, e, row), so a step's pixels do not depend on the number of pipelines.
+    (seed, e, row), so a step's pixels do not depend on the number of pipelines. Augmentation
+    is a random crop of the image zero-padded by ``crop_padding`` and a horizontal flip.
     """
     num_examples = len(split)
     steps = steps_per_epoch(num_examples, global_batch_size)
@@ -107,7 +109,7 @@ def train_input_fn(split: Split, *, global_batch_size: int, mean, std, seed: int
                 offset_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
                     _stream_seed(seed, _AUGMENT_STREAM, epoch), 2, alg=_RNG_ALG))
                 offsets = tf.random.stateless_uniform([num_examples, 2], offset_seed, 0,
-                                                      2 * _PAD + 1, tf.int32, alg=_RNG_ALG)
+                                                      2 * crop_padding + 1, tf.int32, alg=_RNG_ALG)
                 flips = tf.random.stateless_uniform([num_examples], flip_seed, 0, 2, tf.int32,
                                                     alg=_RNG_ALG)
                 plan["offsets"] = tf.gather(offsets, plan["rows"])
@@ -117,7 +119,7 @@ def train_input_fn(split: Split, *, global_batch_size: int, mean, std, seed: int
         def make_batch(plan):
             batch = tf.gather(images, plan["rows"])
             if augment:
-                batch = _crop_and_flip(batch, plan["offsets"], plan["flips"])
+                batch = _crop_and_flip(batch, plan["offsets"], plan["flips"], crop_padding)
             return normalize(batch, mean, std), tf.gather(labels, plan["rows"])
 
         dataset = tf.data.Dataset.counter(start_epoch).flat_map(epoch_plan)

@@ -43,7 +43,8 @@ class Training:
         return self.strategy.distribute_datasets_from_function(data.train_input_fn(
             self.splits.train, global_batch_size=self.config.optim.batch_size,
             mean=self.splits.mean, std=self.splits.std, seed=self.config.runtime.seed,
-            augment=self.config.data.augment, start_step=start_step,
+            augment=self.config.data.augment, crop_padding=self.config.data.crop_padding,
+            start_step=start_step,
             deterministic=self.config.runtime.deterministic,
             skip_bad_records=self.config.data.skip_bad_records,
             tf_data_service=self.config.data.tf_data_service))

@@ -85,20 +85,27 @@ def _pixels(normalised: np.ndarray) -> np.ndarray:
     return np.rint((normalised * STD + MEAN) * 255).astype(np.int64)
 
 
-def test_augmentation_is_a_pad_crop_flip_of_the_row():
+@pytest.mark.parametrize("padding", [4, 2, 0])
+def test_augmentation_is_a_pad_crop_flip_of_the_row(padding):
     split = _id_split()
     plain = _take(_train(split, augment=False)(_context()), 5)
-    augmented = _take(_train(split, augment=True)(_context()), 5)
-    changed = 0
+    augmented = _take(_train(split, augment=True, crop_padding=padding)(_context()), 5)
+    window = 2 * padding + 1
+    changed, shifted = 0, 0
     for (_, labels), (images, aug_labels) in zip(plain, augmented):
         np.testing.assert_array_equal(labels, aug_labels)
         for row, image in zip(labels, _pixels(images)):
-            padded = np.pad(split.images[row].astype(np.int64), [(4, 4), (4, 4), (0, 0)])
-            crops = [crop for y in range(9) for x in range(9)
+            original = split.images[row].astype(np.int64)
+            padded = np.pad(original, [(padding, padding), (padding, padding), (0, 0)])
+            crops = [crop for y in range(window) for x in range(window)
                      for crop in (padded[y:y + 32, x:x + 32], padded[y:y + 32, x:x + 32][:, ::-1])]
             assert any(np.array_equal(image, crop) for crop in crops)
-            changed += not np.array_equal(image, split.images[row])
-    assert changed > N // 2
+            changed += not np.array_equal(image, original)
+            shifted += not any(np.array_equal(image, o) for o in (original, original[:, ::-1]))
+    if padding:
+        assert shifted > N // 2
+    else:  # Flips only: every image is its row or the row's mirror, and both occur.
+        assert shifted == 0 and 0 < changed < N
 
 
 def test_train_normalises_with_mean_and_std():
