@@ -30,6 +30,8 @@ CONFIG_FILENAME = "config.json"
 
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": 10}
 _IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "imagenet": 224, "synthetic": 32}
+# The reference's CIFAR crop: zero-pad by 4, crop back at random.
+_REFERENCE_CROP_PADDING = 4
 # The Keras dtype policy of each --precision.
 _POLICIES = {"fp32": "float32", "mixed_float16": "mixed_float16",
              "mixed_bfloat16": "mixed_bfloat16"}
@@ -101,8 +103,9 @@ class DataConfig:
     augment: bool = flag(True, "CIFAR: random crop (--crop_padding) and horizontal flip; "
                          "ImageNet: random-resized crop and flip.")
     crop_padding: int = flag(
-        4, "CIFAR: zero pixels padded around each training image before the random crop of "
-        "its original size (the reference's 4); 0: flips only.", lower_bound=0)
+        _REFERENCE_CROP_PADDING, "CIFAR: zero pixels padded around each training image "
+        "before the random crop of its original size (the reference's 4); 0: flips only.",
+        lower_bound=0)
     tf_data_service: Optional[str] = flag(
         None, "ImageNet: grpc://host:port of a tf.data service dispatcher; the training "
         "images are then decoded and augmented on its workers, not on the training hosts "
@@ -123,10 +126,11 @@ class DataConfig:
         check_choice("dataset", self.dataset, DATASETS)
         require(self.crop_padding >= 0, f"crop_padding must be >= 0 (0: flips only). "
                                         f"Received: crop_padding={self.crop_padding}")
-        require(self.dataset != "imagenet" or self.crop_padding == 4,
+        require(self.dataset != "imagenet" or self.crop_padding == _REFERENCE_CROP_PADDING,
                 "crop_padding applies to the images held in memory (CIFAR, synthetic); "
                 "ImageNet's training crop is the random-resized crop. Leave --crop_padding "
-                f"at 4 for --dataset=imagenet. Received: crop_padding={self.crop_padding}")
+                f"at {_REFERENCE_CROP_PADDING} for --dataset=imagenet. "
+                f"Received: crop_padding={self.crop_padding}")
         require(self.validation_size >= 0,
                 f"validation_size must be >= 0. Received: validation_size={self.validation_size}")
         for field in ("normalization_mean", "normalization_std"):
