@@ -273,8 +273,8 @@ class Controller:
                      self.step / training.plan.steps_per_epoch, metrics["loss/total"],
                      metrics[f"accuracy/exit_{training.model.num_exits}"],
                      scalars["images_per_second"],
-                     "(timing the time budget)" if planning or progress is None
-                     else progress.eta(self.step))
+                     "(timing the time budget)" if planning
+                     else "?" if progress is None else progress.eta(self.step))
         return metrics
 
     def _evaluate(self, eval_data) -> dict:

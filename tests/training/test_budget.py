@@ -119,6 +119,17 @@ def test_the_eta_after_the_plan_is_timed_from_the_plan(tmp_path, caplog):
             (record.created - wall_started, record.getMessage())
 
 
+def test_a_run_without_a_budget_does_not_speak_of_one(tmp_path, caplog):
+    # Its first compiled call runs a whole log interval, so the first line has no rate yet.
+    caplog.set_level(logging.INFO, logger="absl")
+    train_and_evaluate(dataclasses.replace(SMOKE, runtime=config_lib.RuntimeConfig(
+        model_dir=str(tmp_path), log_every_steps=5)))
+    lines = [r.getMessage() for r in caplog.records if "ETA " in r.getMessage()]
+    assert len(lines) == SMOKE.optim.train_steps // 5
+    assert lines[0].endswith("ETA ?") and lines[-1].endswith("ETA 00:00:00")
+    assert not any("budget" in line for line in lines), lines
+
+
 def test_the_probe_plans_without_waiting_for_a_boundary(tmp_path):
     # Logs, checkpoints and evaluations far beyond what 20 s hold: the probe must plan after
     # its own time, not at the first of them (before, this run never planned: it trained
