@@ -5,8 +5,9 @@ take as the loop runs them, and how long an evaluation and a checkpoint take; th
 the total number of steps so that training, every evaluation and checkpoint to come, and the
 final ones end inside the budget (minus a small reserve). The schedule is then fitted to that total (``StepSchedule.set_plan``), and the plan
 is written into the model directory: a resumed run follows it rather than measuring again,
-so that the schedule stays one schedule. If the machine slows down later, the run shortens
-its plan at a log line (never lengthens it), so that it still ends in time.
+so that the schedule stays one schedule. At each log line the run refits its plan to the
+pace since planning: shorter if the machine has slowed down, so that it still ends in time;
+longer if it has sped up, so that the budget is not left unused.
 """
 
 import dataclasses
@@ -19,8 +20,11 @@ PLAN_FILENAME = "budget_plan.json"
 # Kept back from the budget for what a plan cannot foresee: logging and summaries, the
 # machine slowing down.
 RESERVE_SHARE = 0.03
-# Steps after the plan before the pace since then is trusted to shorten it.
+# Steps after the plan before the pace since then is trusted to refit it.
 MIN_STEPS_TO_PACE = 20
+# How much longer (share of the plan) the steps that fit must be before a plan is lengthened:
+# the schedule changes with it, so not for every small speed-up.
+LENGTHEN_SHARE = 0.02
 # How long (share of the budget, within these bounds) the probe lasts.
 PROBE_SHARE, MIN_PROBE_SECONDS, MAX_PROBE_SECONDS = 0.02, 2.0, 60.0
 

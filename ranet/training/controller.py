@@ -127,7 +127,7 @@ class Controller:
                 at_end = self.step >= end_step
                 if self.step % runtime.log_every_steps == 0 or at_end:
                     train_metrics = self._log(progress)
-                    if self._planned is not None and not at_end and self._keep_inside_budget():
+                    if self._planned is not None and not at_end and self._refit_plan():
                         plan = self.training.plan
                         progress.total_steps = plan.total_steps
                         end_step = min(plan.total_steps, runtime.stop_at_step or plan.total_steps)
@@ -210,12 +210,16 @@ class Controller:
         self._planned = (time.monotonic(), self.step, budget_plan)
         return eval_metrics
 
-    def _keep_inside_budget(self) -> bool:
-        """Shortens the plan (never lengthens it) when the run has slowed down since.
+    def _refit_plan(self) -> bool:
+        """Fits the plan to the pace since planning: shorter if the run has slowed, longer if it
+        has sped up.
 
-        At the pace since planning (evaluations and checkpoints included), the steps left must
-        end inside the budget; if they would overrun it by more than the reserve, the total
-        becomes what fits and the schedule follows. Returns whether the plan changed.
+        At that pace (evaluations and checkpoints included), the steps left must end inside
+        the budget less its reserve: a run that would overrun it gets the total that fits. A
+        run that would end early by more than ``budget.LENGTHEN_SHARE`` of its plan gets the
+        total that fits with the final evaluation and checkpoint set aside once more, so that
+        the next line does not shorten it again. The schedule follows. Returns whether the
+        plan changed.
         """
         planned_at, planned_step, budget_plan = self._planned
         if self.step - planned_step < max(budget.MIN_STEPS_TO_PACE,
@@ -225,14 +229,18 @@ class Controller:
         pace = (now - planned_at) / (self.step - planned_step)
         left = budget_plan.budget_seconds * (1 - budget.RESERVE_SHARE) - (
             now - self.budget_started_at)
-        fits = self.step + max(1, int(left / pace))
-        total = distribute.broadcast_from_chief(self.training.strategy,
-                                                min(fits, self.training.plan.total_steps))
-        if total >= self.training.plan.total_steps:
+        planned = self.training.plan.total_steps
+        total = self.step + max(1, int(left / pace))
+        if total >= planned:
+            longer = self.step + int((left - budget_plan.eval_seconds
+                                      - budget_plan.save_seconds) / pace)
+            total = longer if longer > planned * (1 + budget.LENGTHEN_SHARE) else planned
+        total = distribute.broadcast_from_chief(self.training.strategy, total)
+        if total == planned:
             return False
-        logging.warning("time budget: the run slowed to %.1f steps/s; %d steps fit, not %d: "
-                        "the schedule now ends there", 1 / pace, total,
-                        self.training.plan.total_steps)
+        logging.warning("time budget: the run %s to %.1f steps/s; %d steps fit, not %d: "
+                        "the schedule now ends there",
+                        "slowed" if total < planned else "sped up", 1 / pace, total, planned)
         budget_plan = dataclasses.replace(budget_plan, total_steps=total)
         self._planned = (planned_at, planned_step, budget_plan)
         if self.chief:

@@ -11,6 +11,7 @@ import pytest
 from helpers import SMOKE, event_scalars
 from ranet import config as config_lib
 from ranet.training import budget, train_and_evaluate
+from ranet.training import controller as controller_lib
 from ranet.training.controller import format_duration
 from ranet.training.optimizer import learning_rate_schedule
 
@@ -96,8 +97,46 @@ def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
     plan = json.loads((tmp_path / budget.PLAN_FILENAME).read_text())
     assert result["step"] == plan["total_steps"] > plan["planned_at_step"]
     # The plan fits the budget from what was measured; other tests on the same cores can
-    # slow the run after that (the plan only shortens at log lines), hence the margin.
+    # slow the run after that (the plan only changes at log lines), hence the margin.
     assert plan["planned_after_seconds"] < 25 and elapsed <= 25 * 1.25, elapsed
+
+
+def _first_plan(caplog) -> int:
+    planned = [r.getMessage() for r in caplog.records if "time budget: ~" in r.getMessage()]
+    return int(planned[0].split("~", 1)[1].split(" ", 1)[0])
+
+
+def _slowed(monkeypatch, *, before_plan: bool, seconds_per_step: float):
+    """Makes every step slower before the plan is made (``before_plan``), or after it."""
+    advance = controller_lib.Controller._advance
+
+    def slow_advance(self, iterator, num_steps):
+        if (self._planned is None) == before_plan:
+            time.sleep(seconds_per_step * num_steps)
+        advance(self, iterator, num_steps)
+
+    monkeypatch.setattr(controller_lib.Controller, "_advance", slow_advance)
+
+
+@pytest.mark.parametrize("slow_before_plan, change", [(False, "slowed"), (True, "sped up")])
+def test_the_plan_follows_the_pace_and_the_run_still_ends_inside_the_budget(
+        tmp_path, caplog, monkeypatch, slow_before_plan, change):
+    # A machine that slows down after the plan (another job starts), or that was slow while
+    # the probe timed it and then speeds up: the plan gets shorter or longer, and the
+    # schedule ends at zero on the new last step.
+    caplog.set_level(logging.INFO, logger="absl")
+    _slowed(monkeypatch, before_plan=slow_before_plan, seconds_per_step=0.05)
+    started = time.monotonic()
+    result = train_and_evaluate(_budgeted(tmp_path, "25s"))
+    elapsed = time.monotonic() - started
+    first = _first_plan(caplog)
+    plan = json.loads((tmp_path / budget.PLAN_FILENAME).read_text())
+    assert f"the run {change} to" in caplog.text
+    assert result["step"] == plan["total_steps"]
+    assert plan["total_steps"] < first if change == "slowed" else plan["total_steps"] > first
+    assert elapsed <= 25 * 1.25, elapsed  # the margin of the tests above
+    rates = event_scalars(tmp_path)["learning_rate"]
+    assert rates[max(rates)] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_the_eta_after_the_plan_is_timed_from_the_plan(tmp_path, caplog):
