@@ -11,7 +11,9 @@ longer if it has sped up, so that the budget is not left unused.
 """
 
 import dataclasses
+import math
 import os
+import sys
 from typing import Optional
 
 from ranet import jsonio
@@ -103,6 +105,17 @@ def plan(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_s
                       planned_after_seconds=elapsed_seconds, seconds_per_step=seconds_per_step,
                       eval_seconds=eval_seconds, save_seconds=save_seconds, total_steps=total,
                       steps_per_epoch=steps_per_epoch)
+
+
+def longest_plan_keeping_decays(step: int, total_steps: int, decay_fractions) -> int:
+    """The most steps a multistep schedule's plan may grow to at ``step``.
+
+    It decays after ``int(f x total)`` steps for each fraction ``f``: a longer plan moves those
+    steps later, and one the run has passed must stay passed, or the rate would rise back by
+    the decay factor. ``int(f x T) < step`` holds while ``T < step / f``.
+    """
+    passed = [f for f in decay_fractions if 0 < f and int(f * total_steps) < step]
+    return min((math.ceil(step / f) - 1 for f in passed), default=sys.maxsize)
 
 
 def probe_seconds(budget_seconds: float) -> float:

@@ -218,8 +218,9 @@ class Controller:
         the budget less its reserve: a run that would overrun it gets the total that fits. A
         run that would end early by more than ``budget.LENGTHEN_SHARE`` of its plan gets the
         total that fits with the final evaluation and checkpoint set aside once more, so that
-        the next line does not shorten it again. The schedule follows. Returns whether the
-        plan changed.
+        the next line does not shorten it again (a multistep schedule's, no further than keeps
+        the decays it has passed behind it). The schedule follows. Returns whether the plan
+        changed.
         """
         planned_at, planned_step, budget_plan = self._planned
         if self.step - planned_step < max(budget.MIN_STEPS_TO_PACE,
@@ -234,6 +235,10 @@ class Controller:
         if total >= planned:
             longer = self.step + int((left - budget_plan.eval_seconds
                                       - budget_plan.save_seconds) / pace)
+            optim = self.training.config.optim
+            if optim.schedule == "multistep":
+                longer = min(longer, budget.longest_plan_keeping_decays(
+                    self.step, planned, optim.decay_fractions))
             total = longer if longer > planned * (1 + budget.LENGTHEN_SHARE) else planned
         total = distribute.broadcast_from_chief(self.training.strategy, total)
         if total == planned:

@@ -101,6 +101,18 @@ def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
     assert plan["planned_after_seconds"] < 25 and elapsed <= 25 * 1.25, elapsed
 
 
+def test_a_longer_multistep_plan_keeps_the_decays_it_has_passed():
+    # At step 100 of 150, decays at 0.5 and 0.75 of the plan: the first (step 75) is passed,
+    # and stays so while int(0.5 T) < 100, up to T = 199; the second (112) is ahead.
+    assert budget.longest_plan_keeping_decays(100, 150, (0.5, 0.75)) == 199
+    assert int(0.5 * 199) < 100 <= int(0.5 * 200)
+    # Nothing passed yet (or no decays): any length.
+    assert budget.longest_plan_keeping_decays(50, 150, (0.5, 0.75)) > 10 ** 9
+    assert budget.longest_plan_keeping_decays(50, 150, ()) > 10 ** 9
+    # Both passed: the later fraction binds (ceil(130 / 0.75) - 1 = 173).
+    assert budget.longest_plan_keeping_decays(130, 150, (0.5, 0.75)) == 173
+
+
 def _first_plan(caplog) -> int:
     planned = [r.getMessage() for r in caplog.records if "time budget: ~" in r.getMessage()]
     return int(planned[0].split("~", 1)[1].split(" ", 1)[0])
