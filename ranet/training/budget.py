@@ -110,11 +110,12 @@ def plan(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_s
 def longest_plan_keeping_decays(step: int, total_steps: int, decay_fractions) -> int:
     """The most steps a multistep schedule's plan may grow to at ``step``.
 
-    It decays after ``int(f x total)`` steps for each fraction ``f``: a longer plan moves those
-    steps later, and one the run has passed must stay passed, or the rate would rise back by
-    the decay factor. ``int(f x T) < step`` holds while ``T < step / f``.
+    A budgeted run decays after ``int(f x total)`` steps for each fraction ``f`` in (0, 1)
+    (``config.plan_steps``): a longer plan moves those steps later, and one the run has passed
+    must stay passed, or the rate would rise back by the decay factor. ``int(f x T) < step``
+    holds while ``T < step / f``.
     """
-    passed = [f for f in decay_fractions if 0 < f and int(f * total_steps) < step]
+    passed = [f for f in decay_fractions if int(f * total_steps) < step]
     return min((math.ceil(step / f) - 1 for f in passed), default=sys.maxsize)
 
 
