@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 from ranet import jsonio
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
-MODELS = ("ranet", "vgg16", "resnet50")
+MODELS = ("ranet", "vgg16", "resnet50", "mobilenet_v2")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 ALL_REDUCE = ("auto", "ring", "nccl")
@@ -99,7 +99,11 @@ class DataConfig:
     validation_size: int = flag(
         5000, "Training images held out (class-balanced, fixed seed) for model selection "
         "and threshold calibration.")
-    split_seed: int = flag(0, "Seed of the validation split.")
+    test_size: int = flag(
+        0, "CIFAR: training images held out as the test split (class-balanced, seeded, "
+        "disjoint from validation), for a data folder without the test file, like the "
+        "shared CIFAR-10 copy. 0: the folder's own test file, if any.", lower_bound=0)
+    split_seed: int = flag(0, "Seed of the validation (and --test_size) split.")
     augment: bool = flag(True, "CIFAR: random crop (--crop_padding) and horizontal flip; "
                          "ImageNet: random-resized crop and flip.")
     crop_padding: int = flag(
@@ -131,6 +135,9 @@ class DataConfig:
                 "ImageNet's training crop is the random-resized crop. Leave --crop_padding "
                 f"at {_REFERENCE_CROP_PADDING} for --dataset=imagenet. "
                 f"Received: crop_padding={self.crop_padding}")
+        require(self.test_size == 0 or self.dataset in ("cifar10", "cifar100"),
+                "--test_size holds a test split out of CIFAR's training images; "
+                f"{self.dataset} has its own. Received: test_size={self.test_size}")
         require(self.validation_size >= 0,
                 f"validation_size must be >= 0. Received: validation_size={self.validation_size}")
         for field in ("normalization_mean", "normalization_std"):

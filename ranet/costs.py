@@ -51,6 +51,10 @@ def _layer_macs(layer, node) -> int:
         in_channels = node.input_tensors[0].shape[-1]
         kh, kw = layer.kernel_size
         return in_channels * layer.filters * kh * kw * out_shape[1] * out_shape[2] // layer.groups
+    if isinstance(layer, layers.DepthwiseConv2D):
+        kh, kw = layer.kernel_size
+        return (node.input_tensors[0].shape[-1] * layer.depth_multiplier * kh * kw
+                * out_shape[1] * out_shape[2])
     if isinstance(layer, layers.Dense):
         return int(layer.kernel.shape[0]) * layer.units + (layer.units if layer.use_bias else 0)
     if isinstance(layer, layers.ReLU) or (isinstance(layer, layers.Activation)

@@ -47,6 +47,8 @@ def test_a_missing_config_says_what_the_folder_is_not(tmp_path):
     (lambda: DataConfig(crop_padding=-1), r"crop_padding must be >= 0 \(0: flips only\)"),
     (lambda: DataConfig(dataset="imagenet", crop_padding=0), r"Leave --crop_padding at 4 for "
                                                              r"--dataset=imagenet"),
+    (lambda: DataConfig(dataset="synthetic", test_size=10), r"synthetic has its own\. "
+                                                            r"Received: test_size=10"),
     (lambda: DataConfig(normalization_mean=(0.5, 0.5, 0.5)), r"go together: pass both"),
     (lambda: DataConfig(normalization_mean=(0.5,), normalization_std=(0.2,)), r"3 values each"),
     (lambda: DataConfig(normalization_mean=(0.5,) * 3, normalization_std=(0.2, 0.0, 0.2)),

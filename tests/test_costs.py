@@ -1,5 +1,7 @@
 """Tests for ranet.costs: exact agreement with the reference counter, and its rules by hand."""
 
+import math
+
 import keras
 import pytest
 from keras import layers
@@ -219,7 +221,10 @@ IMAGENET_REFERENCE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(IMAGENET_REFERENCE))
+# The wide configuration (131 M parameters) takes 10 s to build: in the slow tier.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
+                                  if name == "imagenet_b" else name
+                                  for name in sorted(IMAGENET_REFERENCE)])
 def test_imagenet_configurations_match_the_reference_counter(name):
     import json
     from tests.helpers import REPO_ROOT
@@ -241,6 +246,31 @@ def test_imagenet_baselines_have_the_standard_parameter_counts(name, params):
     cost = costs.count(get_model(ModelConfig(name=name, imagenet=True, image_size=224,
                                              num_classes=1000)))
     assert cost.params == params
+
+
+def _mobilenet_v2_cost(imagenet: bool) -> costs.ModelCost:
+    keras.mixed_precision.set_global_policy("float32")
+    return costs.count(get_model(ModelConfig(
+        name="mobilenet_v2", imagenet=imagenet, image_size=224 if imagenet else 32,
+        num_classes=1000 if imagenet else 10)))
+
+
+def test_imagenet_mobilenet_v2_counts_equal_keras_applications():
+    reference = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    cost = _mobilenet_v2_cost(imagenet=True)
+    assert cost.params == sum(math.prod(v.shape) for v in reference.trainable_weights) == 3_504_872
+    # The same counting rules over Keras' own graph (depthwise convolutions included).
+    assert cost.exits[-1].macs == costs._graph_macs(reference)
+
+
+def test_cifar_mobilenet_v2_differs_from_the_imagenet_form_only_as_its_strides_say():
+    imagenet, cifar = _mobilenet_v2_cost(imagenet=True), _mobilenet_v2_cost(imagenet=False)
+    # Same layers; only the classifier's width differs (1,280 inputs, 1,000 vs 10 classes).
+    assert imagenet.params - cifar.params == 1281 * (1000 - 10)
+    # Stride 1 in the stem and the first stride-2 stage: 32x32 reaches the last stage at 4x4.
+    model = get_model(ModelConfig(name="mobilenet_v2", num_classes=10))
+    pool = model.stages[0].get_layer("pool")
+    assert tuple(pool._inbound_nodes[0].input_tensors[0].shape[1:]) == (4, 4, 1280)
 
 
 @pytest.mark.parametrize("preset, reference", [("ranet_imagenet", "imagenet_a"),

@@ -21,10 +21,23 @@ _SOURCES = {"cifar10": cifar.load, "cifar100": cifar.load, "synthetic": syntheti
 
 
 def load_splits(config) -> DataSplits:
-    """Loads ``config.dataset`` and holds out ``config.validation_size`` training images."""
+    """Loads ``config.dataset`` and holds out ``config.validation_size`` training images (and
+    ``config.test_size`` as the test split, first)."""
     if config.dataset == "imagenet":
         return imagenet.load_splits(config)
     full_train, test, source = _SOURCES[config.dataset](config)
+    if config.test_size:
+        if test is not None:
+            raise DataError(f"{source} has its own test split; --test_size holds one out of "
+                            "the training images only where the folder has none. Drop "
+                            f"--test_size. Received: test_size={config.test_size}")
+        if config.test_size + config.validation_size >= len(full_train):
+            raise DataError(f"--test_size={config.test_size} and --validation_size="
+                            f"{config.validation_size} together take all {len(full_train)} "
+                            "training images; make them smaller.")
+        # A seed of its own, so that the validation split is drawn afresh from what is left.
+        full_train, test = hold_out(full_train, config.test_size, config.num_classes,
+                                    config.split_seed + 1)
     train, validation = hold_out(full_train, config.validation_size, config.num_classes,
                                  config.split_seed)
     if config.normalization_mean is not None:
@@ -87,8 +100,9 @@ def require_split(splits: DataSplits, name: str) -> Split:
     if split is None:
         raise DataError(f"The {name} split is missing from {splits.source}: it has no "
                         f"{cifar.TEST_FILES.get(splits.name, name)} file. Evaluate on the "
-                        "validation split, or pass --data_dir pointing at a folder that has the "
-                        f"test file. Received: split={name!r}")
+                        "validation split, pass --data_dir pointing at a folder that has the "
+                        "test file, or train with --test_size=N to hold N training images out "
+                        f"as one. Received: split={name!r}")
     return split
 
 

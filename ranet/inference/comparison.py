@@ -10,9 +10,10 @@ pixels, as a served request does. ``ComparisonOptions`` is also the flag set of 
 """
 
 import dataclasses
+import functools
 import os
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from absl import logging
@@ -20,7 +21,7 @@ from absl import logging
 from ranet import config as config_lib
 from ranet import devices
 from ranet.config import flag, require
-from ranet.inference import adaptive, evaluation, latency
+from ranet.inference import adaptive, equal_accuracy, evaluation, latency
 from ranet.inference.serving import litert, litert_runtime
 from ranet.training.model_dir import CHECKPOINT_CHOICES
 
@@ -95,21 +96,30 @@ class Comparison:
     """What was measured, per runtime, then per model in the order of ``models``.
 
     ``evaluations[runtime]``: one ``ModelEvaluation`` per model; ``latency[runtime][model]
-    [path]``: batch-1 statistics; ``throughput[runtime][model][batch size][path]``: images/s.
+    [path]``: batch-1 statistics; ``throughput[runtime][model][batch size][path]``: images/s;
+    ``at_equal_accuracy[runtime][baseline]``: the point of ``adaptive_model`` (the first model
+    with several exits, None if there is none) chosen against each one-exit model.
     """
     images: evaluation.EvaluationImages
     models: List[evaluation.LoadedModel]
     evaluations: Dict[str, List[evaluation.ModelEvaluation]]
     latency: Dict[str, Dict[str, Dict[str, latency.LatencyStats]]]
     throughput: Dict[str, Dict[str, Dict[int, Dict[str, float]]]]
+    adaptive_model: Optional[str] = None
+    at_equal_accuracy: Dict[str, Dict[str, equal_accuracy.Choice]] = dataclasses.field(
+        default_factory=dict)
+
+
+PathsFor = Callable[[Dict[str, List[float]]], Dict[str, latency.PathCallable]]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Runtime:
-    """One model on one runtime: its evaluation and its timed paths."""
+    """One model on one runtime: its evaluation, and its paths for given operating points
+    (thresholds by path name): batch-1 ones to time, batched ones for throughput."""
     evaluation: evaluation.ModelEvaluation
-    batch1: Dict[str, latency.PathCallable]
-    batched: Dict[str, latency.PathCallable]
+    batch1: PathsFor
+    batched: PathsFor
 
 
 def _tensorflow(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
@@ -119,12 +129,13 @@ def _tensorflow(loaded: evaluation.LoadedModel, images: evaluation.EvaluationIma
     normalization = images.normalization
     predictor = adaptive.AdaptivePredictor(loaded.model, confidence_kind=options.confidence,
                                            jit_compile=options.xla, normalization=normalization)
-    thresholds = result.thresholds_by_path
-    return _Runtime(result, latency.batch1_paths(loaded.model, predictor, thresholds,
-                                                 jit_compile=options.xla,
-                                                 normalization=normalization),
-                    latency.batched_paths(loaded.model, predictor, thresholds,
-                                          normalization=normalization))
+    return _Runtime(
+        result,
+        lambda thresholds: latency.batch1_paths(loaded.model, predictor, thresholds,
+                                                jit_compile=options.xla,
+                                                normalization=normalization),
+        lambda thresholds: latency.batched_paths(loaded.model, predictor, thresholds,
+                                                 normalization=normalization))
 
 
 def _litert(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
@@ -150,7 +161,7 @@ def _litert(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
         litert_runtime.softmax(stages.all_exit_logits(images.calibration_pixels)),
         litert_runtime.softmax(stages.all_exit_logits(images.report_pixels)), loaded.cost,
         images, **evaluate)
-    paths = latency.litert_paths(stages, result.thresholds_by_path)
+    paths = functools.partial(latency.litert_paths, stages)
     return _Runtime(result, paths, paths)
 
 
@@ -185,11 +196,18 @@ def compare(options: ComparisonOptions,
                     _litert(loaded, images, options, precision,
                             os.path.join(scratch, str(index)), **evaluate))
 
+        adaptive_model, chosen = _equal_accuracy(runtimes, models, images)
         # Every path takes raw pixels as float32, as a served request does.
         pixels = images.report_pixels.astype(np.float32)
         timed = pixels[:options.latency_images]
-        batch1 = {(runtime, name): result.batch1 for runtime, by_model in runtimes.items()
-                  for name, result in by_model.items()}
+        batch1 = {}
+        for runtime, by_model in runtimes.items():
+            for name, result in by_model.items():
+                thresholds = dict(result.evaluation.thresholds_by_path)
+                if name == adaptive_model:
+                    thresholds.update({c.path: list(c.point.thresholds)
+                                       for c in chosen[runtime].values()})
+                batch1[runtime, name] = result.batch1(thresholds)
         logging.info("timing %d paths on %d images one by one, interleaved",
                      sum(map(len, batch1.values())), len(timed))
         stats = latency.measure_latency(
@@ -207,11 +225,31 @@ def compare(options: ComparisonOptions,
                     sample = pixels[:max(options.throughput_images, batch_size)]
                     throughput[runtime][name][batch_size] = {
                         path: latency.measure_throughput(fn, sample, batch_size)
-                        for path, fn in result.batched.items()}
+                        for path, fn in result.batched(
+                            result.evaluation.thresholds_by_path).items()}
     return Comparison(
         images=images, models=models,
         evaluations={runtime: [by_model[m.name].evaluation for m in models]
                      for runtime, by_model in runtimes.items()},
         latency={runtime: {m.name: stats[runtime, m.name] for m in models}
                  for runtime in runtimes},
-        throughput=throughput)
+        throughput=throughput, adaptive_model=adaptive_model, at_equal_accuracy=chosen)
+
+
+def _equal_accuracy(runtimes: Dict[str, Dict[str, _Runtime]],
+                    models: Sequence[evaluation.LoadedModel],
+                    images: evaluation.EvaluationImages):
+    """(name of the first model with several exits, {runtime: {baseline: Choice}}): its
+    point at each one-exit model's accuracy, on that runtime's own outputs."""
+    by_name = {runtime: {name: result.evaluation for name, result in by_model.items()}
+               for runtime, by_model in runtimes.items()}
+    adaptive_model = next((m.name for m in models if m.model.num_exits > 1), None)
+    if adaptive_model is None:
+        return None, {runtime: {} for runtime in runtimes}
+    chosen = {}
+    for runtime, evaluations in by_name.items():
+        ranet = evaluations[adaptive_model]
+        baselines = [e for e in evaluations.values() if not e.is_adaptive]
+        chosen[runtime] = equal_accuracy.choices(ranet, baselines, images.report_labels,
+                                                 ranet.thresholds_by_path)
+    return adaptive_model, chosen

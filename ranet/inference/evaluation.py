@@ -43,7 +43,7 @@ def load_models(model_dirs: Sequence[str], checkpoint: str = "best",
     Names are the model names, made unique with the directory name where they repeat.
     """
     restored = [model_dir_lib.restore_model(d, checkpoint, precision) for d in model_dirs]
-    split_fields = ("dataset", "validation_size", "split_seed")
+    split_fields = ("dataset", "validation_size", "test_size", "split_seed")
     first = restored[0][0].data
     for model_dir, (config, _, _) in zip(model_dirs[1:], restored[1:]):
         if any(getattr(config.data, f) != getattr(first, f) for f in split_fields):
@@ -150,6 +150,15 @@ class ModelEvaluation:
     budgets: List[BudgetedResult]
     fixed: Optional[BudgetedResult]
     default: Optional[BudgetedResult]
+    # [K, N] confidence and predicted class of every exit on the report images: what scores
+    # any other set of thresholds there (equal_accuracy).
+    report_confidences: np.ndarray
+    report_predictions: np.ndarray
+
+    @property
+    def is_adaptive(self) -> bool:
+        """Whether the model has several exits to choose from."""
+        return len(self.cost.exits) > 1
 
     @property
     def thresholds_by_path(self) -> Dict[str, List[float]]:
@@ -208,7 +217,8 @@ def evaluate_exits(calibration_probabilities: np.ndarray, report_probabilities: 
         report_probabilities, confidence_kind)
     exit_accuracy = [float(np.mean(p == images.report_labels)) for p in report_predictions]
     if len(exit_macs) == 1:
-        return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, [], [], None, None)
+        return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, [], [], None,
+                               None, report_confidences, report_predictions)
 
     def report(label, point):
         measured = calibration.evaluate(report_confidences, report_predictions,
@@ -232,7 +242,7 @@ def evaluate_exits(calibration_probabilities: np.ndarray, report_probabilities: 
             calibration.fixed_threshold(fixed_threshold, len(exit_macs)), exit_macs,
             images.num_classes))
     return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, sweep, budgets,
-                           fixed, default)
+                           fixed, default, report_confidences, report_predictions)
 
 
 def evaluate_model(model: StagedClassifier, cost: ModelCost, images: EvaluationImages, *,

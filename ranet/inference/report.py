@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 
 from ranet import jsonio
-from ranet.inference import latency
+from ranet.inference import equal_accuracy, latency
 from ranet.inference.evaluation import ModelEvaluation
 
 REPORT_JSON = "report.json"
@@ -40,12 +40,30 @@ def build(comparison, options) -> dict:
         models.append(entry)
     return {
         "split": images.report_name, "calibration_split": images.calibration_name,
+        "adaptive_model": comparison.adaptive_model,
+        "at_equal_accuracy": _at_equal_accuracy(comparison),
         "num_images": len(images.report_labels), "device": environment["device"],
         "tensorflow": environment["tensorflow"], "environment": environment,
         "precision": options.precision, "xla": options.xla, "confidence": options.confidence,
         "latency_images": min(options.latency_images, len(images.report_labels)),
         "batch_size": options.batch_size, "runtimes": runtimes,
         "litert_threads": options.litert_threads or os.cpu_count(), "models": models}
+
+
+def _at_equal_accuracy(comparison) -> Dict[str, Dict[str, dict]]:
+    """{runtime: {baseline: entry}}: the adaptive model's point at each baseline's accuracy,
+    timed; the ratios are baseline over RANet (> 1: RANet computes less, answers sooner)."""
+    at_equal = {}
+    for runtime, chosen in comparison.at_equal_accuracy.items():
+        timed = comparison.latency[runtime]
+        at_equal[runtime] = {baseline: equal_accuracy.to_json(
+            choice, _stats(timed[comparison.adaptive_model].get(choice.path)),
+            _stats(timed[baseline].get(latency.FULL))) for baseline, choice in chosen.items()}
+    return at_equal
+
+
+def _stats(stats: Optional[latency.LatencyStats]) -> Optional[dict]:
+    return None if stats is None else stats.to_json()
 
 
 # What a model's entry holds for each runtime beyond TensorFlow.
@@ -135,6 +153,7 @@ def markdown(report: dict) -> str:
                              f"{'' if throughput is None else f'{throughput:.0f}'} |")
     lines += ["", "Throughput: TensorFlow at batch "
               f"{report['batch_size']}; LiteRT one image at a time (its files have batch 1)."]
+    lines += _equal_accuracy_section(report)
     for model in report["models"]:
         views = runtime_views(model, runtimes)
         lines += ["", f"## {model['name']}: anytime", "",
@@ -161,6 +180,49 @@ def markdown(report: dict) -> str:
         lines += [f"| {c} | " + " | ".join(f"{f:.3f}" for f in row) + " |"
                   for c, row in enumerate(per_class)]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _equal_accuracy_section(report: dict) -> List[str]:
+    ranet = report.get("adaptive_model")
+    at_equal = report.get("at_equal_accuracy") or {}
+    if ranet is None or not any(at_equal.values()):
+        return []
+    lines = ["", "## At equal accuracy", "",
+             f"For each baseline, the cheapest operating point of {ranet} (calibrated on "
+             f"{report['calibration_split']}) whose accuracy on {report['split']} is at least the "
+             "baseline's there, on the same runtime; ratios are baseline / "
+             f"{ranet} (> 1: {ranet} computes less, answers sooner). The interval is the paired "
+             "95% interval of the accuracy difference over the same images.", "",
+             f"| runtime | baseline | baseline accuracy | {ranet} point | {ranet} accuracy | "
+             "difference (95% CI, points) | expected MMACs | MACs ratio | p50 ms (baseline / "
+             f"{ranet}) | p50 ratio | p90 ratio |",
+             "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+    missed = []
+    for runtime, by_baseline in at_equal.items():
+        for baseline, entry in by_baseline.items():
+            point = entry["ranet_point"]
+            low, high = entry["difference_ci95"]
+            p50 = ""
+            if entry["ranet_latency_ms"] and entry["baseline_latency_ms"]:
+                p50 = (f"{entry['baseline_latency_ms']['p50']:.2f} / "
+                       f"{entry['ranet_latency_ms']['p50']:.2f}")
+            lines.append(
+                f"| {runtime} | {baseline} | {100 * entry['baseline_accuracy']:.2f}% | "
+                f"{_label(point)}{'' if entry['reaches'] else ' (most accurate; none reaches)'} "
+                f"| {100 * entry['ranet_accuracy']:.2f}% | {entry['gap_points']:+.2f} "
+                f"[{100 * low:+.2f}, {100 * high:+.2f}] | {point['expected_macs'] / 1e6:.2f} | "
+                f"{entry['macs_ratio']:.2f}x | {p50} | {_ratio(entry['latency_ratio_p50'])} | "
+                f"{_ratio(entry['latency_ratio_p90'])} |")
+            if not entry["reaches"]:
+                missed.append(f"- {runtime}, {baseline}: no {ranet} point reaches "
+                              f"{100 * entry['baseline_accuracy']:.2f}%; its most accurate is "
+                              f"{-entry['gap_points']:.2f} points below, where it answers "
+                              f"{_ratio(entry['latency_ratio_p50'])} as fast (p50).")
+    return lines + ([""] + missed if missed else [])
 
 
 def plot(report: dict, report_dir: str) -> List[str]:
@@ -190,34 +252,45 @@ def plot(report: dict, report_dir: str) -> List[str]:
     figure.savefig(written[-1], dpi=120, bbox_inches="tight")
     plt.close(figure)
 
-    figure, axes = plt.subplots(figsize=(7, 5))
-    for model in report["models"]:
-        for runtime, view in runtime_views(model, report["runtimes"]).items():
-            for path, stats in view["latency_ms"].items():
-                accuracy = None if path == "keras_predict" else _path_accuracy(view, path)
-                if accuracy is None:
-                    continue
-                axes.scatter([stats["p50"]], [100 * accuracy], s=40)
-                axes.annotate(f"{model['name']} {runtime} {path}",
-                              (stats["p50"], 100 * accuracy), fontsize=7)
-    axes.set_xscale("log")
-    axes.set(xlabel="batch-1 latency p50 (ms, log)", ylabel="accuracy (%)",
-             title=f"Accuracy vs latency ({report['device']})")
-    axes.grid(True, alpha=0.3)
+    runtimes = report["runtimes"]
+    figure, panels = plt.subplots(1, len(runtimes), figsize=(6 * len(runtimes), 5),
+                                  squeeze=False)
+    for axes, runtime in zip(panels[0], runtimes):
+        at_equal = (report.get("at_equal_accuracy") or {}).get(runtime, {})
+        for model in report["models"]:
+            view = runtime_views(model, runtimes)[runtime]
+            points = sorted((stats["p50"], 100 * accuracy)
+                            for path, stats in view["latency_ms"].items()
+                            if (accuracy := _path_accuracy(view, path, at_equal)) is not None)
+            if len(model["exits"]) == 1:
+                axes.scatter(*zip(*points), marker="s", s=60, label=model["name"])
+            elif points:
+                axes.plot(*zip(*points), "o-", label=f"{model['name']} (operating points)")
+        axes.set_xscale("log")
+        axes.set(xlabel="batch-1 latency p50 (ms, log)", ylabel="accuracy (%)",
+                 title=f"{runtime} ({report['device']})")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=8)
     written.append(os.path.join(report_dir, PLOT_LATENCY))
     figure.savefig(written[-1], dpi=120, bbox_inches="tight")
     plt.close(figure)
     return written
 
 
-def _path_accuracy(model: dict, path: str) -> Optional[float]:
-    if path == "full":
-        return model["exits"][-1]["accuracy"]
+def _path_accuracy(view: dict, path: str, at_equal: Dict[str, dict]) -> Optional[float]:
+    """Accuracy of a timed path on the reported split (None: keras_predict, which is the full
+    path timed the seed's way)."""
+    if path == latency.FULL:
+        return view["exits"][-1]["accuracy"]
     if path == "adaptive":
-        return model["default"]["accuracy"]
-    budget = float(path.split("@", 1)[1])
-    matches = [b["accuracy"] for b in model["budgeted"] if b.get("budget_mflops") == budget]
-    return matches[0] if matches else None
+        return view["default"]["accuracy"]
+    if path.startswith(equal_accuracy.PATH_PREFIX):
+        return at_equal[path[len(equal_accuracy.PATH_PREFIX):]]["ranet_accuracy"]
+    if "@" in path:
+        budget = float(path.split("@", 1)[1])
+        matches = [b["accuracy"] for b in view["budgeted"] if b.get("budget_mflops") == budget]
+        return matches[0] if matches else None
+    return None
 
 
 def write_tensorboard(report: dict, log_dir: str) -> None:

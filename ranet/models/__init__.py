@@ -25,6 +25,7 @@ _REGISTRY: Dict[str, ModelSpec] = {
     "ranet": ModelSpec(ranet.build_ranet, ranet.validate, ranet.freeze_trunk),
     "vgg16": ModelSpec(baselines.build_vgg16),
     "resnet50": ModelSpec(baselines.build_resnet50),
+    "mobilenet_v2": ModelSpec(baselines.build_mobilenet_v2),
 }
 MODEL_NAMES = tuple(_REGISTRY)
 

@@ -220,3 +220,26 @@ def test_validation_size_must_leave_training_images(tmp_path):
         data.load_splits(_config(tmp_path, validation_size=5 * ROWS))
 
 
+
+
+def test_test_size_holds_a_balanced_test_split_out_of_train(tmp_path):
+    _fake_cifar10(tmp_path)
+    config = _config(tmp_path, validation_size=10, test_size=20)
+    splits = data.load_splits(config)
+    ids = [_row_ids(s.images) for s in (splits.train, splits.validation, splits.test)]
+    assert [len(i) for i in ids] == [5 * ROWS - 30, 10, 20]
+    assert sorted(np.concatenate(ids).tolist()) == list(range(5 * ROWS))   # disjoint, complete
+    assert np.bincount(splits.test.labels, minlength=10).tolist() == [2] * 10
+    np.testing.assert_array_equal(ids[2], _row_ids(data.load_splits(config).test.images))
+    # The test split is not what the validation split of the same seed would have been.
+    assert not np.array_equal(ids[2], _row_ids(data.load_splits(
+        _config(tmp_path, validation_size=20)).validation.images))
+
+
+def test_test_size_is_refused_where_the_folder_has_a_test_file(tmp_path):
+    _fake_cifar10(tmp_path, with_test=True)
+    with pytest.raises(data.DataError, match="has its own test split.*Drop --test_size"):
+        data.load_splits(_config(tmp_path, test_size=20))
+    _fake_cifar10(tmp_path / "no_test")
+    with pytest.raises(data.DataError, match="together take all"):
+        data.load_splits(_config(tmp_path / "no_test", validation_size=10, test_size=5 * ROWS))

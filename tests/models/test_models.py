@@ -29,6 +29,7 @@ CONTRACT_CONFIGS = {
     "ranet": (dataclasses.replace(TINY_RANET, num_classes=NUM_CLASSES), 3),
     "vgg16": (ModelConfig(name="vgg16", num_classes=NUM_CLASSES), 1),
     "resnet50": (ModelConfig(name="resnet50", num_classes=NUM_CLASSES), 1),
+    "mobilenet_v2": (ModelConfig(name="mobilenet_v2", num_classes=NUM_CLASSES), 1),
 }
 
 

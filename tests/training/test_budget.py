@@ -61,6 +61,18 @@ def test_durations_show_days():
     assert format_duration(50 * 3600 + 7) == "2d 02:00:07"
 
 
+def test_the_plan_file_round_trips_and_a_bad_one_says_how_to_fix_it(tmp_path):
+    assert budget.load(str(tmp_path)) is None
+    plan = budget.BudgetPlan(budget_seconds=60.0, planned_at_step=20, planned_after_seconds=4.0,
+                             seconds_per_step=0.25, eval_seconds=1.5, save_seconds=0.1,
+                             total_steps=200, steps_per_epoch=50)
+    budget.save(str(tmp_path), plan)
+    assert budget.load(str(tmp_path)) == plan and plan.epochs == 4.0
+    (tmp_path / budget.PLAN_FILENAME).write_text('{"total_steps": 3}')
+    with pytest.raises(ValueError, match="is not a budget plan.*Delete it to plan the budget"):
+        budget.load(str(tmp_path))
+
+
 def _budgeted(model_dir, budget_text, **runtime):
     return dataclasses.replace(
         SMOKE, optim=dataclasses.replace(SMOKE.optim, train_steps=None, time_budget=budget_text,
@@ -69,6 +81,7 @@ def _budgeted(model_dir, budget_text, **runtime):
                                          **runtime))
 
 
+@pytest.mark.slow  # real time budgets of 20-45 s
 def test_a_budgeted_run_ends_inside_its_budget_and_a_resume_keeps_the_plan(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="absl")
     first = train_and_evaluate(_budgeted(tmp_path, "20s", stop_at_step=60))
@@ -90,6 +103,7 @@ def _eta_seconds(message: str) -> int:
     return hours * 3600 + minutes * 60 + seconds
 
 
+@pytest.mark.slow  # real time budgets of 20-45 s
 def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
     started = time.monotonic()
     result = train_and_evaluate(_budgeted(tmp_path, "25s"))
@@ -130,6 +144,7 @@ def _slowed(monkeypatch, *, before_plan: bool, seconds_per_step: float):
     monkeypatch.setattr(controller_lib.Controller, "_advance", slow_advance)
 
 
+@pytest.mark.slow  # real time budgets of 20-45 s
 @pytest.mark.parametrize("slow_before_plan, change", [(False, "slowed"), (True, "sped up")])
 def test_the_plan_follows_the_pace_and_the_run_still_ends_inside_the_budget(
         tmp_path, caplog, monkeypatch, slow_before_plan, change):
@@ -151,6 +166,7 @@ def test_the_plan_follows_the_pace_and_the_run_still_ends_inside_the_budget(
     assert rates[max(rates)] == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.slow  # real time budgets of 20-45 s
 def test_the_eta_after_the_plan_is_timed_from_the_plan(tmp_path, caplog):
     # Evaluations (a large validation split) dwarf the steps; the probe runs two of them, the
     # first one traced, and no other comes before the last step. Timed from the first step,
@@ -181,6 +197,7 @@ def test_a_run_without_a_budget_does_not_speak_of_one(tmp_path, caplog):
     assert not any("budget" in line for line in lines), lines
 
 
+@pytest.mark.slow  # real time budgets of 20-45 s
 def test_the_probe_plans_without_waiting_for_a_boundary(tmp_path):
     # Logs, checkpoints and evaluations far beyond what 20 s hold: the probe must plan after
     # its own time, not at the first of them (before, this run never planned: it trained

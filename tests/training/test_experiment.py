@@ -119,6 +119,7 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, caplog
     assert not expected  # every trainable variable was compared
 
 
+@pytest.mark.slow  # two trainings or more
 def test_init_from_is_ignored_by_a_run_that_resumes(tmp_path, monkeypatch):
     write_model_dir(tmp_path / "source")
     config = _experiment(tmp_path / "tuned", steps=10, init_from=str(tmp_path / "source"),
@@ -174,6 +175,7 @@ def test_batch_must_divide_over_replicas(tmp_path):
                                                num_cpu_devices=2))
 
 
+@pytest.mark.slow  # two trainings or more
 def test_small_ranet_beats_chance_on_real_cifar10(tmp_path, real_cifar10):
     data = config_lib.DataConfig(dataset="cifar10", data_dir=str(real_cifar10),
                                  validation_size=5000)
@@ -186,6 +188,7 @@ def test_small_ranet_beats_chance_on_real_cifar10(tmp_path, real_cifar10):
     assert min(validation[f"accuracy/exit_{k}"] for k in (1, 2, 3)) > 0.25, validation
 
 
+@pytest.mark.slow  # two trainings or more
 def test_non_finite_loss_names_the_exact_step_and_saves_nothing_after_it(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     train_and_evaluate(_experiment(first, steps=10, deterministic=True))
@@ -209,6 +212,7 @@ def test_non_finite_loss_names_the_exact_step_and_saves_nothing_after_it(tmp_pat
     assert max(losses) == step - 1  # the failing step is neither logged nor saved
 
 
+@pytest.mark.slow  # two trainings or more
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     train_and_evaluate(_experiment(tmp_path, steps=20))
     checkpoints = tmp_path / "checkpoints"
@@ -238,6 +242,7 @@ def test_model_dir_is_required(tmp_path):
         train_and_evaluate(_experiment(""))
 
 
+@pytest.mark.slow  # two trainings or more
 def test_training_in_the_serving_layout_is_the_same_training(tmp_path):
     """--training_layout=serving computes the same function with the same variables: the first
     steps match the sliced layout's, and its checkpoint loads into the ordinary model."""

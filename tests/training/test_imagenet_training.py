@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from ranet import cli
 from ranet.training import train_and_evaluate
@@ -27,6 +28,7 @@ def imagenet_config(data_dir, model_dir, *extra):
     return cli.experiment_config(values)
 
 
+@pytest.mark.slow  # ImageNet-sized images through training, eval and export
 def test_three_steps_on_tfrecord_shards_then_a_resume(tmp_path):
     data_dir = write_shards(tmp_path / "imagenet")
     config = imagenet_config(data_dir, tmp_path / "model", "--strategy=one_device")
@@ -44,6 +46,7 @@ def test_three_steps_on_tfrecord_shards_then_a_resume(tmp_path):
     assert resumed["step"] == 5
 
 
+@pytest.mark.slow  # ImageNet-sized images through training, eval and export
 def test_an_imagenet_model_is_evaluated_exported_and_served(tmp_path):
     data_dir = write_shards(tmp_path / "imagenet")
     write_shards(data_dir, "validation")

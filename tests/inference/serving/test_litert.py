@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from helpers import SYNTHETIC_DATA, VGG16, write_model_dir
 from ranet import data
-from ranet.config import DataConfig
+from ranet.config import DataConfig, ModelConfig
 from ranet.inference import adaptive, calibration
 from ranet.inference.serving import litert, litert_runtime
 from ranet.inference.serving.exporting import ExportOptions
@@ -205,6 +205,26 @@ def test_a_baseline_is_one_stage(tmp_path):
     klass, exit_, probabilities = litert_runtime.LiteRTPredictor(stages).predict(
         np.zeros((32, 32, 3), np.uint8))
     assert exit_ == 1 and probabilities.shape == (10,) and klass == probabilities.argmax()
+
+
+@pytest.mark.slow  # an int8 conversion
+def test_mobilenet_v2_runs_wholly_on_xnnpack_in_fp32_and_int8(tmp_path, splits):
+    # Depthwise convolutions, ReLU6 and residual additions: each file one XNNPACK delegate.
+    model = write_model_dir(tmp_path / "run", ModelConfig(name="mobilenet_v2", num_classes=10))
+    litert.export(ExportOptions(model_dir=str(tmp_path / "run"),
+                                export_dir=str(tmp_path / "export"), format="litert",
+                                representative_images=16))
+    pixels = splits.test.images[:8]
+    for precision in ("fp32", "int8"):
+        stages = litert_runtime.LiteRTStages(str(tmp_path / "export"), precision)
+        (interpreter,) = stages.interpreters
+        ops = [op["op_name"] for op in interpreter._get_ops_details()]
+        assert ops.count("DELEGATE") == 1 and not [op for op in ops if "FLEX" in op.upper()], \
+            (precision, ops)
+        if precision == "fp32":
+            np.testing.assert_allclose(stages.all_exit_logits(pixels),
+                                       _tf_logits(model, pixels, splits),
+                                       rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
 
 
 def test_bad_requests_are_refused(exported, tmp_path):

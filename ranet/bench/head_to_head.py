@@ -1,0 +1,221 @@
+"""The contest: RANet and its rivals trained alike, then evaluated side by side.
+
+    python -m ranet.bench.head_to_head --data_dir=/path/to/data --test_size=10000 \\
+        --time_budget=1h --runtimes=tf,litert,litert_int8 --out=contest
+
+trains every model of the contest for the same budget with its own ``*_cifar10_1h_cpu``
+preset, one after another, then runs ``ranet.eval`` on the test split once per latency
+block (1: cold caches, 10: warm) and leaves each report in ``<out>/report_block<N>``:
+its ``at_equal_accuracy`` section says how much faster RANet answers at each baseline's
+accuracy. ``--epochs=E`` instead trains each model for E epochs of its converged recipe
+(``*_cifar10`` presets), the paper's contest on GPUs.
+
+Resumable: every model trains in ``<out>/models/<model>`` and is marked trained when its
+run ends; running the same command again skips what is trained, resumes an interrupted
+run from its latest checkpoint (keeping its plan), and writes the reports still missing.
+Each training and evaluation runs as its own process, as a user would start it: the
+presets set their own thread pools, which TensorFlow fixes once per process.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from absl import flags, logging
+
+from ranet import cli, config as config_lib, jsonio
+from ranet.inference.comparison import RUNTIMES
+
+# Model -> (preset for a time budget, preset for --epochs); RANet first: the eval's
+# at-equal-accuracy section compares the first model with several exits to the others.
+CONTEST = {
+    "ranet": ("ranet_cifar10_1h_cpu", "ranet_cifar10"),
+    "vgg16": ("vgg16_cifar10_1h_cpu", "vgg16_cifar10"),
+    "resnet50": ("resnet50_cifar10_1h_cpu", "resnet50_cifar10"),
+    "mobilenet_v2": ("mobilenet_v2_cifar10_1h_cpu", "mobilenet_v2_cifar10"),
+}
+SETTINGS_FILE = "head_to_head.json"
+TRAINED_MARK = "head_to_head_trained.json"
+MODELS_SUBDIR = "models"
+
+
+def define_flags(values: flags.FlagValues) -> None:
+    define = {"flag_values": values}
+    flags.DEFINE_string("out", None, "Folder of the contest: models, reports, settings.",
+                        **define)
+    flags.DEFINE_string("data_dir", None, "Folder holding cifar-10-batches-py.", **define)
+    flags.DEFINE_list("models", list(CONTEST), "Models of the contest, trained in this order.",
+                      **define)
+    flags.DEFINE_string("time_budget", "1h", "Training time of EACH model (90s, 30m, 1h), "
+                        "final evaluation and checkpoint included.", **define)
+    flags.DEFINE_integer("epochs", 0, "Instead of --time_budget: train each model for this "
+                         "many epochs of its converged recipe (0: use --time_budget).",
+                         lower_bound=0, **define)
+    flags.DEFINE_integer("test_size", 0, "Training images held out as the test split, for a "
+                         "folder without CIFAR's test file (the shared copy: 10000).",
+                         lower_bound=0, **define)
+    flags.DEFINE_list("runtimes", ["tf", "litert", "litert_int8"],
+                      "Runtimes of the evaluation (ranet.eval --runtimes).", **define)
+    flags.DEFINE_list("latency_blocks", ["1", "10"], "One evaluation per latency block "
+                      "(ranet.eval --latency_block): 1 cold, 10 warm.", **define)
+    flags.DEFINE_multi_string("train_flag", [], "A flag passed on to every training, after "
+                              "the preset (repeat it).", **define)
+    flags.DEFINE_multi_string("eval_flag", [], "A flag passed on to every evaluation "
+                              "(repeat it).", **define)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contest:
+    """What decides the models trained; a resumed contest must keep it."""
+    models: tuple
+    time_budget: Optional[str]
+    epochs: int
+    test_size: int
+    train_flags: tuple
+
+    def preset(self, model: str) -> str:
+        return CONTEST[model][1 if self.epochs else 0]
+
+    def length_flag(self) -> str:
+        return f"--epochs={self.epochs}" if self.epochs else f"--time_budget={self.time_budget}"
+
+    @property
+    def budget_seconds(self) -> Optional[float]:
+        return None if self.epochs else config_lib.parse_duration(self.time_budget,
+                                                                  "time_budget")
+
+
+def contest_from_flags(values: flags.FlagValues) -> Contest:
+    unknown = [m for m in values.models if m not in CONTEST]
+    if unknown or not values.models or len(set(values.models)) != len(values.models):
+        raise ValueError(f"--models takes distinct names among {', '.join(CONTEST)}. "
+                         f"Received: --models={','.join(values.models)}")
+    bad_runtimes = [r for r in values.runtimes if r not in RUNTIMES]
+    if bad_runtimes or "tf" not in values.runtimes:
+        raise ValueError(f"--runtimes must include tf and be some of {', '.join(RUNTIMES)}. "
+                         f"Received: --runtimes={','.join(values.runtimes)}")
+    try:
+        blocks = [int(b) for b in values.latency_blocks]
+    except ValueError:
+        blocks = [0]
+    if not blocks or min(blocks) < 1:
+        raise ValueError("--latency_blocks takes positive integers, e.g. 1,10. Received: "
+                         f"--latency_blocks={','.join(values.latency_blocks)}")
+    contest = Contest(models=tuple(values.models),
+                      time_budget=None if values.epochs else values.time_budget,
+                      epochs=values.epochs, test_size=values.test_size,
+                      train_flags=tuple(values.train_flag))
+    contest.budget_seconds  # noqa: B018 -- a malformed --time_budget fails here, before work
+    return contest
+
+
+def _check_settings(out: str, contest: Contest) -> None:
+    """Writes the contest's settings, or refuses a resume that would change them."""
+    path = os.path.join(out, SETTINGS_FILE)
+    settings = json.loads(jsonio.dumps(dataclasses.asdict(contest)))
+    if os.path.exists(path):
+        previous = jsonio.read(path, f"Delete {path} or use another --out.")
+        changed = {k: (previous.get(k), v) for k, v in settings.items()
+                   if k != "models" and previous.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"{out} holds a contest with other settings ({', '.join(changed)}: was "
+                f"{', '.join(str(old) for old, _ in changed.values())}); its models were "
+                "trained under them. Use another --out, or the same settings to resume.")
+    jsonio.write(path, settings)
+
+
+def _trained(model_dir: str) -> bool:
+    return os.path.exists(os.path.join(model_dir, TRAINED_MARK))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def _run(command: List[str], what: str) -> None:
+    """Runs a binary of this package with its output streamed; stops the contest if it fails."""
+    logging.info("head_to_head: %s: %s", what, " ".join(command))
+    status = subprocess.call([sys.executable, "-m", *command])
+    if status != 0:
+        cli.fail(f"{what} failed (exit status {status}); its output is above. Fix the cause "
+                 "and run the same command again: trained models are kept and an interrupted "
+                 "training resumes.")
+
+
+def train(out: str, contest: Contest, data_dir: Optional[str]) -> Dict[str, str]:
+    """Trains every model of ``contest`` not yet trained; returns the model directories."""
+    model_dirs = {m: os.path.join(out, MODELS_SUBDIR, m) for m in contest.models}
+    for index, model in enumerate(contest.models, start=1):
+        model_dir = model_dirs[model]
+        if _trained(model_dir):
+            logging.info("head_to_head: [%d/%d] %s is trained (%s); skipped", index,
+                         len(contest.models), model, model_dir)
+            continue
+        left = [m for m in contest.models[index - 1:] if not _trained(model_dirs[m])]
+        logging.info("head_to_head: [%d/%d] training %s (--preset=%s %s)%s", index,
+                     len(contest.models), model, contest.preset(model), contest.length_flag(),
+                     "" if contest.budget_seconds is None else
+                     f"; about {_duration(len(left) * contest.budget_seconds)} of training "
+                     "left in the contest, then the evaluation")
+        command = ["ranet.train", f"--preset={contest.preset(model)}", f"--model_dir={model_dir}",
+                   contest.length_flag(), *contest.train_flags]
+        if data_dir:
+            command.insert(2, f"--data_dir={data_dir}")
+        if contest.test_size:
+            command.insert(2, f"--test_size={contest.test_size}")
+        started = time.monotonic()
+        _run(command, f"training {model}")
+        jsonio.write(os.path.join(model_dir, TRAINED_MARK),
+                            {"seconds_this_call": time.monotonic() - started})
+    return model_dirs
+
+
+def evaluate(out: str, model_dirs: Dict[str, str], runtimes: Sequence[str],
+             latency_blocks: Sequence[int], eval_flags: Sequence[str],
+             data_dir: Optional[str]) -> List[str]:
+    """One ``ranet.eval`` on the test split per latency block; returns the report folders."""
+    reports = []
+    for block in latency_blocks:
+        report_dir = os.path.join(out, f"report_block{block}")
+        reports.append(report_dir)
+        if os.path.exists(os.path.join(report_dir, "report.json")):
+            logging.info("head_to_head: %s is written; skipped", report_dir)
+            continue
+        command = ["ranet.eval", *[f"--model_dir={d}" for d in model_dirs.values()],
+                   "--split=test", f"--runtimes={','.join(runtimes)}",
+                   f"--latency_block={block}", f"--report_dir={report_dir}", *eval_flags]
+        if data_dir:
+            command.insert(1, f"--data_dir={data_dir}")
+        _run(command, f"evaluation, latency block {block}")
+    return reports
+
+
+def main(values: flags.FlagValues) -> List[str]:
+    if not values.out:
+        raise ValueError("pass --out=/folder/of/the/contest")
+    contest = contest_from_flags(values)
+    os.makedirs(values.out, exist_ok=True)
+    _check_settings(values.out, contest)
+    model_dirs = train(values.out, contest, values.data_dir)
+    reports = evaluate(values.out, model_dirs, values.runtimes,
+                       [int(b) for b in values.latency_blocks], values.eval_flag,
+                       values.data_dir)
+    for report_dir in reports:
+        logging.info("head_to_head: report in %s", os.path.join(report_dir, "report.md"))
+    return reports
+
+
+def run() -> None:
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    run()

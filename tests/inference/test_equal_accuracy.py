@@ -1,0 +1,154 @@
+"""ranet.inference.equal_accuracy: the paired interval, the point chosen against a baseline,
+and what report.json and report.md say of it, all computed by hand."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ranet import costs
+from ranet.inference import comparison, equal_accuracy, evaluation, report
+from ranet.inference.latency import LatencyStats
+from helpers import HAND_COST, HAND_EXIT_1, HAND_EXIT_2, HAND_LABELS, hand_images
+
+PROBABILITIES = np.array([HAND_EXIT_1, HAND_EXIT_2])
+CONFIDENCES = PROBABILITIES.max(axis=-1)
+PREDICTIONS = PROBABILITIES.argmax(axis=-1)
+EXIT_MACS = [e.macs for e in HAND_COST.exits]   # 10 M, 30 M
+INF = math.inf
+
+
+def _point(threshold):
+    return equal_accuracy.candidate({"threshold": threshold}, [threshold, -INF], CONFIDENCES,
+                                    PREDICTIONS, HAND_LABELS, EXIT_MACS)
+
+
+def test_paired_interval_by_hand():
+    a = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1], bool)
+    b = np.array([1, 0, 0, 0, 0, 0, 1, 0, 1, 1], bool)
+    # Only a right: 3 images, only b right: 1; d = 0.2, var = (3 + 1 - 10 * 0.04) / 100.
+    half = 1.959963984540054 * math.sqrt(3.6) / 10
+    assert equal_accuracy.paired_difference_interval(a, b) == pytest.approx((0.2 - half,
+                                                                             0.2 + half))
+    # Same answers: no difference and no doubt about it.
+    assert equal_accuracy.paired_difference_interval(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        equal_accuracy.paired_difference_interval(a, b[:5])
+
+
+def test_candidates_score_each_image_at_the_exit_it_takes():
+    # Exit 1 is confident on images 0 (0.9, right) and 1 (0.8, wrong); exit 2 is always right.
+    at_085, at_075, everyone_first = _point(0.85), _point(0.75), _point(-INF)
+    assert at_085.correct.tolist() == [True, True, True, True]
+    assert at_085.expected_macs == (10e6 + 3 * 30e6) / 4
+    assert at_075.correct.tolist() == [True, False, True, True]
+    assert at_075.expected_macs == 20e6
+    assert everyone_first.correct.tolist() == [True, False, True, False]
+    assert everyone_first.expected_macs == 10e6
+
+
+def test_the_cheapest_point_at_least_as_accurate_is_chosen():
+    points = [_point(-INF), _point(0.75), _point(0.85)]
+    baseline = np.array([True, True, False, True])   # 75%, 40 M
+    choice = equal_accuracy.choose(points, "vgg16", baseline, 40_000_000)
+    assert choice.reaches and choice.point is points[1]
+    assert choice.macs_ratio == 2.0
+    # One image each gets right alone: d = 0, var = 2 / 16.
+    half = 1.959963984540054 * math.sqrt(2) / 4
+    assert choice.difference_ci95 == pytest.approx((-half, half))
+    # A perfect baseline: only the 0.85 point (25 M) reaches it.
+    perfect = equal_accuracy.choose(points, "resnet50", np.ones(4, bool), 40_000_000)
+    assert perfect.reaches and perfect.point is points[2]
+
+
+def test_when_no_point_reaches_the_most_accurate_one_says_by_how_much():
+    points = [_point(-INF), _point(0.75)]
+    choice = equal_accuracy.choose(points, "resnet50", np.ones(4, bool), 40_000_000)
+    assert not choice.reaches and choice.point is points[1]
+    entry = equal_accuracy.to_json(choice, {"p50": 1.0, "p90": 2.0}, {"p50": 3.0, "p90": 5.0})
+    assert entry["gap_points"] == pytest.approx(-25.0)
+    assert (entry["latency_ratio_p50"], entry["latency_ratio_p90"]) == (3.0, 2.5)
+    low, high = entry["difference_ci95"]
+    assert low < -0.25 < high
+
+
+def test_the_last_exit_alone_is_always_a_candidate():
+    result = evaluation.evaluate_exits(PROBABILITIES, PROBABILITIES, HAND_COST, hand_images(),
+                                       name="ranet", model_dir="", checkpoint="",
+                                       budgets_mflops=(20,))
+    labels = [c.label for c in equal_accuracy.candidates_of(result, HAND_LABELS)]
+    assert labels[-1] == equal_accuracy.LAST_EXIT_ONLY
+    assert {"point": "default"} in labels and {"budget_mflops": 20.0} in labels
+    assert sum("q" in label for label in labels) == 39
+
+
+def test_a_point_already_timed_reuses_its_path():
+    result = evaluation.evaluate_exits(PROBABILITIES, PROBABILITIES, HAND_COST, hand_images(),
+                                       name="ranet", model_dir="", checkpoint="")
+    baseline = SimpleNamespace(name="vgg16", report_predictions=np.array([[0, 1, 0, 0]]),
+                               cost=SimpleNamespace(exits=[SimpleNamespace(macs=313e6)]))
+    chosen = equal_accuracy.choices(result, [baseline], HAND_LABELS,
+                                    result.thresholds_by_path)["vgg16"]
+    # 75% is reached cheapest by letting exit 1 answer images 0, 1 and 2 (confidence >= 0.6;
+    # image 1 wrong there): 3 x 10 M + 30 M over 4 images.
+    assert chosen.point.expected_macs == 15e6 and chosen.point.accuracy == 0.75
+    timed = {"adaptive": list(chosen.point.thresholds)}
+    assert equal_accuracy.choices(result, [baseline], HAND_LABELS, timed)["vgg16"].path == \
+        "adaptive"
+    assert equal_accuracy.choices(result, [baseline], HAND_LABELS, {})["vgg16"].path == \
+        "equal@vgg16"
+
+
+def _comparison():
+    images = hand_images()
+    ranet = evaluation.evaluate_exits(PROBABILITIES, PROBABILITIES, HAND_COST, images,
+                                      name="ranet", model_dir="/runs/ranet", checkpoint="c")
+    # Right on images 0, 1 and 3: 75%, at 40 M.
+    vgg16_probabilities = np.array([[[0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.9, 0.1]]])
+    vgg16 = evaluation.evaluate_exits(
+        vgg16_probabilities, vgg16_probabilities,
+        costs.ModelCost("vgg16", 1, [costs.ExitCost(1, 40_000_000, 1)]), images, name="vgg16",
+        model_dir="", checkpoint="")
+    chosen = {"tf": equal_accuracy.choices(ranet, [vgg16], HAND_LABELS, ranet.thresholds_by_path)}
+    path = chosen["tf"]["vgg16"].path
+
+    def stats(p50):
+        return LatencyStats(p50=p50, p90=2 * p50, p99=3 * p50, mean=p50, num_samples=4)
+
+    return comparison.Comparison(
+        images=images, models=[SimpleNamespace(name="ranet"), SimpleNamespace(name="vgg16")],
+        evaluations={"tf": [ranet, vgg16]},
+        latency={"tf": {"ranet": {"full": stats(3.0), "adaptive": stats(2.0), path: stats(1.0)},
+                        "vgg16": {"full": stats(4.0)}}},
+        throughput={"tf": {"ranet": {16: {}}, "vgg16": {16: {}}}},
+        adaptive_model="ranet", at_equal_accuracy=chosen)
+
+
+def test_report_json_markdown_and_plot_carry_it(tmp_path):
+    options = comparison.ComparisonOptions(model_dir=("/runs/ranet",), batch_size=16)
+    content = report.build(_comparison(), options)
+    entry = content["at_equal_accuracy"]["tf"]["vgg16"]
+    assert {"ranet_point", "ranet_accuracy", "baseline_accuracy", "difference_ci95",
+            "macs_ratio", "latency_ratio_p50", "latency_ratio_p90"} <= set(entry)
+    assert entry["reaches"] and entry["ranet_accuracy"] == entry["baseline_accuracy"] == 0.75
+    assert entry["macs_ratio"] == pytest.approx(40 / 15)      # 40 M / 15 M
+    assert entry["latency_ratio_p50"] == 4.0                  # 4 ms / 1 ms
+    assert entry["latency_ratio_p90"] == 4.0                  # 8 ms / 2 ms
+    text = report.markdown(content)
+    assert "## At equal accuracy" in text
+    assert "| tf | vgg16 | 75.00% |" in text and "| 2.67x | 4.00 / 1.00 | 4.00x | 4.00x |" in text
+    report.write(content, str(tmp_path))
+    assert json.loads((tmp_path / "report.json").read_text())["at_equal_accuracy"] == \
+        json.loads(json.dumps(content["at_equal_accuracy"]))
+    assert (tmp_path / "accuracy_vs_latency.png").stat().st_size > 0
+
+
+def test_markdown_says_when_no_point_reaches_the_baseline():
+    content = report.build(_comparison(), comparison.ComparisonOptions(model_dir=("/r",)))
+    entry = content["at_equal_accuracy"]["tf"]["vgg16"]
+    entry.update(reaches=False, gap_points=-1.5, baseline_accuracy=0.765)
+    text = report.markdown(content)
+    assert ("- tf, vgg16: no ranet point reaches 76.50%; its most accurate is 1.50 points "
+            "below, where it answers 4.00x as fast (p50).") in text
