@@ -23,6 +23,9 @@ from ranet.training import model_dir as model_dir_lib
 # The operating point where every image leaves at exit 1: the cheapest one there is,
 # so that any budget down to exit 1's cost maps to a point.
 _EVERYONE_AT_EXIT_1 = float("-inf")
+# The point where every image runs to the last exit: it has the last exit's accuracy, so the
+# default point (within one point of it) always exists, however barely trained the model.
+_EVERYONE_AT_THE_LAST_EXIT = float("inf")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -177,13 +180,14 @@ def _confidences_and_predictions(probabilities: np.ndarray, kind: str):
 
 
 def _calibrated_points(confidences, predictions, labels, exit_macs, num_classes, qs):
-    """The sweep's points on calibration data, and the cheapest point (all leave at exit 1)."""
+    """The sweep's points on calibration data, the cheapest point (all leave at exit 1) and
+    the dearest (all run to the last exit)."""
     points = calibration.budgeted_points(confidences, predictions, labels, exit_macs, qs,
                                          num_classes)
-    cheapest = calibration.evaluate(
-        confidences, predictions, labels,
-        calibration.fixed_threshold(_EVERYONE_AT_EXIT_1, len(exit_macs)), exit_macs, num_classes)
-    return points, cheapest
+    cheapest, dearest = (calibration.evaluate(
+        confidences, predictions, labels, calibration.fixed_threshold(value, len(exit_macs)),
+        exit_macs, num_classes) for value in (_EVERYONE_AT_EXIT_1, _EVERYONE_AT_THE_LAST_EXIT))
+    return points, cheapest, dearest
 
 
 def check_budgets(models: Sequence[LoadedModel], budgets_mflops: Sequence[float]) -> None:
@@ -226,15 +230,16 @@ def evaluate_exits(calibration_probabilities: np.ndarray, report_probabilities: 
                                         images.num_classes)
         return BudgetedResult(label, point.accuracy, measured)
 
-    points, cheapest = _calibrated_points(calibration_confidences, calibration_predictions,
-                                          images.calibration_labels, exit_macs,
-                                          images.num_classes, qs)
+    points, cheapest, dearest = _calibrated_points(
+        calibration_confidences, calibration_predictions, images.calibration_labels, exit_macs,
+        images.num_classes, qs)
     sweep = [report({"q": float(q)}, point) for q, point in zip(qs, points)]
     budgets = [report({"budget_mflops": float(b)},
                       calibration.best_within_budget(points + [cheapest], b * 1e6))
                for b in budgets_mflops]
     last_exit_accuracy = float(np.mean(calibration_predictions[-1] == images.calibration_labels))
-    default = report({"point": "default"}, calibration.default_point(points, last_exit_accuracy))
+    default = report({"point": "default"},
+                     calibration.default_point(points + [dearest], last_exit_accuracy))
     fixed = None
     if fixed_threshold is not None:
         fixed = report({"threshold": float(fixed_threshold)}, calibration.evaluate(
@@ -280,10 +285,11 @@ def operating_thresholds(probabilities: np.ndarray, labels: np.ndarray,
         raise ValueError("Calibrating exit thresholds needs the validation split, but this model "
                          "was trained with --validation_size=0. Pass --threshold instead.")
     confidences, predictions = _confidences_and_predictions(probabilities, confidence_kind)
-    points, cheapest = _calibrated_points(confidences, predictions, labels, exit_macs,
-                                          num_classes, calibration.reference_sweep())
+    points, cheapest, dearest = _calibrated_points(confidences, predictions, labels, exit_macs,
+                                                   num_classes, calibration.reference_sweep())
     last_exit_accuracy = float(np.mean(predictions[-1] == labels))
-    chosen = {"default": list(calibration.default_point(points, last_exit_accuracy).thresholds),
+    chosen = {"default": list(calibration.default_point(points + [dearest],
+                                                        last_exit_accuracy).thresholds),
               "budgets": {f"{b:g}": list(calibration.best_within_budget(
                   points + [cheapest], b * 1e6).thresholds) for b in budgets_mflops}}
     if threshold is not None:

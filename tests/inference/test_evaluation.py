@@ -64,3 +64,16 @@ def test_a_one_exit_model_has_no_operating_points():
                                        model_dir="", checkpoint="", budgets_mflops=(1,))
     assert result.exit_accuracy == [1.0] and result.default is None
     assert result.thresholds_by_path == {}
+
+
+def test_the_default_point_exists_when_no_calibrated_point_comes_near_the_last_exit():
+    # With q = 1 half the images leave at exit 1 (50% right there): 75%, far from the last
+    # exit's 100%. Sending every image to the last exit is then the default point.
+    result = _hand_evaluation(qs=(1.0,))
+    assert result.default.point.thresholds == (np.inf, -np.inf)
+    assert result.default.point.accuracy == 1.0
+    assert result.default.point.expected_macs == 30_000_000
+    probabilities = np.array([EXIT_1, EXIT_2], np.float32)
+    served = evaluation.operating_thresholds(probabilities, np.array([0, 1, 1, 0]),
+                                             [e.macs for e in COST.exits], num_classes=2)
+    assert served["default"][-1] == -np.inf
