@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="ranet",
     version="0.1.0",
-    description="Train, evaluate and serve RANet with real early exit, against VGG16 and ResNet50.",
+    description="Train, evaluate and serve RANet with real early exit, against VGG16, ResNet50 and MobileNetV2.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -6,8 +6,11 @@
 Every model is evaluated on the same images in one process: accuracy of every exit,
 thresholds calibrated on validation data for the reference sweep and for each budget,
 exit distributions, multiply-adds, and batch-1 latency of every path timed interleaved.
-Writes report.json, report.md, PNG plots and TensorBoard scalars into --report_dir.
+Writes report.json, report.md, PNG plots and TensorBoard scalars into --report_dir (with
+several --latency_block values, one such report per block in --report_dir/latency_block<N>).
 """
+
+import os
 
 from absl import flags, logging
 
@@ -25,11 +28,16 @@ def main(values: flags.FlagValues) -> dict:
     if not values.report_dir:
         raise ValueError("pass --report_dir=/where/the/report/goes")
     from ranet.inference import comparison, report
-    result = comparison.compare(options)
-    content = report.build(result, options)
-    for path in report.write(content, values.report_dir):
-        logging.info("wrote %s", path)
-    return content
+    results = comparison.compare(options)
+    contents = []
+    for result in results:
+        # One block: the report in --report_dir; several: one folder per block inside it.
+        report_dir = (values.report_dir if len(results) == 1 else
+                      os.path.join(values.report_dir, f"latency_block{result.latency_block}"))
+        contents.append(report.build(result, options))
+        for path in report.write(contents[-1], report_dir):
+            logging.info("wrote %s", path)
+    return contents[0] if len(contents) == 1 else contents
 
 
 def run() -> None:

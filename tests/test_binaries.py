@@ -180,6 +180,8 @@ def test_eval_measures_every_runtime_side_by_side(model_dirs, tmp_path):
     (["--budget_mflops=1"], "below the cost of ranet's first exit"),
     (["--budget_mflops=x"], "--budget_mflops takes comma-separated numbers"),
     (["--budget_mflops=-2"], "--budget_mflops must be positive"),
+    (["--litert_threads=many"], "--litert_threads takes a count of threads .* or auto"),
+    (["--latency_block=1,0"], "--latency_block takes distinct positive integers"),
     ([], "pass --report_dir"),
 ])
 def test_eval_bad_requests_fail_cleanly(model_dirs, tmp_path, args, message):
@@ -226,7 +228,9 @@ def test_export_litert_writes_stage_files_and_a_manifest(model_dirs, tmp_path):
     manifest = _call(export, f"--model_dir={model_dirs[0]}", f"--export_dir={export_dir}",
                      "--format=litert", "--litert_precision=fp32", "--budget_mflops=2,3")
     assert sorted(os.listdir(export_dir)) == ["fp32", "manifest.json"]
-    assert sorted(os.listdir(export_dir / "fp32")) == [f"stage{k}.tflite" for k in (1, 2, 3)]
+    assert sorted(os.listdir(export_dir / "fp32")) == [
+        "all_exits.tflite", "all_exits_batch32.tflite",
+        *[f"stage{k}.tflite" for k in (1, 2, 3)]]
     assert json.loads((export_dir / "manifest.json").read_text()) == manifest
     assert set(manifest["precisions"]["fp32"]["thresholds"]["budgets"]) == {"2", "3"}
 

@@ -4,8 +4,9 @@
         --time_budget=1h --runtimes=tf,litert,litert_int8 --out=contest
 
 trains every model of the contest for the same budget with its own ``*_cifar10_1h_cpu``
-preset, one after another, then runs ``ranet.eval`` on the test split once per latency
-block (1: cold caches, 10: warm) and leaves each report in ``<out>/report_block<N>``:
+preset, one after another, then runs ``ranet.eval`` on the test split, which evaluates every
+model once and times it once per latency block (1: cold caches, 10: warm), and leaves each
+block's report in ``<out>/report/latency_block<N>``:
 its ``at_equal_accuracy`` section says how much faster RANet answers at each baseline's
 accuracy. ``--epochs=E`` instead trains each model for E epochs of its converged recipe
 (``*_cifar10`` presets), the paper's contest on GPUs.
@@ -41,6 +42,7 @@ CONTEST = {
 SETTINGS_FILE = "head_to_head.json"
 TRAINED_MARK = "head_to_head_trained.json"
 MODELS_SUBDIR = "models"
+REPORT_SUBDIR = "report"
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -60,7 +62,7 @@ def define_flags(values: flags.FlagValues) -> None:
                          lower_bound=0, **define)
     flags.DEFINE_list("runtimes", ["tf", "litert", "litert_int8"],
                       "Runtimes of the evaluation (ranet.eval --runtimes).", **define)
-    flags.DEFINE_list("latency_blocks", ["1", "10"], "One evaluation per latency block "
+    flags.DEFINE_list("latency_blocks", ["1", "10"], "One report per latency block "
                       "(ranet.eval --latency_block): 1 cold, 10 warm.", **define)
     flags.DEFINE_multi_string("train_flag", [], "A flag passed on to every training, after "
                               "the preset (repeat it).", **define)
@@ -178,23 +180,30 @@ def train(out: str, contest: Contest, data_dir: Optional[str]) -> Dict[str, str]
     return model_dirs
 
 
+def report_dirs(out: str, latency_blocks: Sequence[int]) -> List[str]:
+    """Where ``ranet.eval --report_dir=<out>/report`` leaves the report of each block."""
+    report = os.path.join(out, REPORT_SUBDIR)
+    if len(latency_blocks) == 1:
+        return [report]
+    return [os.path.join(report, f"latency_block{block}") for block in latency_blocks]
+
+
 def evaluate(out: str, model_dirs: Dict[str, str], runtimes: Sequence[str],
              latency_blocks: Sequence[int], eval_flags: Sequence[str],
              data_dir: Optional[str]) -> List[str]:
-    """One ``ranet.eval`` on the test split per latency block; returns the report folders."""
-    reports = []
-    for block in latency_blocks:
-        report_dir = os.path.join(out, f"report_block{block}")
-        reports.append(report_dir)
-        if os.path.exists(os.path.join(report_dir, "report.json")):
-            logging.info("head_to_head: %s is written; skipped", report_dir)
-            continue
-        command = ["ranet.eval", *[f"--model_dir={d}" for d in model_dirs.values()],
-                   "--split=test", f"--runtimes={','.join(runtimes)}",
-                   f"--latency_block={block}", f"--report_dir={report_dir}", *eval_flags]
-        if data_dir:
-            command.insert(1, f"--data_dir={data_dir}")
-        _run(command, f"evaluation, latency block {block}")
+    """One ``ranet.eval`` on the test split: every model evaluated once, timed once per
+    latency block; returns the report folders."""
+    reports = report_dirs(out, latency_blocks)
+    if all(os.path.exists(os.path.join(r, "report.json")) for r in reports):
+        logging.info("head_to_head: %s is written; skipped", os.path.join(out, REPORT_SUBDIR))
+        return reports
+    command = ["ranet.eval", *[f"--model_dir={d}" for d in model_dirs.values()],
+               "--split=test", f"--runtimes={','.join(runtimes)}",
+               f"--latency_block={','.join(map(str, latency_blocks))}",
+               f"--report_dir={os.path.join(out, REPORT_SUBDIR)}", *eval_flags]
+    if data_dir:
+        command.insert(1, f"--data_dir={data_dir}")
+    _run(command, "the evaluation")
     return reports
 
 

@@ -72,13 +72,13 @@ def _p50(result: comparison.Comparison, runtime: str, model: str, path: str) -> 
 
 def _headline_accuracy(evaluation) -> float:
     """Accuracy of the path compared: RANet's adaptive default point, a baseline's full pass."""
-    if evaluation.default is None:
+    if not evaluation.is_adaptive:
         return evaluation.exit_accuracy[-1]
     return evaluation.default.point.accuracy
 
 
 def _headline_path(evaluation) -> str:
-    return latency.FULL if evaluation.default is None else "adaptive"
+    return latency.ADAPTIVE if evaluation.is_adaptive else latency.FULL
 
 
 def best_runtimes(result: comparison.Comparison, tf_settings: Dict[str, dict],
@@ -120,7 +120,7 @@ def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
     litert = "litert" in result.latency
     for index, loaded in enumerate(result.models):
         evaluation = result.evaluations[comparison.TF][index]
-        if evaluation.default is None:
+        if not evaluation.is_adaptive:
             continue
         name = loaded.name
         for baseline, architecture in baselines:
@@ -131,12 +131,12 @@ def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
             if litert and architecture in SAME_RUNTIME_FP32:
                 rows.append((f"litert: {baseline} full / {name} adaptive",
                              _p50(result, "litert", baseline, latency.FULL)
-                             / _p50(result, "litert", name, "adaptive"),
+                             / _p50(result, "litert", name, latency.ADAPTIVE),
                              SAME_RUNTIME_FP32[architecture], "x"))
         if litert:
-            litert_adaptive = _p50(result, "litert", name, "adaptive")
+            litert_adaptive = _p50(result, "litert", name, latency.ADAPTIVE)
             rows.append((f"{name}: tf adaptive / litert adaptive",
-                         _p50(result, comparison.TF, name, "adaptive") / litert_adaptive,
+                         _p50(result, comparison.TF, name, latency.ADAPTIVE) / litert_adaptive,
                          LITERT_OVER_TF, "x"))
             if pytorch_full_ms:
                 rows.append((f"{name}: reference PyTorch full / litert adaptive",
@@ -154,9 +154,10 @@ def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
         batched = [(runtime, batch, by_path) for runtime, by_model in result.throughput.items()
                    for batch, by_path in by_model[name].items() if batch >= 64]
         if batched:
-            runtime, batch, by_path = max(batched, key=lambda entry: entry[2]["adaptive"])
+            runtime, batch, by_path = max(batched, key=lambda entry: entry[2][latency.ADAPTIVE])
             rows.append((f"{name}: adaptive / full images/s, {runtime} batch {batch} "
-                         f"(MAC saving {saving:.2f}x)", by_path["adaptive"] / by_path["full"],
+                         f"(MAC saving {saving:.2f}x)",
+                         by_path[latency.ADAPTIVE] / by_path[latency.FULL],
                          BATCHED_SAVING_SHARE * saving, "x"))
     if "litert_int8" in result.latency:
         for index, loaded in enumerate(result.models):
@@ -220,7 +221,7 @@ def main(values: flags.FlagValues) -> dict:
                 for setting in values.tf_settings if setting and setting != own_setting}
     tf_settings = {setting: p50 for setting, (p50, _) in children.items()}
     tf_accuracy = {setting: accuracy for setting, (_, accuracy) in children.items()}
-    result = comparison.compare(options, throughput_batch_sizes=batch_sizes)
+    result = comparison.compare(options, throughput_batch_sizes=batch_sizes)[0]
     tf_settings[own_setting] = {model: {path: stats.p50 for path, stats in paths.items()}
                                 for model, paths in result.latency[comparison.TF].items()}
     tf_accuracy[own_setting] = {
@@ -237,7 +238,7 @@ def main(values: flags.FlagValues) -> dict:
                   for runtime, by_model in result.latency.items()}
     _print(result, operating_points, tf_settings, tf_accuracy, rows, options)
     output = {"environment": latency.device_info(), "xla": options.xla,
-              "litert_threads": options.litert_threads or os.cpu_count(),
+              "litert_threads": comparison.litert_threads(options),
               "operating_points": operating_points, "latency_ms": latency_ms,
               "tf_settings_p50_ms": tf_settings, "tf_settings_accuracy": tf_accuracy,
               "best": best_runtimes(result, tf_settings, tf_accuracy),
@@ -256,7 +257,7 @@ def _print(result, operating_points, tf_settings, tf_accuracy, rows, options) ->
     environment = latency.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; XLA "
           f"{'on' if options.xla else 'off'} (batch-1 paths); LiteRT "
-          f"{options.litert_threads or os.cpu_count()} threads\n")
+          f"{comparison.litert_threads(options)} threads\n")
     for runtime, points in operating_points.items():
         for name, point in points.items():
             print(f"{name} ({runtime}): default operating point {point['accuracy']:.2%} "

@@ -63,10 +63,11 @@ class ComparisonOptions:
                                  "latency of small networks (BUILD_NOTES.md).", lower_bound=0)
     inter_op_threads: int = flag(0, "Ops run at once; 0: every core.", lower_bound=0)
     latency_images: int = flag(300, "Images timed one by one for batch-1 latency.")
-    latency_block: int = flag(
-        1, "Images each path answers in a row before the next path runs. 1: every call "
+    latency_block: tuple = flag(
+        ("1",), "Images each path answers in a row before the next path runs. 1: every call "
         "follows other models' calls, caches cold (a host serving many models); 10: most "
-        "calls find their own weights cached (a host serving one).", lower_bound=1)
+        "calls find their own weights cached (a host serving one). Several (1,10): the "
+        "models are evaluated once and timed once per block, one report each.", kind="list")
     warmup: int = flag(10, "Untimed calls per path before timing.")
     batch_size: int = flag(256, "Batch size of inference and of the throughput test.")
     throughput_images: int = flag(2048, "Images per throughput measurement.")
@@ -74,8 +75,10 @@ class ComparisonOptions:
         (TF,), "Runtimes to evaluate and time every model on, interleaved: tf (TensorFlow, "
         "always included: report.json's latency_ms), litert (the LiteRT stage files, "
         "float32), litert_int8 (int8).", kind="list")
-    litert_threads: int = flag(0, "XNNPACK threads of each LiteRT interpreter; 0: every core.",
-                               lower_bound=0)
+    litert_threads: str = flag(
+        "0", "XNNPACK threads of each LiteRT interpreter: a count, 0 for every core, or auto: "
+        "each file (stage, one-graph file, baseline) at the count that runs it fastest here, "
+        "timed when it loads.")
 
     def __post_init__(self):
         require(bool(self.model_dir),
@@ -86,9 +89,28 @@ class ComparisonOptions:
                 "--latency_images, --batch_size and --throughput_images must be positive. "
                 f"Received: {self.latency_images}, {self.batch_size}, {self.throughput_images}")
         require(self.warmup >= 0, f"--warmup must be >= 0. Received: {self.warmup}")
+        try:
+            blocks = tuple(int(b) for b in self.latency_block)
+        except ValueError:
+            blocks = ()
+        require(bool(blocks) and min(blocks) >= 1 and len(set(blocks)) == len(blocks),
+                "--latency_block takes distinct positive integers, e.g. 1 or 1,10. Received: "
+                f"--latency_block={','.join(map(str, self.latency_block))}")
+        object.__setattr__(self, "latency_block", blocks)
+        require(self.litert_threads == litert_runtime.AUTO_THREADS
+                or (self.litert_threads.isdigit()),
+                "--litert_threads takes a count of threads (0: every core) or auto. "
+                f"Received: --litert_threads={self.litert_threads}")
         require(set(self.runtimes) <= set(RUNTIMES) and TF in self.runtimes,
                 f"runtimes must include tf and be some of {', '.join(RUNTIMES)}. "
                 f"Received: runtimes={','.join(self.runtimes)}")
+
+
+def litert_threads(options: ComparisonOptions) -> litert_runtime.Threads:
+    """--litert_threads as the LiteRT runtime takes it: a count (0: every core) or auto."""
+    if options.litert_threads == litert_runtime.AUTO_THREADS:
+        return litert_runtime.AUTO_THREADS
+    return int(options.litert_threads) or os.cpu_count()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,6 +128,7 @@ class Comparison:
     latency: Dict[str, Dict[str, Dict[str, latency.LatencyStats]]]
     throughput: Dict[str, Dict[str, Dict[int, Dict[str, float]]]]
     adaptive_model: Optional[str] = None
+    latency_block: int = 1
     at_equal_accuracy: Dict[str, Dict[str, equal_accuracy.Choice]] = dataclasses.field(
         default_factory=dict)
 
@@ -155,7 +178,10 @@ def _litert(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
                                       "num_classes": model.num_classes,
                                       "confidence": options.confidence})
     stages = litert_runtime.LiteRTStages(directory, precision,
-                                         num_threads=options.litert_threads or os.cpu_count())
+                                         num_threads=litert_threads(options))
+    if options.litert_threads == litert_runtime.AUTO_THREADS:
+        logging.info("%s on LiteRT %s: the fastest XNNPACK threads per stage here: %s",
+                     loaded.name, precision, stages.threads)
     logging.info("%s: every exit on LiteRT %s", loaded.name, precision)
     result = evaluation.evaluate_exits(
         litert_runtime.softmax(stages.all_exit_logits(images.calibration_pixels)),
@@ -166,9 +192,11 @@ def _litert(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
 
 
 def compare(options: ComparisonOptions,
-            throughput_batch_sizes: Optional[Sequence[int]] = None) -> Comparison:
+            throughput_batch_sizes: Optional[Sequence[int]] = None) -> List[Comparison]:
     """Evaluates and times every model of ``options`` on every runtime, on the same images.
 
+    Returns one ``Comparison`` per ``options.latency_block``: the models are evaluated and
+    their throughput measured once, their batch-1 latency once per block.
     ``throughput_batch_sizes``: batch sizes of the throughput measurement (default: the
     inference batch size). Thread pools are sized first, before TensorFlow runs an op.
     """
@@ -208,11 +236,13 @@ def compare(options: ComparisonOptions,
                     thresholds.update({c.path: list(c.point.thresholds)
                                        for c in chosen[runtime].values()})
                 batch1[runtime, name] = result.batch1(thresholds)
-        logging.info("timing %d paths on %d images one by one, interleaved",
-                     sum(map(len, batch1.values())), len(timed))
-        stats = latency.measure_latency(
-            batch1, timed, warmup=options.warmup, block=options.latency_block,
-            progress=lambda done, total: logging.info("latency: %d/%d images", done, total))
+        stats = {}
+        for block in options.latency_block:
+            logging.info("timing %d paths on %d images one by one, interleaved, %d in a row",
+                         sum(map(len, batch1.values())), len(timed), block)
+            stats[block] = latency.measure_latency(
+                batch1, timed, warmup=options.warmup, block=block,
+                progress=lambda done, total: logging.info("latency: %d/%d images", done, total))
         throughput = {runtime: {} for runtime in runtimes}
         for runtime, by_model in runtimes.items():
             # LiteRT stage files take one image at a time: one looped measurement.
@@ -227,13 +257,14 @@ def compare(options: ComparisonOptions,
                         path: latency.measure_throughput(fn, sample, batch_size)
                         for path, fn in result.batched(
                             result.evaluation.thresholds_by_path).items()}
-    return Comparison(
-        images=images, models=models,
-        evaluations={runtime: [by_model[m.name].evaluation for m in models]
-                     for runtime, by_model in runtimes.items()},
-        latency={runtime: {m.name: stats[runtime, m.name] for m in models}
+    evaluations = {runtime: [by_model[m.name].evaluation for m in models]
+                   for runtime, by_model in runtimes.items()}
+    return [Comparison(
+        images=images, models=models, evaluations=evaluations,
+        latency={runtime: {m.name: stats[block][runtime, m.name] for m in models}
                  for runtime in runtimes},
-        throughput=throughput, adaptive_model=adaptive_model, at_equal_accuracy=chosen)
+        throughput=throughput, adaptive_model=adaptive_model, latency_block=block,
+        at_equal_accuracy=chosen) for block in options.latency_block]
 
 
 def _equal_accuracy(runtimes: Dict[str, Dict[str, _Runtime]],

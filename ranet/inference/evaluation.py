@@ -16,7 +16,7 @@ import numpy as np
 from ranet import costs, data, jsonio
 from ranet.config import ExperimentConfig
 from ranet.costs import ModelCost
-from ranet.inference import adaptive, calibration
+from ranet.inference import adaptive, calibration, latency
 from ranet.models import StagedClassifier
 from ranet.training import model_dir as model_dir_lib
 
@@ -168,9 +168,10 @@ class ModelEvaluation:
         """Latency paths of the adaptive predictor: the default point and each budget."""
         if self.default is None:
             return {}
-        paths = {"adaptive": list(self.default.point.thresholds)}
+        paths = {latency.ADAPTIVE: list(self.default.point.thresholds)}
         for result in self.budgets:
-            paths[f"adaptive@{result.label['budget_mflops']:g}"] = list(result.point.thresholds)
+            paths[latency.budget_path(result.label["budget_mflops"])] = list(
+                result.point.thresholds)
         return paths
 
 
@@ -179,15 +180,47 @@ def _confidences_and_predictions(probabilities: np.ndarray, kind: str):
             np.argmax(probabilities, axis=-1).astype(np.int32))
 
 
-def _calibrated_points(confidences, predictions, labels, exit_macs, num_classes, qs):
-    """The sweep's points on calibration data, the cheapest point (all leave at exit 1) and
-    the dearest (all run to the last exit)."""
-    points = calibration.budgeted_points(confidences, predictions, labels, exit_macs, qs,
-                                         num_classes)
-    cheapest, dearest = (calibration.evaluate(
-        confidences, predictions, labels, calibration.fixed_threshold(value, len(exit_macs)),
-        exit_macs, num_classes) for value in (_EVERYONE_AT_EXIT_1, _EVERYONE_AT_THE_LAST_EXIT))
-    return points, cheapest, dearest
+@dataclasses.dataclass(frozen=True)
+class CalibratedPoints:
+    """The operating points calibrated on one split: the sweep (one per q), the most accurate
+    point within each budget, the default point, and the fixed threshold's point."""
+    sweep: List[calibration.OperatingPoint]
+    budgets: List[calibration.OperatingPoint]
+    default: calibration.OperatingPoint
+    fixed: Optional[calibration.OperatingPoint]
+
+
+def calibrate(confidences: np.ndarray, predictions: np.ndarray, labels: np.ndarray,
+              exit_macs: Sequence[int], num_classes: int, *,
+              budgets_mflops: Sequence[float] = (), fixed_threshold: Optional[float] = None,
+              qs: Sequence[float] = calibration.reference_sweep()) -> CalibratedPoints:
+    """The one calibration recipe, for the report and for the served thresholds alike.
+
+    The sweep's points (p_k ~ q^k); for each budget the most accurate of them within it, the
+    point that sends every image out at exit 1 included (so any budget down to exit 1's cost
+    has one); the default point, the cheapest within one point of the last exit's accuracy,
+    the point that sends every image to the last exit included (so it always exists); and the
+    seed's single fixed threshold.
+    """
+    num_exits = len(exit_macs)
+
+    def point(thresholds):
+        return calibration.evaluate(confidences, predictions, labels, thresholds, exit_macs,
+                                    num_classes)
+
+    sweep = calibration.budgeted_points(confidences, predictions, labels, exit_macs, qs,
+                                        num_classes)
+    everyone_at_exit_1 = point(calibration.fixed_threshold(_EVERYONE_AT_EXIT_1, num_exits))
+    everyone_at_the_last = point(calibration.fixed_threshold(_EVERYONE_AT_THE_LAST_EXIT,
+                                                             num_exits))
+    last_exit_accuracy = float(np.mean(predictions[-1] == labels))
+    return CalibratedPoints(
+        sweep=sweep,
+        budgets=[calibration.best_within_budget(sweep + [everyone_at_exit_1], b * 1e6)
+                 for b in budgets_mflops],
+        default=calibration.default_point(sweep + [everyone_at_the_last], last_exit_accuracy),
+        fixed=(None if fixed_threshold is None else
+               point(calibration.fixed_threshold(fixed_threshold, num_exits))))
 
 
 def check_budgets(models: Sequence[LoadedModel], budgets_mflops: Sequence[float]) -> None:
@@ -220,7 +253,7 @@ def evaluate_exits(calibration_probabilities: np.ndarray, report_probabilities: 
     report_confidences, report_predictions = _confidences_and_predictions(
         report_probabilities, confidence_kind)
     exit_accuracy = [float(np.mean(p == images.report_labels)) for p in report_predictions]
-    if len(exit_macs) == 1:
+    if len(exit_macs) == 1:  # a baseline: no thresholds to choose
         return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, [], [], None,
                                None, report_confidences, report_predictions)
 
@@ -230,22 +263,15 @@ def evaluate_exits(calibration_probabilities: np.ndarray, report_probabilities: 
                                         images.num_classes)
         return BudgetedResult(label, point.accuracy, measured)
 
-    points, cheapest, dearest = _calibrated_points(
-        calibration_confidences, calibration_predictions, images.calibration_labels, exit_macs,
-        images.num_classes, qs)
-    sweep = [report({"q": float(q)}, point) for q, point in zip(qs, points)]
-    budgets = [report({"budget_mflops": float(b)},
-                      calibration.best_within_budget(points + [cheapest], b * 1e6))
-               for b in budgets_mflops]
-    last_exit_accuracy = float(np.mean(calibration_predictions[-1] == images.calibration_labels))
-    default = report({"point": "default"},
-                     calibration.default_point(points + [dearest], last_exit_accuracy))
-    fixed = None
-    if fixed_threshold is not None:
-        fixed = report({"threshold": float(fixed_threshold)}, calibration.evaluate(
-            calibration_confidences, calibration_predictions, images.calibration_labels,
-            calibration.fixed_threshold(fixed_threshold, len(exit_macs)), exit_macs,
-            images.num_classes))
+    calibrated = calibrate(calibration_confidences, calibration_predictions,
+                           images.calibration_labels, exit_macs, images.num_classes,
+                           budgets_mflops=budgets_mflops, fixed_threshold=fixed_threshold, qs=qs)
+    sweep = [report({"q": float(q)}, point) for q, point in zip(qs, calibrated.sweep)]
+    budgets = [report({"budget_mflops": float(b)}, point)
+               for b, point in zip(budgets_mflops, calibrated.budgets)]
+    default = report({"point": "default"}, calibrated.default)
+    fixed = (None if calibrated.fixed is None else
+             report({"threshold": float(fixed_threshold)}, calibrated.fixed))
     return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, sweep, budgets,
                            fixed, default, report_confidences, report_predictions)
 
@@ -285,13 +311,11 @@ def operating_thresholds(probabilities: np.ndarray, labels: np.ndarray,
         raise ValueError("Calibrating exit thresholds needs the validation split, but this model "
                          "was trained with --validation_size=0. Pass --threshold instead.")
     confidences, predictions = _confidences_and_predictions(probabilities, confidence_kind)
-    points, cheapest, dearest = _calibrated_points(confidences, predictions, labels, exit_macs,
-                                                   num_classes, calibration.reference_sweep())
-    last_exit_accuracy = float(np.mean(predictions[-1] == labels))
-    chosen = {"default": list(calibration.default_point(points + [dearest],
-                                                        last_exit_accuracy).thresholds),
-              "budgets": {f"{b:g}": list(calibration.best_within_budget(
-                  points + [cheapest], b * 1e6).thresholds) for b in budgets_mflops}}
-    if threshold is not None:
-        chosen["fixed"] = [float(t) for t in calibration.fixed_threshold(threshold, num_exits)]
+    calibrated = calibrate(confidences, predictions, labels, exit_macs, num_classes,
+                           budgets_mflops=budgets_mflops, fixed_threshold=threshold)
+    chosen = {"default": list(calibrated.default.thresholds),
+              "budgets": {f"{b:g}": list(point.thresholds)
+                          for b, point in zip(budgets_mflops, calibrated.budgets)}}
+    if calibrated.fixed is not None:
+        chosen["fixed"] = [float(t) for t in calibrated.fixed.thresholds]
     return chosen

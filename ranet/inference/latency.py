@@ -39,6 +39,20 @@ PathCallable = Callable[[np.ndarray], object]
 Normalization = Tuple[Sequence[float], Sequence[float]]
 FULL = "full"
 KERAS_PREDICT = "keras_predict"
+# Early exit at the default operating point, and at the point chosen for a budget.
+ADAPTIVE = "adaptive"
+_BUDGET_SEPARATOR = "@"
+
+
+def budget_path(budget_mflops: float) -> str:
+    """The path of the point chosen for ``budget_mflops``: ``adaptive@<budget>``."""
+    return f"{ADAPTIVE}{_BUDGET_SEPARATOR}{budget_mflops:g}"
+
+
+def path_budget(path: str) -> Optional[float]:
+    """The budget of a ``budget_path``, or None for any other path."""
+    prefix = ADAPTIVE + _BUDGET_SEPARATOR
+    return float(path[len(prefix):]) if path.startswith(prefix) else None
 _RESERVED = (FULL, KERAS_PREDICT)
 
 
@@ -191,13 +205,13 @@ def litert_paths(stages: LiteRTStages,
                  ) -> Dict[str, PathCallable]:
     """The paths of a LiteRT export, each taking raw pixels [B, H, W, 3], one image at a time.
 
-    ``"full"`` runs every stage and returns every exit's class (as the TF full path does);
+    ``"full"`` runs every exit (the one-graph file, where the export has it) and returns every
+    exit's class (as the TF full path does);
     each operating point is ``LiteRTPredictor.predict`` at its thresholds. Batches are looped
     image by image: the stage files have a static batch of 1.
     """
     def full(images):
-        return np.array([[stages.run_stage(k, image).argmax() for k in range(stages.num_exits)]
-                         for image in images]).T
+        return np.array([stages.every_exit(image).argmax(-1) for image in images]).T
 
     paths = {FULL: full}
     for name, values in (thresholds or {}).items():
@@ -312,7 +326,7 @@ def measure_throughput(fn: PathCallable, images: np.ndarray, batch_size: int,
     return num_images / elapsed
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -331,7 +345,7 @@ def device_info() -> dict:
     process may run on, which in a container can be fewer than ``cpu_count``.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = f"CPU: {_cpu_name()}, {cores} cores"
+    cpu = f"CPU: {cpu_name()}, {cores} cores"
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
     return {

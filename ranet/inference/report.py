@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from ranet import jsonio
 from ranet.inference import equal_accuracy, latency
+from ranet.inference.comparison import litert_threads
 from ranet.inference.evaluation import ModelEvaluation
 
 REPORT_JSON = "report.json"
@@ -46,8 +47,9 @@ def build(comparison, options) -> dict:
         "tensorflow": environment["tensorflow"], "environment": environment,
         "precision": options.precision, "xla": options.xla, "confidence": options.confidence,
         "latency_images": min(options.latency_images, len(images.report_labels)),
+        "latency_block": comparison.latency_block,
         "batch_size": options.batch_size, "runtimes": runtimes,
-        "litert_threads": options.litert_threads or os.cpu_count(), "models": models}
+        "litert_threads": litert_threads(options), "models": models}
 
 
 def _at_equal_accuracy(comparison) -> Dict[str, Dict[str, dict]]:
@@ -124,6 +126,10 @@ def _budget_rows(points: List[dict]) -> List[str]:
     return rows
 
 
+_BLOCK_MEANING = {True: "cold: each call follows other models' calls",
+                  False: "warm: most calls find their own weights cached"}
+
+
 def markdown(report: dict) -> str:
     runtimes = report["runtimes"]
     lines = [f"# Evaluation on {report['split']} ({report['num_images']} images)", "",
@@ -141,7 +147,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {model['name']} | {model['params'] / 1e6:.2f} M | {len(exits)} | "
                      f"{exits[0]['macs'] / 1e6:.1f}..{exits[-1]['macs'] / 1e6:.1f} | "
                      f"{100 * exits[0]['accuracy']:.2f}%..{100 * exits[-1]['accuracy']:.2f}% |")
+    block = report.get("latency_block", 1)
     lines += ["", "## Latency at batch 1 (ms) and throughput", "",
+              f"Every path timed on {report['latency_images']} images, interleaved with the "
+              f"others', {block} in a row ({_BLOCK_MEANING[block == 1]}).", "",
               "| model | runtime | path | p50 | p90 | p99 | mean | images/s |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for model in report["models"]:
@@ -282,15 +291,13 @@ def _path_accuracy(view: dict, path: str, at_equal: Dict[str, dict]) -> Optional
     path timed the seed's way)."""
     if path == latency.FULL:
         return view["exits"][-1]["accuracy"]
-    if path == "adaptive":
+    if path == latency.ADAPTIVE:
         return view["default"]["accuracy"]
     if path.startswith(equal_accuracy.PATH_PREFIX):
         return at_equal[path[len(equal_accuracy.PATH_PREFIX):]]["ranet_accuracy"]
-    if "@" in path:
-        budget = float(path.split("@", 1)[1])
-        matches = [b["accuracy"] for b in view["budgeted"] if b.get("budget_mflops") == budget]
-        return matches[0] if matches else None
-    return None
+    budget = latency.path_budget(path)
+    matches = [b["accuracy"] for b in view["budgeted"] if b.get("budget_mflops") == budget]
+    return matches[0] if budget is not None and matches else None
 
 
 def write_tensorboard(report: dict, log_dir: str) -> None:

@@ -107,6 +107,28 @@ def plan(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_s
                       steps_per_epoch=steps_per_epoch)
 
 
+def refit(budget_plan: BudgetPlan, *, step: int, planned_steps: int, elapsed_seconds: float,
+          seconds_per_step: float, schedule: str, decay_fractions=()) -> int:
+    """The total steps a running plan should have, at the pace since it was made.
+
+    At ``seconds_per_step`` (evaluations and checkpoints included), the steps left must end
+    inside the budget less its reserve: a run that would overrun it gets the total that fits
+    (at least one more step). A run that would end early by more than ``LENGTHEN_SHARE`` of
+    its plan gets the total that fits with the final evaluation and checkpoint set aside once
+    more, so that the next refit does not shorten it again; a multistep schedule's, no
+    further than keeps the decays it has passed behind it. Otherwise the plan stays.
+    """
+    left = budget_plan.budget_seconds * (1 - RESERVE_SHARE) - elapsed_seconds
+    total = step + max(1, int(left / seconds_per_step))
+    if total < planned_steps:
+        return total
+    longer = step + int((left - budget_plan.eval_seconds - budget_plan.save_seconds)
+                        / seconds_per_step)
+    if schedule == "multistep":
+        longer = min(longer, longest_plan_keeping_decays(step, planned_steps, decay_fractions))
+    return longer if longer > planned_steps * (1 + LENGTHEN_SHARE) else planned_steps
+
+
 def longest_plan_keeping_decays(step: int, total_steps: int, decay_fractions) -> int:
     """The most steps a multistep schedule's plan may grow to at ``step``.
 

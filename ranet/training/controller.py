@@ -53,6 +53,14 @@ class _Progress:
                                * (self.total_steps - step))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """When and at which step this process planned its time budget, and the plan."""
+    at: float
+    step: int
+    budget_plan: budget.BudgetPlan
+
+
 def format_duration(seconds: float) -> str:
     """``H:MM:SS``, with the days in front when there are any (``2d 04:47:07``)."""
     days, rest = divmod(int(round(seconds)), 86400)
@@ -93,7 +101,7 @@ class Controller:
         self.training, self.manager, self.best, self.chief = training, manager, best, chief
         self.train_writer, self.eval_writer = train_writer, eval_writer
         self.budget_started_at = budget_started_at
-        self._planned = None  # (when, at which step) this process planned its time budget
+        self._planned: Optional[_Planned] = None
         self.step = int(training.steps.global_step.numpy())
         self._window_steps, self._window_seconds = 0, 0.0  # training time, for images/s
 
@@ -207,47 +215,32 @@ class Controller:
             budget.save(config.runtime.model_dir, budget_plan)
         logging.info("time budget: %s", budget_plan.describe())
         self.training = self.training.replan(total_steps)
-        self._planned = (time.monotonic(), self.step, budget_plan)
+        self._planned = _Planned(time.monotonic(), self.step, budget_plan)
         return eval_metrics
 
     def _refit_plan(self) -> bool:
-        """Fits the plan to the pace since planning: shorter if the run has slowed, longer if it
-        has sped up.
-
-        At that pace (evaluations and checkpoints included), the steps left must end inside
-        the budget less its reserve: a run that would overrun it gets the total that fits. A
-        run that would end early by more than ``budget.LENGTHEN_SHARE`` of its plan gets the
-        total that fits with the final evaluation and checkpoint set aside once more, so that
-        the next line does not shorten it again (a multistep schedule's, no further than keeps
-        the decays it has passed behind it). The schedule follows. Returns whether the plan
-        changed.
-        """
-        planned_at, planned_step, budget_plan = self._planned
-        if self.step - planned_step < max(budget.MIN_STEPS_TO_PACE,
+        """Fits the plan to the pace since planning (``budget.refit``): shorter if the run has
+        slowed, longer if it has sped up. The schedule follows. Returns whether it changed."""
+        planned = self._planned
+        if self.step - planned.step < max(budget.MIN_STEPS_TO_PACE,
                                           self.training.plan.eval_every_steps):
             return False
         now = time.monotonic()
-        pace = (now - planned_at) / (self.step - planned_step)
-        left = budget_plan.budget_seconds * (1 - budget.RESERVE_SHARE) - (
-            now - self.budget_started_at)
-        planned = self.training.plan.total_steps
-        total = self.step + max(1, int(left / pace))
-        if total >= planned:
-            longer = self.step + int((left - budget_plan.eval_seconds
-                                      - budget_plan.save_seconds) / pace)
-            optim = self.training.config.optim
-            if optim.schedule == "multistep":
-                longer = min(longer, budget.longest_plan_keeping_decays(
-                    self.step, planned, optim.decay_fractions))
-            total = longer if longer > planned * (1 + budget.LENGTHEN_SHARE) else planned
+        pace = (now - planned.at) / (self.step - planned.step)
+        steps = self.training.plan.total_steps
+        optim = self.training.config.optim
+        total = budget.refit(planned.budget_plan, step=self.step, planned_steps=steps,
+                             elapsed_seconds=now - self.budget_started_at,
+                             seconds_per_step=pace, schedule=optim.schedule,
+                             decay_fractions=optim.decay_fractions)
         total = distribute.broadcast_from_chief(self.training.strategy, total)
-        if total == planned:
+        if total == steps:
             return False
         logging.warning("time budget: the run %s to %.1f steps/s; %d steps fit, not %d: "
                         "the schedule now ends there",
-                        "slowed" if total < planned else "sped up", 1 / pace, total, planned)
-        budget_plan = dataclasses.replace(budget_plan, total_steps=total)
-        self._planned = (planned_at, planned_step, budget_plan)
+                        "slowed" if total < steps else "sped up", 1 / pace, total, steps)
+        budget_plan = dataclasses.replace(planned.budget_plan, total_steps=total)
+        self._planned = dataclasses.replace(planned, budget_plan=budget_plan)
         if self.chief:
             budget.save(self.training.config.runtime.model_dir, budget_plan)
         self.training = self.training.replan(total)

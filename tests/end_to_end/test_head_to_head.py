@@ -22,7 +22,7 @@ EVAL = ["--latency_images=4", "--warmup=1", "--throughput_images=16", "--batch_s
 
 def _contest(out, *extra, models="ranet,vgg16", budget="12s"):
     return python("-m", "ranet.bench.head_to_head", f"--out={out}", f"--models={models}",
-                  f"--time_budget={budget}", "--runtimes=tf", "--latency_blocks=1",
+                  f"--time_budget={budget}", "--runtimes=tf", "--latency_blocks=1,2",
                   *[f"--train_flag={f}" for f in TINY], *[f"--eval_flag={f}" for f in EVAL],
                   *extra, timeout=900)
 
@@ -41,14 +41,18 @@ def test_the_contest_trains_resumes_and_reports(tmp_path):
     assert "[1/2] training ranet (--preset=ranet_cifar10_1h_cpu --time_budget=12s)" in log
     assert "about 24s of training left in the contest" in log   # 2 models x 12 s
     assert f"resumed from {out / 'models' / 'vgg16' / 'checkpoints'}" in log
-    report = json.loads((out / "report_block1" / "report.json").read_text())
+    # Evaluated once, timed once per block: one report each.
+    reports = [out / "report" / f"latency_block{block}" for block in (1, 2)]
+    report = json.loads((reports[0] / "report.json").read_text())
+    assert json.loads((reports[1] / "report.json").read_text())["latency_block"] == 2
+    assert log.count("ranet: accuracy of every exit") == 1
     assert [m["name"] for m in report["models"]] == ["ranet", "vgg16"]
     entry = report["at_equal_accuracy"]["tf"]["vgg16"]
     assert entry["baseline_accuracy"] == report["models"][1]["exits"][0]["accuracy"]
     low, high = entry["difference_ci95"]
     assert low <= entry["ranet_accuracy"] - entry["baseline_accuracy"] <= high
     assert entry["ranet_point"]["path"] in report["models"][0]["latency_ms"]
-    assert "## At equal accuracy" in (out / "report_block1" / "report.md").read_text()
+    assert "## At equal accuracy" in (reports[0] / "report.md").read_text()
 
     # Again: nothing is trained or evaluated twice.
     again = _contest(out)

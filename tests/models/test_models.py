@@ -264,8 +264,9 @@ def test_resnet50_pretrained_imagenet():
 
 @pytest.mark.parametrize("policy, compute_dtype", [("mixed_float16", "float16"),
                                                     ("mixed_bfloat16", "bfloat16")])
-@pytest.mark.parametrize("config", [TINY_RANET, ModelConfig(name="vgg16")],
-                         ids=["ranet", "vgg16"])
+@pytest.mark.parametrize("config", [TINY_RANET, ModelConfig(name="vgg16"),
+                                    ModelConfig(name="mobilenet_v2")],
+                         ids=["ranet", "vgg16", "mobilenet_v2"])
 def test_mixed_precision(config, policy, compute_dtype):
     keras.mixed_precision.set_global_policy(policy)  # the autouse fixture restores float32
     model = get_model(config)
@@ -275,7 +276,7 @@ def test_mixed_precision(config, policy, compute_dtype):
     assert [_dtype(logits) for logits in outputs] == ["float32"] * model.num_exits
 
     convs = [layer for stage in model.stages for layer in stage.layers
-             if isinstance(layer, keras.layers.Conv2D)]
+             if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
     assert convs
     for conv in convs:
         assert conv.kernel.dtype == "float32", conv.name
@@ -295,4 +296,5 @@ def test_mixed_precision(config, policy, compute_dtype):
         assert len(features) > 1  # the tiny RANet does hand features from stage 1 to stage 2
     else:
         # A one-stage model has no cached features: look at the features its head reads.
-        assert _dtype(model.stages[0].get_layer("flatten").output) == compute_dtype
+        head_input = {"vgg16": "flatten", "mobilenet_v2": "pool"}[config.name]
+        assert _dtype(model.stages[0].get_layer(head_input).output) == compute_dtype

@@ -2,6 +2,7 @@
 it, and a real run that ends inside its budget."""
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -59,6 +60,23 @@ def test_the_schedule_is_fitted_to_the_planned_steps_and_ends_at_zero(schedule):
 def test_durations_show_days():
     assert format_duration(3 * 3600 + 62) == "03:01:02"
     assert format_duration(50 * 3600 + 7) == "2d 02:00:07"
+
+
+def test_refit_shortens_lengthens_or_keeps_the_plan_by_hand():
+    plan = budget.BudgetPlan(budget_seconds=100.0, planned_at_step=10, planned_after_seconds=3.0,
+                             seconds_per_step=0.5, eval_seconds=2.0, save_seconds=1.0,
+                             total_steps=200, steps_per_epoch=50)
+    refit = functools.partial(budget.refit, plan, step=50, schedule="linear")
+    # 97 s usable (3% reserve); 50 s gone at 1 step/s: 47 more steps fit, not 150.
+    assert refit(planned_steps=200, elapsed_seconds=50, seconds_per_step=1.0) == 97
+    # 77 s left at 4 steps/s: the final evaluation and checkpoint (3 s) set aside once more.
+    assert refit(planned_steps=100, elapsed_seconds=20, seconds_per_step=0.25) == 50 + 296
+    # 101 steps would fit: not more than 2% longer than the plan, which stays.
+    assert refit(planned_steps=100, elapsed_seconds=43, seconds_per_step=1.0) == 100
+    # A multistep plan grows no further than keeps its passed decay (at 50% of 150) passed.
+    assert budget.refit(plan, step=100, planned_steps=150, elapsed_seconds=20,
+                        seconds_per_step=0.1, schedule="multistep",
+                        decay_fractions=(0.5, 0.75)) == 199
 
 
 def test_the_plan_file_round_trips_and_a_bad_one_says_how_to_fix_it(tmp_path):

@@ -6,11 +6,17 @@
                                           thresholds per precision and how they were chosen
     <export_dir>/fp32/stage<k>.tflite     float32
     <export_dir>/int8/stage<k>.tflite     full-integer post-training quantisation
+    <export_dir>/<precision>/all_exits.tflite           every exit in one graph, batch 1
+    <export_dir>/<precision>/all_exits_batch<N>.tflite  the same at a static batch of N
 
 Stage k reads the features it needs (stage 1: raw RGB pixels, float32 [1, H, W, 3] in 0..255,
 normalised inside) and returns its exit's logits and the features later stages read, all
 float32 with a static batch of 1. Only builtin ops: no Flex or Select-TF. A baseline is one
-stage. ``litert_runtime`` runs the files with nothing but ``ai-edge-litert`` and numpy.
+stage. The all-exits files take the raw pixels and return every exit's logits
+(``exit<k>_logits``): where every exit is needed (the ``full`` path, calibration, accuracy
+over a split) one graph costs less than the stage files chained (a model of several
+stages), and a batch of N far less again per image. ``litert_runtime`` runs the files with
+nothing but ``ai-edge-litert`` and numpy.
 
 How the graphs are made: the model is rebuilt in the serving layout (``models.layers``: no
 channel slices across stages, pooling as a depthwise convolution, so that int8 runs wholly on
@@ -22,7 +28,7 @@ signature (which names the tensors) and converted.
 import dataclasses
 import os
 import tempfile
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -31,12 +37,15 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from ranet import data, jsonio, models
 from ranet.config import check_choice
-from ranet.inference import evaluation
+from ranet.inference import evaluation, latency
 from ranet.inference.serving import exporting, litert_runtime
 from ranet.models.layers import serving_layout
 from ranet.models.staged import IMAGES, LOGITS
 
 SIGNATURE = litert_runtime.SIGNATURE
+# The static batch of the batched all-exits file: accuracy passes over a split run 32 images
+# per call.
+ACCURACY_BATCH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +87,23 @@ def _stage_function(model: models.StagedClassifier, k: int, mean, std):
     return run, specs
 
 
+def _all_exits_function(model: models.StagedClassifier, mean, std, batch_size: int):
+    """Every stage in order, features cached as the stage files pass them; returns every
+    exit's logits. Takes raw pixels [batch_size, H, W, 3]."""
+    def run(inputs):
+        features = {IMAGES: data.normalize(inputs[IMAGES], mean, std)}
+        logits = {}
+        for k, stage in enumerate(model.stages):
+            outputs = stage({name: features[name] for name in model.stage_inputs[k]},
+                            training=False)
+            logits[litert_runtime.exit_logits_name(k)] = outputs[LOGITS]
+            features.update({name: value for name, value in outputs.items() if name != LOGITS})
+        return logits
+
+    specs = {IMAGES: tf.TensorSpec([batch_size, *model.image_shape], tf.float32, name=IMAGES)}
+    return run, specs
+
+
 def _frozen_saved_model(run, specs, directory: str) -> None:
     """Saves ``run`` with its variables frozen into constants, as the default signature."""
     concrete = tf.function(run).get_concrete_function(specs)
@@ -105,6 +131,25 @@ def stage_inputs_on(model: models.StagedClassifier, pixels: np.ndarray, mean,
     return per_stage
 
 
+def _convert(run, specs, precision: str, representative, scratch: str) -> StageGraph:
+    """One traced function as LiteRT bytes; int8 is calibrated on ``representative`` (a
+    function yielding input dicts)."""
+    directory = tempfile.mkdtemp(dir=scratch)
+    _frozen_saved_model(run, specs, directory)
+    converter = tf.lite.TFLiteConverter.from_saved_model(directory)
+    if precision == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.float32
+        converter.inference_output_type = tf.float32
+    else:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    content = converter.convert()
+    signature = litert_runtime.signature_names(content)
+    return StageGraph(content, inputs=signature["inputs"], outputs=signature["outputs"])
+
+
 def convert(model: models.StagedClassifier, mean, std, precision: str,
             representative: Sequence[Dict[str, np.ndarray]] = ()) -> List[StageGraph]:
     """Every stage of a serving-layout model as LiteRT bytes.
@@ -117,32 +162,34 @@ def convert(model: models.StagedClassifier, mean, std, precision: str,
             images, from ``stage_inputs_on``).
     """
     check_choice("litert_precision", precision, litert_runtime.PRECISIONS)
-    graphs = []
     with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
-        for k in range(model.num_exits):
-            run, specs = _stage_function(model, k, mean, std)
-            directory = os.path.join(scratch, f"stage{k + 1}")
-            _frozen_saved_model(run, specs, directory)
-            converter = tf.lite.TFLiteConverter.from_saved_model(directory)
-            if precision == "int8":
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                converter.representative_dataset = _representative(representative[k])
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-                converter.inference_input_type = tf.float32
-                converter.inference_output_type = tf.float32
-            else:
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-            content = converter.convert()
-            signature = litert_runtime.signature_names(content)
-            graphs.append(StageGraph(content, inputs=signature["inputs"],
-                                     outputs=signature["outputs"]))
-    return graphs
+        return [_convert(*_stage_function(model, k, mean, std), precision,
+                         _representative(representative[k]) if precision == "int8" else None,
+                         scratch)
+                for k in range(model.num_exits)]
 
 
-def _representative(inputs: Dict[str, np.ndarray]):
+def convert_all_exits(model: models.StagedClassifier, mean, std, precision: str,
+                      batch_size: int, pixels: Optional[np.ndarray] = None) -> StageGraph:
+    """Every exit of a serving-layout model in one graph at a static ``batch_size``; int8 is
+    calibrated on the raw ``pixels`` [N, H, W, 3] the stages were calibrated on (the same
+    activations, so the same ranges)."""
+    check_choice("litert_precision", precision, litert_runtime.PRECISIONS)
+    representative = None
+    if precision == "int8":
+        pixels = np.asarray(pixels, np.float32)
+        # Whole batches, the last one filled up from the first images.
+        rows = np.arange(-(-len(pixels) // batch_size) * batch_size) % len(pixels)
+        representative = _representative({IMAGES: pixels[rows]}, batch_size)
+    with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
+        return _convert(*_all_exits_function(model, mean, std, batch_size), precision,
+                        representative, scratch)
+
+
+def _representative(inputs: Dict[str, np.ndarray], batch_size: int = 1):
     def samples() -> Iterator[Dict[str, np.ndarray]]:
-        for i in range(len(next(iter(inputs.values())))):
-            yield {name: values[i:i + 1] for name, values in inputs.items()}
+        for i in range(0, len(next(iter(inputs.values()))), batch_size):
+            yield {name: values[i:i + batch_size] for name, values in inputs.items()}
     return samples
 
 
@@ -178,10 +225,17 @@ def write(directory: str, model: models.StagedClassifier, mean, std,
         The manifest written: ``metadata`` plus the format, the input, the stages' tensor
         names and each precision's files (thresholds come later: ``calibrated_thresholds``).
     """
-    graphs = {}
+    graphs, all_exits = {}, {}
+    pixels = representative[0][IMAGES] if representative else None
     for precision in precisions:
         logging.info("converting %d stages to LiteRT (%s)", model.num_exits, precision)
         graphs[precision] = convert(model, mean, std, precision, representative)
+        # One stage is its own one-graph file at batch 1.
+        batches = ([1] if model.num_exits > 1 else []) + [ACCURACY_BATCH]
+        logging.info("converting every exit in one graph (%s, batch %s)", precision,
+                     " and ".join(map(str, batches)))
+        all_exits[precision] = {batch: convert_all_exits(model, mean, std, precision, batch,
+                                                         pixels) for batch in batches}
     names = {precision: [{"inputs": graph.inputs, "outputs": graph.outputs} for graph in stages]
              for precision, stages in graphs.items()}
     stage_names = names[precisions[0]]
@@ -198,7 +252,12 @@ def write(directory: str, model: models.StagedClassifier, mean, std,
             files.append(f"{precision}/stage{k}.tflite")
             with open(os.path.join(directory, files[-1]), "wb") as f:
                 f.write(graph.content)
-        manifest["precisions"][precision] = {"files": files}
+        manifest["precisions"][precision] = {"files": files, "all_exits": {}}
+        for batch, graph in all_exits[precision].items():
+            path = f"{precision}/{litert_runtime.all_exits_file(batch)}"
+            with open(os.path.join(directory, path), "wb") as f:
+                f.write(graph.content)
+            manifest["precisions"][precision]["all_exits"][str(batch)] = path
     jsonio.write(os.path.join(directory, litert_runtime.MANIFEST), manifest)
     return manifest
 
@@ -225,9 +284,15 @@ def export(options: exporting.ExportOptions) -> dict:
         for precision in options.litert_precision:
             logging.info("calibrating the %s thresholds on %d validation images", precision,
                          len(splits.validation))
-            stages = litert_runtime.LiteRTStages(staging, precision, num_threads=os.cpu_count())
+            stages = litert_runtime.LiteRTStages(staging, precision,
+                                                 num_threads=litert_runtime.AUTO_THREADS)
             manifest["precisions"][precision]["thresholds"] = calibrated_thresholds(
                 stages, splits, exit_macs, options)
+            # What the export host found fastest, for clients that do not time the files
+            # themselves on the serving host (LiteRTStages(num_threads="auto") does).
+            manifest["precisions"][precision]["threads_on_export_host"] = {
+                "cpu": latency.cpu_name(), "cores": os.cpu_count(),
+                "stages": stages.threads}
         jsonio.write(os.path.join(staging, litert_runtime.MANIFEST), manifest)
         return manifest
 

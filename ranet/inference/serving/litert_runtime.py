@@ -20,6 +20,7 @@ manifest gives the files, the tensor names and the thresholds):
 """
 
 import os
+import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -34,6 +35,59 @@ PRECISIONS = ("fp32", "int8")
 IMAGES, LOGITS = "images", "logits"
 # The names ranet.inference.adaptive gives them (this module must not import TensorFlow).
 MAX_SOFTMAX, ENTROPY = "max_softmax", "entropy"
+
+
+# num_threads="auto": each file gets the XNNPACK thread count, 1..cores, that runs it fastest
+# on this host, timed when the files are loaded. A second thread slows the small stages of a
+# RANet (waking it costs more than it saves) and speeds the large ones up, so one count for
+# every stage is the wrong unit; and the host that serves, not the one that exported, decides.
+AUTO_THREADS = "auto"
+_TIMED_CALLS, _WARMUP_CALLS = 15, 3
+Threads = Union[int, str, None]
+
+
+def _median_invoke_seconds(interpreter: Interpreter) -> float:
+    interpreter.allocate_tensors()
+    for _ in range(_WARMUP_CALLS):
+        interpreter.invoke()
+    seconds = []
+    for _ in range(_TIMED_CALLS):
+        started = time.perf_counter()
+        interpreter.invoke()
+        seconds.append(time.perf_counter() - started)
+    return float(np.median(seconds))
+
+
+def fastest_interpreter(path: str, max_threads: Optional[int] = None) -> Tuple[Interpreter, int]:
+    """The file's interpreter at the thread count (1..max_threads, default every core) whose
+    median call is fastest here, and that count. Inputs are left as allocated (zeros): no
+    kernel here changes its work with the values."""
+    best = None
+    for count in range(1, (max_threads or os.cpu_count()) + 1):
+        interpreter = Interpreter(model_path=path, num_threads=count)
+        seconds = _median_invoke_seconds(interpreter)
+        if best is None or seconds < best[0]:
+            best = (seconds, interpreter, count)
+    return best[1], best[2]
+
+
+def _interpreter(path: str, num_threads: Threads) -> Tuple[Interpreter, int]:
+    """(interpreter, its thread count): a count, None for LiteRT's default (one), or auto."""
+    if num_threads == AUTO_THREADS:
+        return fastest_interpreter(path)
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive count, None (one) or {AUTO_THREADS!r}. "
+                         f"Received: num_threads={num_threads!r}")
+    return Interpreter(model_path=path, num_threads=num_threads), num_threads or 1
+
+
+def exit_logits_name(k: int) -> str:
+    """The all-exits files' output of exit k (0-based)."""
+    return f"exit{k + 1}_logits"
+
+
+def all_exits_file(batch_size: int) -> str:
+    return "all_exits.tflite" if batch_size == 1 else f"all_exits_batch{batch_size}.tflite"
 
 
 def signature_names(content: bytes) -> Dict[str, List[str]]:
@@ -74,17 +128,55 @@ def read_manifest(export_dir: str) -> dict:
     return manifest
 
 
+class AllExits:
+    """The file that runs every exit in one graph, at its static batch.
+
+    Args:
+        path: ``<precision>/all_exits[_batch<N>].tflite`` of an export.
+        num_exits: how many exit logits it returns.
+        num_threads: XNNPACK threads (None: LiteRT's default, one; "auto": the fastest here).
+    """
+
+    def __init__(self, path: str, num_exits: int, num_threads: Threads = None):
+        self.interpreter, self.num_threads = _interpreter(path, num_threads)
+        runner = self.interpreter.get_signature_runner(SIGNATURE)
+        image = runner.get_input_details()[IMAGES]
+        outputs = runner.get_output_details()
+        del runner  # it holds the interpreter; allocate and invoke without it
+        self.interpreter.allocate_tensors()
+        self.batch_size, self.image_shape = int(image["shape"][0]), tuple(image["shape"][1:])
+        self._image = self.interpreter.tensor(image["index"])
+        self._logits = [self.interpreter.tensor(outputs[exit_logits_name(k)]["index"])
+                        for k in range(num_exits)]
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Every exit's logits, float32 [K, N, C], for raw pixels [N, H, W, 3], a batch per
+        call (the last one filled up with copies of its first image)."""
+        images = np.reshape(images, (-1, *self.image_shape))
+        outputs = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            filled = np.concatenate([chunk, np.repeat(chunk[:1], self.batch_size - len(chunk),
+                                                      axis=0)])
+            np.copyto(self._image(), filled, casting="unsafe")
+            self.interpreter.invoke()
+            outputs.append(np.stack([logits()[:len(chunk)] for logits in self._logits]))
+        return np.concatenate(outputs, axis=1)
+
+
 class LiteRTStages:
     """The stage interpreters of one precision of an export, wired feature to feature.
 
     Args:
         export_dir: a folder written by ``python -m ranet.export --format=litert``.
         precision: one of the precisions the export holds ("fp32", "int8").
-        num_threads: XNNPACK threads per interpreter (None: LiteRT's default, one).
+        num_threads: XNNPACK threads per interpreter: a count, None for LiteRT's default
+            (one), or "auto": each file at the count that runs it fastest on this host, timed
+            as it loads (``threads`` then says which).
     """
 
     def __init__(self, export_dir: str, precision: str = "fp32",
-                 num_threads: Optional[int] = None):
+                 num_threads: Threads = None):
         self.manifest = read_manifest(export_dir)
         available = self.manifest["precisions"]
         if precision not in available:
@@ -94,9 +186,15 @@ class LiteRTStages:
         self.num_exits = self.manifest["num_exits"]
         self.num_classes = self.manifest["num_classes"]
         self.image_shape = tuple(self.manifest["input"]["shape"])
-        self.interpreters = [Interpreter(model_path=os.path.join(export_dir, path),
-                                         num_threads=num_threads)
-                             for path in available[precision]["files"]]
+        loaded = [_interpreter(os.path.join(export_dir, path), num_threads)
+                  for path in available[precision]["files"]]
+        self.interpreters = [interpreter for interpreter, _ in loaded]
+        self.threads = [count for _, count in loaded]
+        # Exports made before the all-exits files have none: the stages then serve.
+        self._all_exits_paths = {int(batch): os.path.join(export_dir, path) for batch, path
+                                 in available[precision].get("all_exits", {}).items()}
+        self._all_exits: Dict[int, AllExits] = {}
+        self._num_threads = num_threads
         inputs, outputs = [], []
         for interpreter in self.interpreters:
             runner = interpreter.get_signature_runner(SIGNATURE)
@@ -135,12 +233,32 @@ class LiteRTStages:
         self.interpreters[k].invoke()
         return self._logits[k]()[0].copy()
 
+    def all_exits(self, batch_size: int) -> Optional[AllExits]:
+        """The one-graph file of every exit at ``batch_size`` (loaded once), if exported."""
+        if batch_size not in self._all_exits_paths:
+            return None
+        if batch_size not in self._all_exits:
+            self._all_exits[batch_size] = AllExits(self._all_exits_paths[batch_size],
+                                                   self.num_exits, self._num_threads)
+        return self._all_exits[batch_size]
+
+    def every_exit(self, image: np.ndarray) -> np.ndarray:
+        """Every exit's logits [K, C] for one image: the batch-1 one-graph file where the
+        export has it (one stage: its stage file), else the stages in turn."""
+        one_graph = self.all_exits(1)
+        if one_graph is not None:
+            return one_graph.logits(image)[:, 0]
+        return np.stack([self.run_stage(k, image) for k in range(self.num_exits)])
+
     def all_exit_logits(self, images: np.ndarray) -> np.ndarray:
-        """Logits of every exit for every image, float32 [K, N, C], one image at a time."""
+        """Logits of every exit for every image, float32 [K, N, C]: the batched one-graph
+        file where the export has one (many images per call), else one image at a time."""
+        batched = max(self._all_exits_paths, default=1)
+        if batched > 1:
+            return self.all_exits(batched).logits(images)
         logits = np.empty((self.num_exits, len(images), self.num_classes), np.float32)
         for i, image in enumerate(images):
-            for k in range(self.num_exits):
-                logits[k, i] = self.run_stage(k, image)
+            logits[:, i] = self.every_exit(image)
         return logits
 
 

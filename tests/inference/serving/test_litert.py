@@ -75,6 +75,9 @@ def test_files_and_manifest_round_trip(exported, splits):
         thresholds = entry["thresholds"]
         assert set(thresholds) == {"default", "budgets"} and set(thresholds["budgets"]) == {"2", "3"}
         assert thresholds["default"][-1] == "-inf"
+        # Each stage's fastest XNNPACK threads where it was exported, for clients to read.
+        host = entry["threads_on_export_host"]
+        assert len(host["stages"]) == NUM_EXITS and host["cores"] == os.cpu_count()
         predictor = litert_runtime.LiteRTPredictor(
             litert_runtime.LiteRTStages(str(export_dir), precision), "3")
         assert predictor.thresholds == [float(t) for t in thresholds["budgets"]["3"]]
@@ -105,6 +108,46 @@ def test_int8_agrees_with_fp32_on_most_images(stages, splits):
     int8 = stages["int8"].all_exit_logits(pixels).argmax(-1)
     agreement = (fp32 == int8).mean(axis=1)
     assert np.all(agreement >= 0.9), agreement
+
+
+def test_every_exit_in_one_graph_answers_as_the_stage_files(exported, stages, splits):
+    export_dir, manifest, _ = exported
+    pixels = splits.test.images[:40]   # one batch of 32 and a partial one
+    for precision, staged in stages.items():
+        assert manifest["precisions"][precision]["all_exits"] == {
+            "1": f"{precision}/all_exits.tflite", "32": f"{precision}/all_exits_batch32.tflite"}
+        for batch in (1, 32):
+            ops = [op["op_name"] for op in staged.all_exits(batch).interpreter._get_ops_details()]
+            assert ops.count("DELEGATE") == 1, (precision, batch, ops)
+        chained = np.stack([np.stack([staged.run_stage(k, image) for k in range(NUM_EXITS)])
+                            for image in pixels], axis=1)
+        one_by_one = np.stack([staged.every_exit(image) for image in pixels], axis=1)
+        batched = staged.all_exit_logits(pixels)
+        assert chained.shape == one_by_one.shape == batched.shape == (NUM_EXITS, 40, 10)
+        if precision == "fp32":
+            np.testing.assert_allclose(one_by_one, chained, rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
+            np.testing.assert_allclose(batched, chained, rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
+        else:
+            # Quantised alone, the one graph's feature tensors keep no float boundary between
+            # stages: nearly every image gets the same class at every exit.
+            for other in (one_by_one, batched):
+                agreement = (other.argmax(-1) == chained.argmax(-1)).mean(axis=1)
+                assert np.all(agreement >= 0.9), (precision, agreement)
+
+
+def test_auto_threads_keep_the_fastest_count_for_each_file(exported, monkeypatch):
+    path = str(exported[0] / "int8" / "stage1.tflite")
+    for seconds, fastest in (((2.0, 1.0), 2), ((1.0, 2.0), 1)):
+        calls = iter(seconds)   # 1 thread, then 2
+        monkeypatch.setattr(litert_runtime, "_median_invoke_seconds", lambda _: next(calls))
+        interpreter, count = litert_runtime.fastest_interpreter(path, max_threads=2)
+        assert count == fastest and interpreter.get_signature_list()
+    monkeypatch.undo()
+    stages = litert_runtime.LiteRTStages(str(exported[0]), "int8", num_threads="auto")
+    assert len(stages.threads) == NUM_EXITS
+    assert all(1 <= count <= os.cpu_count() for count in stages.threads)
+    with pytest.raises(ValueError, match="num_threads must be a positive count"):
+        litert_runtime.LiteRTStages(str(exported[0]), "int8", num_threads=0)
 
 
 def _decisions_match_tensorflow(model, stages, pixels, mean, std, thresholds):

@@ -14,6 +14,7 @@ import tensorflow as tf
 from helpers import SYNTHETIC_DATA as DATA
 from helpers import write_model_dir
 from ranet import costs, data
+from ranet.config import ModelConfig
 from ranet.inference import adaptive
 from ranet.inference.serving import saved_model
 from ranet.inference.serving.exporting import ExportOptions
@@ -189,3 +190,15 @@ def test_a_failed_save_keeps_the_old_export(model_dir, tmp_path, monkeypatch):
                                          threshold=0.5, overwrite=True))
     assert sorted(os.listdir(tmp_path)) == ["1"]
     assert sorted(os.listdir(export_dir)) == ["old.txt"]
+
+
+def test_a_baseline_serves_its_one_exit(tmp_path, splits, raw_images):
+    # MobileNetV2 (depthwise convolutions, ReLU6): every image answers at its only exit.
+    model = write_model_dir(tmp_path / "run", ModelConfig(name="mobilenet_v2", num_classes=10))
+    saved_model.export(ExportOptions(model_dir=str(tmp_path / "run"),
+                                     export_dir=str(tmp_path / "export")))
+    served = tf.saved_model.load(str(tmp_path / "export")).signatures["serving_default"](
+        images=tf.constant(raw_images[:16]))
+    expected = model(data.normalize(raw_images[:16], splits.mean, splits.std), training=False)
+    np.testing.assert_array_equal(served["exits"].numpy(), 1)
+    np.testing.assert_array_equal(served["classes"].numpy(), expected[0].numpy().argmax(-1))
