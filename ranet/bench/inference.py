@@ -66,7 +66,8 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 def _p50(result: comparison.Comparison, runtime: str, model: str, path: str) -> Optional[float]:
-    stats = result.latency.get(runtime, {}).get(model, {}).get(path)
+    by_model = result.results.get(runtime, {})
+    stats = by_model[model].latency.get(path) if model in by_model else None
     return None if stats is None else stats.p50
 
 
@@ -90,16 +91,16 @@ def best_runtimes(result: comparison.Comparison, tf_settings: Dict[str, dict],
     ``tf_accuracy``: setting -> model -> accuracy of the path, which bfloat16 changes).
     """
     best = {}
-    for index, loaded in enumerate(result.models):
-        reference = result.evaluations[comparison.TF][index]
+    for loaded in result.models:
+        reference = result.results[comparison.TF][loaded.name].evaluation
         path = _headline_path(reference)
         fp32_accuracy = _headline_accuracy(reference)
         candidates = [(f"tf ({setting})", by_model[loaded.name][path],
                        tf_accuracy[setting][loaded.name])
                       for setting, by_model in tf_settings.items()
                       if tf_accuracy[setting][loaded.name] >= fp32_accuracy - ACCURACY_TOLERANCE]
-        for runtime in result.evaluations:
-            accuracy = _headline_accuracy(result.evaluations[runtime][index])
+        for runtime, by_model in result.results.items():
+            accuracy = _headline_accuracy(by_model[loaded.name].evaluation)
             if runtime != comparison.TF and accuracy >= fp32_accuracy - ACCURACY_TOLERANCE:
                 candidates.append((runtime, _p50(result, runtime, loaded.name, path), accuracy))
         best[loaded.name] = min(candidates, key=lambda candidate: candidate[1])
@@ -117,9 +118,9 @@ def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
     rows = []
     best = best_runtimes(result, tf_settings, tf_accuracy)
     baselines = [(m.name, m.config.model.name) for m in result.models if m.model.num_exits == 1]
-    litert = "litert" in result.latency
-    for index, loaded in enumerate(result.models):
-        evaluation = result.evaluations[comparison.TF][index]
+    litert = "litert" in result.results
+    for loaded in result.models:
+        evaluation = result.results[comparison.TF][loaded.name].evaluation
         if not evaluation.is_adaptive:
             continue
         name = loaded.name
@@ -151,18 +152,18 @@ def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
         # Batched: at batch 64 or more, on whichever runtime delivers more adaptive images/s
         # there (LiteRT's stage files take one image at a time, so today TensorFlow).
         saving = loaded.cost.exits[-1].macs / evaluation.default.point.expected_macs
-        batched = [(runtime, batch, by_path) for runtime, by_model in result.throughput.items()
-                   for batch, by_path in by_model[name].items() if batch >= 64]
+        batched = [(runtime, batch, by_path) for runtime, by_model in result.results.items()
+                   for batch, by_path in by_model[name].throughput.items() if batch >= 64]
         if batched:
             runtime, batch, by_path = max(batched, key=lambda entry: entry[2][latency.ADAPTIVE])
             rows.append((f"{name}: adaptive / full images/s, {runtime} batch {batch} "
                          f"(MAC saving {saving:.2f}x)",
                          by_path[latency.ADAPTIVE] / by_path[latency.FULL],
                          BATCHED_SAVING_SHARE * saving, "x"))
-    if "litert_int8" in result.latency:
-        for index, loaded in enumerate(result.models):
-            fp32 = result.evaluations[comparison.TF][index].exit_accuracy
-            int8 = result.evaluations["litert_int8"][index].exit_accuracy
+    if "litert_int8" in result.results:
+        for loaded in result.models:
+            fp32 = result.results[comparison.TF][loaded.name].evaluation.exit_accuracy
+            int8 = result.results["litert_int8"][loaded.name].evaluation.exit_accuracy
             rows.append((f"{loaded.name}: int8 - fp32 accuracy, worst exit",
                          100 * min(i - f for i, f in zip(int8, fp32)),
                          -100 * ACCURACY_TOLERANCE, "points"))
@@ -222,30 +223,34 @@ def main(values: flags.FlagValues) -> dict:
     tf_settings = {setting: p50 for setting, (p50, _) in children.items()}
     tf_accuracy = {setting: accuracy for setting, (_, accuracy) in children.items()}
     result = comparison.compare(options, throughput_batch_sizes=batch_sizes)[0]
-    tf_settings[own_setting] = {model: {path: stats.p50 for path, stats in paths.items()}
-                                for model, paths in result.latency[comparison.TF].items()}
-    tf_accuracy[own_setting] = {
-        loaded.name: _headline_accuracy(evaluation)
-        for loaded, evaluation in zip(result.models, result.evaluations[comparison.TF])}
+    tf_results = result.results[comparison.TF]
+    tf_settings[own_setting] = {
+        model: {path: stats.p50 for path, stats in measured.latency.items()}
+        for model, measured in tf_results.items()}
+    tf_accuracy[own_setting] = {model: _headline_accuracy(measured.evaluation)
+                                for model, measured in tf_results.items()}
     rows = targets(result, tf_settings, tf_accuracy, values.pytorch_full_ms)
     operating_points = {
-        runtime: {loaded.name: {"last_exit_accuracy": evaluation.exit_accuracy[-1],
-                                **evaluation.default.to_json()}
-                  for loaded, evaluation in zip(result.models, evaluations) if evaluation.default}
-        for runtime, evaluations in result.evaluations.items()}
-    latency_ms = {runtime: {name: {path: stats.to_json() for path, stats in paths.items()}
-                            for name, paths in by_model.items()}
-                  for runtime, by_model in result.latency.items()}
-    _print(result, operating_points, tf_settings, tf_accuracy, rows, options)
+        runtime: {model: {"last_exit_accuracy": measured.evaluation.exit_accuracy[-1],
+                          **measured.evaluation.default.to_json()}
+                  for model, measured in by_model.items() if measured.evaluation.is_adaptive}
+        for runtime, by_model in result.results.items()}
+    latency_ms = {runtime: {model: {path: stats.to_json()
+                                    for path, stats in measured.latency.items()}
+                            for model, measured in by_model.items()}
+                  for runtime, by_model in result.results.items()}
+    throughput = {runtime: {model: measured.throughput for model, measured in by_model.items()}
+                  for runtime, by_model in result.results.items()}
+    _print(result, throughput, operating_points, tf_settings, tf_accuracy, rows, options)
     output = {"environment": latency.device_info(), "xla": options.xla,
               "litert_threads": comparison.litert_threads(options),
               "operating_points": operating_points, "latency_ms": latency_ms,
               "tf_settings_p50_ms": tf_settings, "tf_settings_accuracy": tf_accuracy,
               "best": best_runtimes(result, tf_settings, tf_accuracy),
-              "throughput_ips": result.throughput,
-              "exit_accuracy": {runtime: {m.name: e.exit_accuracy
-                                          for m, e in zip(result.models, evaluations)}
-                                for runtime, evaluations in result.evaluations.items()},
+              "throughput_ips": throughput,
+              "exit_accuracy": {runtime: {model: measured.evaluation.exit_accuracy
+                                          for model, measured in by_model.items()}
+                                for runtime, by_model in result.results.items()},
               "targets": [{"target": label, "measured": measured, "needed": needed,
                            "unit": unit} for label, measured, needed, unit in rows]}
     if values.json:
@@ -253,7 +258,8 @@ def main(values: flags.FlagValues) -> dict:
     return output
 
 
-def _print(result, operating_points, tf_settings, tf_accuracy, rows, options) -> None:
+def _print(result, throughput, operating_points, tf_settings, tf_accuracy, rows,
+           options) -> None:
     environment = latency.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; XLA "
           f"{'on' if options.xla else 'off'} (batch-1 paths); LiteRT "
@@ -266,9 +272,9 @@ def _print(result, operating_points, tf_settings, tf_accuracy, rows, options) ->
                   "fractions " + ", ".join(f"{f:.3f}" for f in point["exit_fractions"]))
     print(f"\n{'model':<24} {'runtime':<12} {'path':<14} {'p50 ms':>8} {'p90 ms':>8} "
           f"{'p99 ms':>8}")
-    for runtime, by_model in result.latency.items():
-        for name, paths in by_model.items():
-            for path, s in paths.items():
+    for runtime, by_model in result.results.items():
+        for name, measured in by_model.items():
+            for path, s in measured.latency.items():
                 print(f"{name:<24} {runtime:<12} {path:<14} {s.p50:>8.2f} {s.p90:>8.2f} "
                       f"{s.p99:>8.2f}")
     settings = list(tf_settings)
@@ -281,11 +287,11 @@ def _print(result, operating_points, tf_settings, tf_accuracy, rows, options) ->
         print(f"{name:<24} {'accuracy':<14} " + " ".join(
             f"{tf_accuracy[s][name]:>15.2%}" for s in settings))
     # LiteRT is measured at batch 1 only, whatever --batch_sizes says.
-    batch_sizes = sorted({b for by_model in result.throughput.values()
+    batch_sizes = sorted({b for by_model in throughput.values()
                           for by_batch in by_model.values() for b in by_batch})
     print(f"\n{'model':<24} {'runtime':<12} {'path':<14} "
           + " ".join(f"{f'b={b}':>9}" for b in batch_sizes) + "   (images/s)")
-    for runtime, by_model in result.throughput.items():
+    for runtime, by_model in throughput.items():
         for name, by_batch in by_model.items():
             for path in next(iter(by_batch.values())):
                 print(f"{name:<24} {runtime:<12} {path:<14} " + " ".join(

@@ -11,12 +11,20 @@ counts each stage file's operators, and fits ``p50 = a * ops + b * multiply-adds
 precision over all stages: ``a`` is what one op costs whatever its size, ``1 / b`` the rate
 at which the arithmetic runs. That says how much of a model's time is per-op cost, which int8
 does not reduce, and how much is arithmetic, which it does.
+
+``--between`` says what happens between two images, untimed, to take apart what a call
+that follows other work pays over a warm one (``ranet.eval``'s interleaved protocol):
+``nothing`` (warm: the images run back to back), ``sleep`` (a pause of ``--sleep_ms``: the
+XNNPACK worker threads go idle and must be woken; the caches keep the weights), ``flush``
+(``--flush_mb`` of other memory read: the caches lose the weights; the threads stay awake)
+and ``both``.
 """
 
 import collections
+import itertools
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 from absl import flags
@@ -35,7 +43,30 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_list("threads", ["2"], "XNNPACK thread counts to time.", **define)
     flags.DEFINE_integer("images", 100, "Images timed per setting.", lower_bound=1, **define)
     flags.DEFINE_integer("warmup", 5, "Untimed images first.", lower_bound=0, **define)
+    flags.DEFINE_list("between", ["nothing"], "What happens between two images, untimed: "
+                      f"some of {', '.join(BETWEEN)}.", **define)
+    flags.DEFINE_float("sleep_ms", 20.0, "--between=sleep: the pause.", lower_bound=0,
+                       **define)
+    flags.DEFINE_integer("flush_mb", 128, "--between=flush: memory read to evict the caches "
+                         "(more than the last-level cache).", lower_bound=1, **define)
     flags.DEFINE_string("json", None, "Also write the results here.", **define)
+
+
+BETWEEN = ("nothing", "sleep", "flush", "both")
+
+
+def between_images(kind: str, sleep_ms: float, flush_mb: int) -> Callable[[], None]:
+    """What runs between two timed images (see the module docstring)."""
+    if kind not in BETWEEN:
+        raise ValueError(f"--between takes some of {', '.join(BETWEEN)}. Received: {kind!r}")
+    other_memory = np.ones(flush_mb * 2 ** 20 // 8) if kind in ("flush", "both") else None
+
+    def run():
+        if other_memory is not None:
+            other_memory.sum()
+        if kind in ("sleep", "both"):
+            time.sleep(sleep_ms / 1e3)
+    return run
 
 
 def operator_counts(path: str) -> Dict[str, int]:
@@ -47,10 +78,12 @@ def operator_counts(path: str) -> Dict[str, int]:
 
 
 def time_stages(stages: litert_runtime.LiteRTStages, images: np.ndarray,
-                warmup: int) -> List[float]:
-    """p50 milliseconds of each stage, every image running every stage in order."""
+                warmup: int, between: Callable[[], None] = lambda: None) -> List[float]:
+    """p50 milliseconds of each stage, every image running every stage in order, with
+    ``between`` run (untimed) before each image."""
     seconds = np.empty((len(images), stages.num_exits))
     for row, image in enumerate(np.concatenate([images[:warmup], images])):
+        between()
         for k in range(stages.num_exits):
             started = time.perf_counter()
             stages.run_stage(k, image)
@@ -80,6 +113,8 @@ def main(values: flags.FlagValues) -> dict:
     except ValueError:
         raise ValueError("--threads takes comma-separated integers. "
                          f"Received: --threads={','.join(values.threads)}") from None
+    betweens = {kind: between_images(kind, values.sleep_ms, values.flush_mb)
+                for kind in values.between}
     rng = np.random.default_rng(0)
     results = []
     for export_dir in values.export_dir:
@@ -93,12 +128,12 @@ def main(values: flags.FlagValues) -> dict:
                      for f in manifest["precisions"][precision]["files"]]
             counts = [operator_counts(f) for f in files]
             ops = [sum(c.values()) for c in counts]
-            for num_threads in threads:
+            for num_threads, (kind, between) in itertools.product(threads, betweens.items()):
                 stages = litert_runtime.LiteRTStages(export_dir, precision, num_threads)
-                ms = time_stages(stages, images, values.warmup)
+                ms = time_stages(stages, images, values.warmup, between)
                 results.append({
                     "model": manifest["model"], "export_dir": export_dir,
-                    "precision": precision, "threads": num_threads,
+                    "precision": precision, "threads": num_threads, "between": kind,
                     "stages": [{"stage": k + 1, "ops": ops[k], "operators": counts[k],
                                 "macs": stage_macs[k], "p50_ms": ms[k]}
                                for k in range(len(files))],
@@ -110,13 +145,13 @@ def main(values: flags.FlagValues) -> dict:
 
 
 def _print(results: List[dict]) -> None:
-    print(f"\n{'model':<10} {'prec':<5} {'thr':>3} {'stage':>5} {'ops':>5} {'conv':>5} "
-          f"{'M MACs':>8} {'p50 ms':>8} {'GMAC/s':>7} {'us/op':>6}")
+    print(f"\n{'model':<10} {'prec':<5} {'thr':>3} {'between':<8} {'stage':>5} {'ops':>5} "
+          f"{'conv':>5} {'M MACs':>8} {'p50 ms':>8} {'GMAC/s':>7} {'us/op':>6}")
     for result in results:
         for stage in result["stages"]:
             convs = sum(n for name, n in stage["operators"].items() if "CONV" in name)
             print(f"{result['model']:<10} {result['precision']:<5} {result['threads']:>3} "
-                  f"{stage['stage']:>5} {stage['ops']:>5} {convs:>5} "
+                  f"{result['between']:<8} {stage['stage']:>5} {stage['ops']:>5} {convs:>5} "
                   f"{stage['macs'] / 1e6:>8.2f} {stage['p50_ms']:>8.3f} "
                   f"{stage['macs'] / stage['p50_ms'] / 1e6:>7.1f} "
                   f"{1e3 * stage['p50_ms'] / stage['ops']:>6.1f}")
@@ -125,7 +160,7 @@ def _print(results: List[dict]) -> None:
             rate = (f"multiply-adds at {fit['gmacs_per_s']:.1f} GMAC/s" if fit["gmacs_per_s"]
                     else "no time that grows with the multiply-adds")
             print(f"{result['model']:<10} {result['precision']:<5} {result['threads']:>3} "
-                  f"fit: {fit['us_per_op']:.1f} us per op + {rate}")
+                  f"{result['between']:<8} fit: {fit['us_per_op']:.1f} us per op + {rate}")
 
 
 def run() -> None:

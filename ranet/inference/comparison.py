@@ -114,19 +114,23 @@ def litert_threads(options: ComparisonOptions) -> litert_runtime.Threads:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Comparison:
-    """What was measured, per runtime, then per model in the order of ``models``.
+class ModelResult:
+    """One model on one runtime: its evaluation, the batch-1 statistics of each timed path,
+    and images/s of each path at each batch size measured."""
+    evaluation: evaluation.ModelEvaluation
+    latency: Dict[str, latency.LatencyStats]
+    throughput: Dict[int, Dict[str, float]]
 
-    ``evaluations[runtime]``: one ``ModelEvaluation`` per model; ``latency[runtime][model]
-    [path]``: batch-1 statistics; ``throughput[runtime][model][batch size][path]``: images/s;
-    ``at_equal_accuracy[runtime][baseline]``: the point of ``adaptive_model`` (the first model
-    with several exits, None if there is none) chosen against each one-exit model.
-    """
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Comparison:
+    """What was measured: ``results[runtime][model name]``, runtimes in the order asked for,
+    models in the order of ``models``; ``at_equal_accuracy[runtime][baseline]``: the point of
+    ``adaptive_model`` (the first model with several exits, None if there is none) chosen
+    against each one-exit model; ``latency_block``: how the latency was timed."""
     images: evaluation.EvaluationImages
     models: List[evaluation.LoadedModel]
-    evaluations: Dict[str, List[evaluation.ModelEvaluation]]
-    latency: Dict[str, Dict[str, Dict[str, latency.LatencyStats]]]
-    throughput: Dict[str, Dict[str, Dict[int, Dict[str, float]]]]
+    results: Dict[str, Dict[str, ModelResult]]
     adaptive_model: Optional[str] = None
     latency_block: int = 1
     at_equal_accuracy: Dict[str, Dict[str, equal_accuracy.Choice]] = dataclasses.field(
@@ -257,14 +261,14 @@ def compare(options: ComparisonOptions,
                         path: latency.measure_throughput(fn, sample, batch_size)
                         for path, fn in result.batched(
                             result.evaluation.thresholds_by_path).items()}
-    evaluations = {runtime: [by_model[m.name].evaluation for m in models]
-                   for runtime, by_model in runtimes.items()}
     return [Comparison(
-        images=images, models=models, evaluations=evaluations,
-        latency={runtime: {m.name: stats[block][runtime, m.name] for m in models}
-                 for runtime in runtimes},
-        throughput=throughput, adaptive_model=adaptive_model, latency_block=block,
-        at_equal_accuracy=chosen) for block in options.latency_block]
+        images=images, models=models,
+        results={runtime: {m.name: ModelResult(by_model[m.name].evaluation,
+                                               stats[block][runtime, m.name],
+                                               throughput[runtime][m.name]) for m in models}
+                 for runtime, by_model in runtimes.items()},
+        adaptive_model=adaptive_model, latency_block=block, at_equal_accuracy=chosen)
+        for block in options.latency_block]
 
 
 def _equal_accuracy(runtimes: Dict[str, Dict[str, _Runtime]],

@@ -25,16 +25,15 @@ def build(comparison, options) -> dict:
     """
     environment = latency.device_info()
     images = comparison.images
-    runtimes = list(comparison.evaluations)
+    runtimes = list(comparison.results)
     models = []
-    for index, loaded in enumerate(comparison.models):
+    for loaded in comparison.models:
         views = {}
         for runtime in runtimes:
-            by_batch = comparison.throughput[runtime][loaded.name]
+            result = comparison.results[runtime][loaded.name]
             views[runtime] = model_json(
-                comparison.evaluations[runtime][index],
-                {p: s.to_json() for p, s in comparison.latency[runtime][loaded.name].items()},
-                by_batch.get(options.batch_size, by_batch.get(1, {})))
+                result.evaluation, {p: s.to_json() for p, s in result.latency.items()},
+                result.throughput.get(options.batch_size, result.throughput.get(1, {})))
         entry = views.pop(runtimes[0])
         entry["runtimes"] = {runtime: {key: view[key] for key in _RUNTIME_KEYS if key in view}
                              for runtime, view in views.items()}
@@ -57,10 +56,11 @@ def _at_equal_accuracy(comparison) -> Dict[str, Dict[str, dict]]:
     timed; the ratios are baseline over RANet (> 1: RANet computes less, answers sooner)."""
     at_equal = {}
     for runtime, chosen in comparison.at_equal_accuracy.items():
-        timed = comparison.latency[runtime]
+        timed = comparison.results[runtime]
         at_equal[runtime] = {baseline: equal_accuracy.to_json(
-            choice, _stats(timed[comparison.adaptive_model].get(choice.path)),
-            _stats(timed[baseline].get(latency.FULL))) for baseline, choice in chosen.items()}
+            choice, _stats(timed[comparison.adaptive_model].latency.get(choice.path)),
+            _stats(timed[baseline].latency.get(latency.FULL)))
+            for baseline, choice in chosen.items()}
     return at_equal
 
 

@@ -128,8 +128,11 @@ def test_stage_benchmark_times_and_counts_every_stage(tmp_path, capsys):
     manifest = _call(export, f"--model_dir={model_dir}", f"--export_dir={export_dir}",
                      "--format=litert", "--litert_precision=fp32")
     result = _call(litert_stages, f"--export_dir={export_dir}", "--precisions=fp32",
-                   "--threads=1", "--images=3", "--warmup=1")
-    (run,) = result["results"]
+                   "--threads=1", "--images=3", "--warmup=1", "--between=nothing,both",
+                   "--sleep_ms=1", "--flush_mb=8")
+    run, cold = result["results"]
+    assert (run["between"], cold["between"]) == ("nothing", "both")
+    assert [s["stage"] for s in cold["stages"]] == [s["stage"] for s in run["stages"]]
     assert [s["stage"] for s in run["stages"]] == list(range(1, manifest["num_exits"] + 1))
     assert sum(s["macs"] for s in run["stages"]) == manifest["exit_macs"][-1]
     for stage in run["stages"]:
@@ -137,6 +140,17 @@ def test_stage_benchmark_times_and_counts_every_stage(tmp_path, capsys):
         assert stage["p50_ms"] > 0
     assert set(run["fit"]) == {"us_per_op", "gmacs_per_s"}
     assert "us per op" in capsys.readouterr().out
+
+
+def test_between_images_sleeps_or_reads_other_memory(monkeypatch):
+    slept = []
+    monkeypatch.setattr(litert_stages.time, "sleep", slept.append)
+    litert_stages.between_images("sleep", sleep_ms=20, flush_mb=1)()
+    litert_stages.between_images("flush", sleep_ms=20, flush_mb=1)()
+    litert_stages.between_images("both", sleep_ms=5, flush_mb=1)()
+    assert slept == [0.02, 0.005]
+    with pytest.raises(ValueError, match="--between takes some of nothing, sleep, flush, both"):
+        litert_stages.between_images("idle", sleep_ms=1, flush_mb=1)
 
 
 def test_stage_cost_fit_says_when_time_does_not_grow_with_arithmetic():

@@ -119,10 +119,10 @@ def _comparison():
 
     return comparison.Comparison(
         images=images, models=[SimpleNamespace(name="ranet"), SimpleNamespace(name="vgg16")],
-        evaluations={"tf": [ranet, vgg16]},
-        latency={"tf": {"ranet": {"full": stats(3.0), "adaptive": stats(2.0), path: stats(1.0)},
-                        "vgg16": {"full": stats(4.0)}}},
-        throughput={"tf": {"ranet": {16: {}}, "vgg16": {16: {}}}},
+        results={"tf": {
+            "ranet": comparison.ModelResult(ranet, {"full": stats(3.0), "adaptive": stats(2.0),
+                                                    path: stats(1.0)}, {16: {}}),
+            "vgg16": comparison.ModelResult(vgg16, {"full": stats(4.0)}, {16: {}})}},
         adaptive_model="ranet", at_equal_accuracy=chosen)
 
 

@@ -31,13 +31,11 @@ def compared():
                 for path, p50 in (("full", 3.0), ("adaptive", 2.0), ("adaptive@20", 1.5))}
 
     loaded = SimpleNamespace(name="ranet")
-    return comparison.Comparison(
-        images=images, models=[loaded], evaluations={"tf": [result], "litert_int8": [int8]},
-        latency={"tf": {"ranet": stats(1.0)}, "litert_int8": {"ranet": stats(0.1)}},
-        throughput={"tf": {"ranet": {16: {"full": 100.0, "adaptive": 180.0,
-                                          "adaptive@20": 200.0}}},
-                    "litert_int8": {"ranet": {1: {"full": 900.0, "adaptive": 1500.0,
-                                                  "adaptive@20": 1800.0}}}})
+    return comparison.Comparison(images=images, models=[loaded], results={
+        "tf": {"ranet": comparison.ModelResult(
+            result, stats(1.0), {16: {"full": 100.0, "adaptive": 180.0, "adaptive@20": 200.0}})},
+        "litert_int8": {"ranet": comparison.ModelResult(
+            int8, stats(0.1), {1: {"full": 900.0, "adaptive": 1500.0, "adaptive@20": 1800.0}})}})
 
 
 def test_report_json_keeps_its_schema(compared):
