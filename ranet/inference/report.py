@@ -252,14 +252,9 @@ def plot(report: dict, report_dir: str) -> List[str]:
         sweep = sorted((b["expected_macs"] / 1e6, 100 * b["accuracy"])
                        for b in model["budgeted"] if "q" in b)
         axes.plot(*zip(*sweep), "-", label=f"{model['name']} budgeted")
-    axes.set_xscale("log")
-    axes.set(xlabel="multiply-adds per image (millions, log)", ylabel="accuracy (%)",
-             title=f"Accuracy vs computation ({report['split']})")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    written.append(os.path.join(report_dir, PLOT_MACS))
-    figure.savefig(written[-1], dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    _style(axes, "multiply-adds per image (millions, log)",
+           f"Accuracy vs computation ({report['split']})")
+    written.append(_save(plt, figure, os.path.join(report_dir, PLOT_MACS)))
 
     runtimes = report["runtimes"]
     figure, panels = plt.subplots(1, len(runtimes), figsize=(6 * len(runtimes), 5),
@@ -275,15 +270,22 @@ def plot(report: dict, report_dir: str) -> List[str]:
                 axes.scatter(*zip(*points), marker="s", s=60, label=model["name"])
             elif points:
                 axes.plot(*zip(*points), "o-", label=f"{model['name']} (operating points)")
-        axes.set_xscale("log")
-        axes.set(xlabel="batch-1 latency p50 (ms, log)", ylabel="accuracy (%)",
-                 title=f"{runtime} ({report['device']})")
-        axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=8)
-    written.append(os.path.join(report_dir, PLOT_LATENCY))
-    figure.savefig(written[-1], dpi=120, bbox_inches="tight")
-    plt.close(figure)
+        _style(axes, "batch-1 latency p50 (ms, log)", f"{runtime} ({report['device']})")
+    written.append(_save(plt, figure, os.path.join(report_dir, PLOT_LATENCY)))
     return written
+
+
+def _style(axes, xlabel: str, title: str) -> None:
+    axes.set_xscale("log")
+    axes.set(xlabel=xlabel, ylabel="accuracy (%)", title=title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+
+
+def _save(plt, figure, path: str) -> str:
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
 
 
 def _path_accuracy(view: dict, path: str, at_equal: Dict[str, dict]) -> Optional[float]:
