@@ -107,12 +107,12 @@ def contest_from_flags(values: flags.FlagValues) -> Contest:
     if not blocks or min(blocks) < 1:
         raise ValueError("--latency_blocks takes positive integers, e.g. 1,10. Received: "
                          f"--latency_blocks={','.join(values.latency_blocks)}")
-    contest = Contest(models=tuple(values.models),
-                      time_budget=None if values.epochs else values.time_budget,
-                      epochs=values.epochs, test_size=values.test_size,
-                      train_flags=tuple(values.train_flag))
-    contest.budget_seconds  # noqa: B018 -- a malformed --time_budget fails here, before work
-    return contest
+    if not values.epochs:  # a malformed --time_budget fails here, before any work
+        config_lib.parse_duration(values.time_budget, "time_budget")
+    return Contest(models=tuple(values.models),
+                   time_budget=None if values.epochs else values.time_budget,
+                   epochs=values.epochs, test_size=values.test_size,
+                   train_flags=tuple(values.train_flag))
 
 
 def _check_settings(out: str, contest: Contest) -> None:
