@@ -152,6 +152,7 @@ def test_deterministic_pipelines_each_take_their_rows_of_one_global_batch(tmp_pa
         np.testing.assert_allclose(images, np.concatenate([p[0] for p in parts]), atol=1e-6)
 
 
+@pytest.mark.slow  # a tf.data service; tests/end_to_end/test_data_service.py runs one too
 def test_training_batches_through_an_in_process_tf_data_service(tmp_path):
     index = imagenet.index_records(imagenet.shard_files(str(write_shards(tmp_path / "d")), "train"))
     service = tf.data.experimental.service

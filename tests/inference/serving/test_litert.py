@@ -237,6 +237,7 @@ def test_the_runtime_serves_where_tensorflow_cannot_be_imported(exported, stages
     assert served["exits"] == expected["exits"].tolist()
 
 
+@pytest.mark.slow  # VGG16's conversions; the fast tier exports RANet, the slow one MobileNetV2 too
 def test_a_baseline_is_one_stage(tmp_path):
     write_model_dir(tmp_path / "run", VGG16)
     manifest = litert.export(ExportOptions(model_dir=str(tmp_path / "run"),
