@@ -156,11 +156,13 @@ class AllExits:
         outputs = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            filled = np.concatenate([chunk, np.repeat(chunk[:1], self.batch_size - len(chunk),
-                                                      axis=0)])
-            np.copyto(self._image(), filled, casting="unsafe")
+            if len(chunk) < self.batch_size:  # a full chunk (batch 1 always) is copied as is
+                chunk = np.concatenate([chunk, np.repeat(
+                    chunk[:1], self.batch_size - len(chunk), axis=0)])
+            np.copyto(self._image(), chunk, casting="unsafe")
             self.interpreter.invoke()
-            outputs.append(np.stack([logits()[:len(chunk)] for logits in self._logits]))
+            kept = min(self.batch_size, len(images) - start)
+            outputs.append(np.stack([logits()[:kept] for logits in self._logits]))
         return np.concatenate(outputs, axis=1)
 
 
