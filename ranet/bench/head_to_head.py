@@ -31,8 +31,8 @@ from absl import flags, logging
 from ranet import cli, config as config_lib, jsonio
 from ranet.inference.comparison import RUNTIMES
 
-# Model -> (preset for a time budget, preset for --epochs); RANet first: the eval's
-# at-equal-accuracy section compares the first model with several exits to the others.
+# Model -> (preset for a time budget, preset for --epochs). The eval's at-equal-accuracy
+# section compares the model with several exits (RANet) to each of the others.
 CONTEST = {
     "ranet": ("ranet_cifar10_1h_cpu", "ranet_cifar10"),
     "vgg16": ("vgg16_cifar10_1h_cpu", "vgg16_cifar10"),

@@ -76,10 +76,6 @@ def candidate(label: Dict[str, object], thresholds: Sequence[float], confidences
     return Candidate(dict(label), tuple(float(t) for t in thresholds), macs, correct)
 
 
-def last_exit_thresholds(num_exits: int) -> Tuple[float, ...]:
-    return (math.inf,) * (num_exits - 1) + (-math.inf,)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Choice:
     """The RANet point chosen against one baseline, on one runtime."""
@@ -159,7 +155,7 @@ def candidates_of(evaluation, labels: np.ndarray) -> List[Candidate]:
     results = evaluation.sweep + evaluation.budgets + [
         r for r in (evaluation.default, evaluation.fixed) if r is not None]
     points = [(r.label, r.point.thresholds) for r in results]
-    points.append((LAST_EXIT_ONLY, last_exit_thresholds(len(exit_macs))))
+    points.append((LAST_EXIT_ONLY, calibration.fixed_threshold(math.inf, len(exit_macs))))
     return [candidate(label, thresholds, evaluation.report_confidences,
                       evaluation.report_predictions, labels, exit_macs)
             for label, thresholds in points]
@@ -170,7 +166,8 @@ def choices(ranet, baselines: Sequence, labels: np.ndarray,
     """RANet's point against each baseline (``ModelEvaluation``s of one runtime).
 
     ``timed_paths``: RANet's latency paths already timed, by thresholds; a chosen point with
-    the same thresholds is timed through that path, any other through ``path_name(B)``.
+    the same thresholds is timed through that path (or through the path of the baseline that
+    chose it first), any other through ``path_name(B)``.
     """
     pool = candidates_of(ranet, labels)
     by_thresholds = {tuple(float(t) for t in values): path for path, values in timed_paths.items()}
@@ -178,6 +175,6 @@ def choices(ranet, baselines: Sequence, labels: np.ndarray,
     for baseline in baselines:
         choice = choose(pool, baseline.name, baseline.report_predictions[0] == labels,
                         baseline.cost.exits[-1].macs)
-        path = by_thresholds.get(choice.point.thresholds, path_name(baseline.name))
+        path = by_thresholds.setdefault(choice.point.thresholds, path_name(baseline.name))
         chosen[baseline.name] = dataclasses.replace(choice, path=path)
     return chosen
