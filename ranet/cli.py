@@ -8,9 +8,10 @@
   flagfile of that name installed with the package (``flags/`` in the source tree), as
   ``--flagfile=flags/ranet_cifar10.cfg`` does from a checkout. Flags after it override it.
 * ``run(main, define_flags)`` is every binary's entry point: one log level, the check for
-  stray arguments, and configuration errors turned into ``error: <what and how to fix>``
-  with exit status 2 and no traceback. ``call`` runs a binary in-process on a fresh set of
-  flag values, for tests.
+  stray arguments, and ``USAGE_ERRORS`` (``UsageError``: what the user can fix) turned into
+  ``error: <what and how to fix>`` with exit status 2 and no traceback; any other error, a
+  plain ``ValueError`` from a bug included, keeps its traceback. ``call`` runs a binary
+  in-process on a fresh set of flag values, for tests.
 
 Library modules never read flags.
 """
@@ -24,14 +25,19 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 from absl import app, flags, logging
 
 from ranet import config as config_lib
+from ranet.errors import UsageError
 
 FLAGS = flags.FLAGS
 PRESETS_PACKAGE = "ranet.presets"
 PRESET_SUFFIX = ".cfg"
 # One TensorFlow C++ log level for every binary: warnings and errors only.
 TF_LOG_LEVEL = "2"
-# Errors that mean "the request cannot be done as asked": a message, not a traceback.
-USAGE_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# Errors that mean "the request cannot be done as asked": a message, not a traceback. A
+# UsageError is what the user can fix (a flag, a file, a model directory); FileNotFoundError a
+# file or folder the user named that is not there; FloatingPointError a training that
+# diverged (a loss that is not finite: lower the learning rate). Anything else is a bug and
+# keeps its traceback.
+USAGE_ERRORS = (UsageError, FileNotFoundError, FloatingPointError)
 
 _CONFIG_SECTIONS = (config_lib.DataConfig, config_lib.ModelConfig, config_lib.OptimConfig,
                     config_lib.RuntimeConfig)
@@ -98,7 +104,7 @@ def _dash_ints(text: str, name: str) -> Tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split("-"))
     except ValueError:
-        raise ValueError(f"--{name} takes integers joined by '-', e.g. 4-2-1. "
+        raise UsageError(f"--{name} takes integers joined by '-', e.g. 4-2-1. "
                          f"Received: --{name}={text}") from None
 
 
@@ -106,7 +112,7 @@ def _floats(items: Sequence[str], name: str) -> Tuple[float, ...]:
     try:
         return tuple(float(v) for v in items)
     except ValueError:
-        raise ValueError(f"--{name} takes comma-separated numbers. "
+        raise UsageError(f"--{name} takes comma-separated numbers. "
                          f"Received: --{name}={','.join(items)}") from None
 
 
@@ -115,7 +121,7 @@ def _field_value(field: dataclasses.Field, values: flags.FlagValues):
     value = values[name].value
     if meta["unset"] is not None:
         if kind == "int" and value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0 ({meta['unset']}: unset). "
+            raise UsageError(f"{name} must be >= 0 ({meta['unset']}: unset). "
                              f"Received: --{name}={value}")
         if value == meta["unset"]:
             return None
@@ -221,12 +227,12 @@ def preset_path(name: str) -> str:
     """The flagfile of preset ``name``."""
     folder = _presets_folder()
     if folder is None:
-        raise ValueError(f"no presets are installed ({PRESETS_PACKAGE} is missing): reinstall "
+        raise UsageError(f"no presets are installed ({PRESETS_PACKAGE} is missing): reinstall "
                          "ranet with pip install, or pass --flagfile=flags/<name>.cfg from a "
                          f"checkout. Received: --preset={name}")
     path = folder / f"{name}{PRESET_SUFFIX}"
     if not path.is_file():
-        raise ValueError(f"preset must be one of {', '.join(preset_names())}. "
+        raise UsageError(f"preset must be one of {', '.join(preset_names())}. "
                          f"Received: preset={name!r}")
     return str(path)
 
@@ -267,7 +273,7 @@ def fail(message: str) -> None:
 
 def _check_no_arguments(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
 
 def run(main: Callable[[flags.FlagValues], Any],
@@ -288,7 +294,7 @@ def run(main: Callable[[flags.FlagValues], Any],
     if takes_config_flags(FLAGS):
         try:
             argv = expand_presets(argv)
-        except ValueError as error:
+        except UsageError as error:
             fail(str(error))
     app.run(guarded, argv=argv)
 

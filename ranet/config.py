@@ -16,6 +16,7 @@ import re
 from typing import Any, Optional, Sequence
 
 from ranet import jsonio
+from ranet.errors import UsageError
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
 MODELS = ("ranet", "vgg16", "resnet50", "mobilenet_v2")
@@ -38,9 +39,9 @@ _POLICIES = {"fp32": "float32", "mixed_float16": "mixed_float16",
 
 
 def require(condition: bool, message: str) -> None:
-    """Raises ``ValueError(message)`` unless ``condition``: the form of every config check."""
+    """Raises ``UsageError(message)`` unless ``condition``: the form of every config check."""
     if not condition:
-        raise ValueError(message)
+        raise UsageError(message)
 
 
 def check_choice(name: str, value: Any, choices: Sequence) -> None:
@@ -461,5 +462,5 @@ def load(directory: str) -> ExperimentConfig:
     try:
         return ExperimentConfig(**{name: cls(**raw[name]) for name, cls in sections.items()})
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} does not hold a valid configuration ({type(error).__name__}: "
+        raise UsageError(f"{path} does not hold a valid configuration ({type(error).__name__}: "
                          f"{error}). {how_to_fix}") from None

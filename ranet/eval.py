@@ -15,6 +15,7 @@ import os
 from absl import flags, logging
 
 from ranet import cli
+from ranet.errors import UsageError
 from ranet.inference.comparison import ComparisonOptions
 
 
@@ -26,7 +27,7 @@ def define_flags(values: flags.FlagValues) -> None:
 def main(values: flags.FlagValues) -> dict:
     options = cli.from_flags(ComparisonOptions, values)
     if not values.report_dir:
-        raise ValueError("pass --report_dir=/where/the/report/goes")
+        raise UsageError("pass --report_dir=/where/the/report/goes")
     from ranet.inference import comparison, report
     results = comparison.compare(options)
     contents = []

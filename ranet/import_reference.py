@@ -11,6 +11,7 @@ model directory is then used as one ``ranet.train`` wrote: ``ranet.eval``, ``ran
 from absl import flags
 
 from ranet import cli
+from ranet.errors import UsageError
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -22,7 +23,7 @@ def define_flags(values: flags.FlagValues) -> None:
 
 def main(values: flags.FlagValues) -> str:
     if not values.checkpoint:
-        raise ValueError("--checkpoint is required: the file the reference saved.")
+        raise UsageError("--checkpoint is required: the file the reference saved.")
     config = cli.experiment_config(values)
     from ranet.reference import importing
     return importing.import_checkpoint(values.checkpoint, config)

@@ -3,7 +3,7 @@
 Thresholds are often infinite (-inf: the last exit takes everything; +inf: nobody leaves
 there), and JSON has no infinity: every file here writes them as the strings "inf" and
 "-inf", which ``float()`` reads back. Files are written whole or not at all (a temporary
-sibling renamed into place), and a file that does not parse raises a ``ValueError`` that
+sibling renamed into place), and a file that does not parse raises a ``UsageError`` that
 names it and says how to fix it.
 """
 
@@ -13,6 +13,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from ranet.errors import UsageError
 
 
 def number(value: float):
@@ -48,7 +50,7 @@ def write(path: str, content: Any) -> str:
 
 
 def read(path: str, how_to_fix: str) -> Any:
-    """The content of a JSON file; a ``ValueError`` naming it when it does not parse.
+    """The content of a JSON file; a ``UsageError`` naming it when it does not parse.
 
     Args:
         path: the file.
@@ -58,6 +60,6 @@ def read(path: str, how_to_fix: str) -> Any:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}). {how_to_fix}") from None
+        raise UsageError(f"{path} is not valid JSON ({error}). {how_to_fix}") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not a text file ({error.reason}). {how_to_fix}") from None
+        raise UsageError(f"{path} is not a text file ({error.reason}). {how_to_fix}") from None

@@ -235,6 +235,23 @@ def test_export_litert_writes_stage_files_and_a_manifest(model_dirs, tmp_path):
     assert set(manifest["precisions"]["fp32"]["thresholds"]["budgets"]) == {"2", "3"}
 
 
+def test_a_barely_trained_model_exports_in_both_formats(tmp_path):
+    # Three steps leave exits whose confidences say little: no threshold point may come
+    # within a point of the last exit, and the default point is then "every image to the last
+    # exit" (test_evaluation proves that rule by hand); the export must still write files.
+    model_dir = tmp_path / "barely"
+    _call(train, "--preset=ranet_smoke", f"--model_dir={model_dir}", "--train_steps=3")
+    _call(export, f"--model_dir={model_dir}", f"--export_dir={tmp_path / 'saved' / '1'}")
+    metadata = json.loads((tmp_path / "saved" / "1" / "assets.extra"
+                           / saved_model.METADATA_FILENAME).read_text())
+    assert metadata["operating_point"]["rule"] == "default"
+    assert len(metadata["thresholds"]) == 3 and float(metadata["thresholds"][-1]) == -np.inf
+    manifest = _call(export, f"--model_dir={model_dir}", f"--export_dir={tmp_path / 'litert'}",
+                     "--format=litert", "--litert_precision=fp32")
+    default = manifest["precisions"]["fp32"]["thresholds"]["default"]
+    assert len(default) == 3 and float(default[-1]) == -np.inf
+
+
 def test_export_without_checkpoint_names_the_directory(tmp_path):
     write_model_dir(tmp_path / "untrained", with_checkpoint=False)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'untrained'} has no checkpoint"):

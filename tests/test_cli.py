@@ -9,9 +9,10 @@ import sys
 import pytest
 from absl import flags
 
-from helpers import REPO_ROOT, SMOKE
+from helpers import REPO_ROOT, SMOKE, python, tail
 from ranet import cli
 from ranet import config as config_lib
+from ranet.errors import UsageError
 
 
 def _parse(*args) -> flags.FlagValues:
@@ -83,6 +84,26 @@ def test_only_binaries_that_take_the_config_flags_expand_presets():
     assert cli.call(lambda values: values.preset, define, ["--preset=ranet_smoke"]) == "ranet_smoke"
     assert cli.call(lambda values: cli.experiment_config(values), cli.define_config_flags,
                     ["--preset=ranet_smoke"]) == SMOKE
+
+
+def test_run_ends_a_usage_error_in_one_line_but_a_bug_keeps_its_traceback():
+    """What the user can fix (``UsageError``) is ``error: ...`` and status 2; a plain
+    ``ValueError`` is a bug, which ``cli.run`` must not swallow into one line."""
+    assert issubclass(UsageError, ValueError) and ValueError not in cli.USAGE_ERRORS
+
+    def binary(error: str):
+        return python("-c", "from ranet import cli\nfrom ranet.errors import UsageError\n"
+                      f"def main(values):\n    raise {error}('--answer must be 42. Received: "
+                      "--answer=41')\ncli.run(main, lambda values: None)\n", timeout=60)
+
+    usage = binary("UsageError")
+    assert usage.returncode == 2, tail(usage)
+    assert "error: --answer must be 42. Received: --answer=41" in usage.stderr
+    assert "Traceback" not in usage.stderr and usage.stdout == ""
+    bug = binary("ValueError")
+    assert bug.returncode == 1, tail(bug)
+    assert "Traceback" in bug.stderr and "ValueError: --answer must be 42" in bug.stderr
+    assert not any(line.startswith("error: ") for line in bug.stderr.splitlines())
 
 
 def test_a_non_editable_install_carries_the_presets_and_the_launchers(tmp_path):

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 from absl import flags, logging
 
 from ranet import cli, config as config_lib, jsonio
+from ranet.errors import UsageError
 from ranet.inference.comparison import RUNTIMES
 
 # Model -> (preset for a time budget, preset for --epochs). The eval's at-equal-accuracy
@@ -94,18 +95,18 @@ class Contest:
 def contest_from_flags(values: flags.FlagValues) -> Contest:
     unknown = [m for m in values.models if m not in CONTEST]
     if unknown or not values.models or len(set(values.models)) != len(values.models):
-        raise ValueError(f"--models takes distinct names among {', '.join(CONTEST)}. "
+        raise UsageError(f"--models takes distinct names among {', '.join(CONTEST)}. "
                          f"Received: --models={','.join(values.models)}")
     bad_runtimes = [r for r in values.runtimes if r not in RUNTIMES]
     if bad_runtimes or "tf" not in values.runtimes:
-        raise ValueError(f"--runtimes must include tf and be some of {', '.join(RUNTIMES)}. "
+        raise UsageError(f"--runtimes must include tf and be some of {', '.join(RUNTIMES)}. "
                          f"Received: --runtimes={','.join(values.runtimes)}")
     try:
         blocks = [int(b) for b in values.latency_blocks]
     except ValueError:
         blocks = [0]
     if not blocks or min(blocks) < 1:
-        raise ValueError("--latency_blocks takes positive integers, e.g. 1,10. Received: "
+        raise UsageError("--latency_blocks takes positive integers, e.g. 1,10. Received: "
                          f"--latency_blocks={','.join(values.latency_blocks)}")
     if not values.epochs:  # a malformed --time_budget fails here, before any work
         config_lib.parse_duration(values.time_budget, "time_budget")
@@ -124,7 +125,7 @@ def _check_settings(out: str, contest: Contest) -> None:
         changed = {k: (previous.get(k), v) for k, v in settings.items()
                    if k != "models" and previous.get(k) != v}
         if changed:
-            raise ValueError(
+            raise UsageError(
                 f"{out} holds a contest with other settings ({', '.join(changed)}: was "
                 f"{', '.join(str(old) for old, _ in changed.values())}); its models were "
                 "trained under them. Use another --out, or the same settings to resume.")
@@ -209,7 +210,7 @@ def evaluate(out: str, model_dirs: Dict[str, str], runtimes: Sequence[str],
 
 def main(values: flags.FlagValues) -> List[str]:
     if not values.out:
-        raise ValueError("pass --out=/folder/of/the/contest")
+        raise UsageError("pass --out=/folder/of/the/contest")
     contest = contest_from_flags(values)
     os.makedirs(values.out, exist_ok=True)
     _check_settings(values.out, contest)

@@ -9,8 +9,11 @@ Every model runs the same kind of paths on the same images, timed interleaved in
 pools can only be sized before its first op, so each other ``--tf_settings`` entry is timed
 by a child process of this binary (TensorFlow only, run before the main measurement, one at
 a time) and its numbers join the table: the TF path at its best next to its defaults. It
-prints the latency table, throughput per batch size, and the performance targets as
-measured ratios (benchmarks print numbers; nothing here is a timed test).
+prints the latency table, throughput per batch size, and the performance targets
+(``TARGETS``) as measured ratios (benchmarks print numbers; nothing here is a timed test).
+``--json`` writes what ``ranet.eval`` writes as report.json (``report.build``) and beside it
+the benchmark's own: each TensorFlow setting's p50 and accuracy, each model's best runtime,
+images/s at every batch size, the PyTorch anchor and the targets.
 """
 
 import dataclasses
@@ -18,13 +21,15 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from absl import flags, logging
 
 from ranet import cli, jsonio
-from ranet.inference import comparison, latency
+from ranet.errors import UsageError
+from ranet.inference import comparison, latency, report
 from ranet.inference.comparison import ComparisonOptions
+from ranet.inference.evaluation import LoadedModel, ModelEvaluation
 
 # TensorFlow settings: (intra-op threads, inter-op threads, XLA, precision) of the batch-1
 # paths. bfloat16 runs the convolutions on the AMX units of CPUs that have them (oneDNN).
@@ -32,18 +37,6 @@ TF_SETTINGS = {"default": (0, 0, False, "fp32"), "xla": (0, 0, True, "fp32"),
                "one_thread": (1, 2, False, "fp32"), "one_thread_xla": (1, 2, True, "fp32"),
                "bfloat16": (0, 0, False, "mixed_bfloat16"),
                "one_thread_bfloat16": (1, 2, False, "mixed_bfloat16")}
-# Batch-1 speed-ups RANet's adaptive path must reach over each baseline's full pass (by the
-# baseline's architecture): on each one's fastest runtime within 1 point of its fp32
-# accuracy, and on LiteRT fp32 against LiteRT fp32.
-BEST_AGAINST_BEST = {"vgg16": 2.0, "resnet50": 6.0}
-SAME_RUNTIME_FP32 = {"vgg16": 3.0, "resnet50": 8.0}
-# RANet's LiteRT adaptive path against its TensorFlow one, and the reference's PyTorch full pass.
-LITERT_OVER_TF = 4.0
-LITERT_OVER_PYTORCH = 10.0
-# RANet's full pass on LiteRT fp32 reaches this share of VGG16's multiply-adds per second.
-FULL_PASS_MAC_RATE_SHARE = 0.4
-# Batched: the adaptive path's throughput gain reaches the multiply-add saving within this.
-BATCHED_SAVING_SHARE = 0.8
 # "Within 1 point": the accuracy a faster runtime or precision may lose.
 ACCURACY_TOLERANCE = 0.01
 
@@ -65,111 +58,204 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("json", None, "Also write the results here.", **define)
 
 
+def compared_path(evaluation: ModelEvaluation) -> Tuple[str, float]:
+    """The path a model is compared by, and its accuracy: RANet's adaptive path at its
+    default point, a baseline's full pass."""
+    if evaluation.is_adaptive:
+        return latency.ADAPTIVE, evaluation.default.point.accuracy
+    return latency.FULL, evaluation.exit_accuracy[-1]
+
+
 def _p50(result: comparison.Comparison, runtime: str, model: str, path: str) -> Optional[float]:
-    by_model = result.results.get(runtime, {})
-    stats = by_model[model].latency.get(path) if model in by_model else None
+    """None where the runtime or the path was not measured."""
+    measured = result.results.get(runtime, {}).get(model)
+    stats = None if measured is None else measured.latency.get(path)
     return None if stats is None else stats.p50
 
 
-def _headline_accuracy(evaluation) -> float:
-    """Accuracy of the path compared: RANet's adaptive default point, a baseline's full pass."""
-    if not evaluation.is_adaptive:
-        return evaluation.exit_accuracy[-1]
-    return evaluation.default.point.accuracy
-
-
-def _headline_path(evaluation) -> str:
-    return latency.ADAPTIVE if evaluation.is_adaptive else latency.FULL
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    return None if numerator is None or denominator is None else numerator / denominator
 
 
 def best_runtimes(result: comparison.Comparison, tf_settings: Dict[str, dict],
                   tf_accuracy: Dict[str, Dict[str, float]]) -> Dict[str, Tuple[str, float, float]]:
-    """Per model, its fastest (runtime, p50, accuracy) whose accuracy is within 1 point of fp32.
+    """Per model, its fastest (runtime, p50, accuracy) on its ``compared_path`` whose accuracy
+    is within 1 point of fp32 TensorFlow's.
 
-    The path is RANet's adaptive default point, a baseline's full pass. TensorFlow counts
-    with every setting timed (``tf_settings``: setting -> model -> p50 of each path;
-    ``tf_accuracy``: setting -> model -> accuracy of the path, which bfloat16 changes).
+    TensorFlow counts with every setting timed (``tf_settings``: setting -> model -> p50 of
+    each path; ``tf_accuracy``: setting -> model -> accuracy of the path, which bfloat16
+    changes).
     """
     best = {}
     for loaded in result.models:
-        reference = result.results[comparison.TF][loaded.name].evaluation
-        path = _headline_path(reference)
-        fp32_accuracy = _headline_accuracy(reference)
-        candidates = [(f"tf ({setting})", by_model[loaded.name][path],
-                       tf_accuracy[setting][loaded.name])
-                      for setting, by_model in tf_settings.items()
-                      if tf_accuracy[setting][loaded.name] >= fp32_accuracy - ACCURACY_TOLERANCE]
-        for runtime, by_model in result.results.items():
-            accuracy = _headline_accuracy(by_model[loaded.name].evaluation)
-            if runtime != comparison.TF and accuracy >= fp32_accuracy - ACCURACY_TOLERANCE:
-                candidates.append((runtime, _p50(result, runtime, loaded.name, path), accuracy))
-        best[loaded.name] = min(candidates, key=lambda candidate: candidate[1])
+        name = loaded.name
+        path, fp32_accuracy = compared_path(result.results[comparison.TF][name].evaluation)
+        candidates = [(f"tf ({setting})", by_model[name][path], tf_accuracy[setting][name])
+                      for setting, by_model in tf_settings.items()]
+        candidates += [(runtime, _p50(result, runtime, name, path),
+                        compared_path(by_model[name].evaluation)[1])
+                       for runtime, by_model in result.results.items()
+                       if runtime != comparison.TF]
+        best[name] = min((c for c in candidates if c[2] >= fp32_accuracy - ACCURACY_TOLERANCE),
+                         key=lambda candidate: candidate[1])
     return best
 
 
-def targets(result: comparison.Comparison, tf_settings: Dict[str, dict],
-            tf_accuracy: Dict[str, Dict[str, float]],
-            pytorch_full_ms: Optional[float]) -> List[Tuple[str, float, float, str]]:
-    """The performance targets as (label, measured, needed, unit): met when measured >= needed.
+@dataclasses.dataclass(frozen=True)
+class _Measurements:
+    """What the targets are worked out from."""
+    result: comparison.Comparison
+    best: Dict[str, Tuple[str, float, float]]
+    pytorch_full_ms: Optional[float]
 
-    Units: "x" for a ratio (of latencies, throughputs or rates), "points" for an accuracy
-    difference in percentage points.
+
+# (measurements, model, its baseline or None) -> (the measured value, None where the run
+# lacks what it needs; the fields the target's label names beyond model and baseline).
+Measure = Callable[[_Measurements, LoadedModel, Optional[LoadedModel]],
+                   Tuple[Optional[float], Dict[str, object]]]
+
+
+class _P50(NamedTuple):
+    """A batch-1 p50 a latency ratio takes: of the row's model, or of its baseline."""
+    runtime: str
+    path: str
+    of_baseline: bool = False
+
+
+def _latency_ratio(numerator: _P50, denominator: _P50) -> Measure:
+    def measure(measurements, model, baseline):
+        return _ratio(*(_p50(measurements.result, p.runtime,
+                             (baseline if p.of_baseline else model).name, p.path)
+                        for p in (numerator, denominator))), {}
+    return measure
+
+
+def _best_over_best(measurements, model, baseline):
+    """The baseline's p50 over the model's, each on its own ``best_runtimes`` entry."""
+    baseline_runtime, baseline_p50, _ = measurements.best[baseline.name]
+    runtime, p50, _ = measurements.best[model.name]
+    return baseline_p50 / p50, {"baseline_runtime": baseline_runtime, "runtime": runtime}
+
+
+def _pytorch_over_litert(measurements, model, _):
+    return _ratio(measurements.pytorch_full_ms,
+                  _p50(measurements.result, "litert", model.name, latency.ADAPTIVE)), {}
+
+
+def _full_pass_mac_rate_share(measurements, model, baseline):
+    """The model's full-pass multiply-adds per second on LiteRT fp32 over the baseline's."""
+    rates = [_ratio(m.cost.exits[-1].macs,
+                    _p50(measurements.result, "litert", m.name, latency.FULL))
+             for m in (model, baseline)]
+    return _ratio(*rates), {}
+
+
+def _batched_gain(measurements, model, _):
+    """Adaptive over full images/s at batch 64 or more, on whichever runtime delivers more
+    adaptive images/s there (LiteRT's stage files take one image at a time, so today
+    TensorFlow), with the multiply-add saving of the default point it is held to."""
+    batched = [(runtime, batch, by_path)
+               for runtime, by_model in measurements.result.results.items()
+               for batch, by_path in by_model[model.name].throughput.items() if batch >= 64]
+    if not batched:
+        return None, {}
+    runtime, batch, by_path = max(batched, key=lambda entry: entry[2][latency.ADAPTIVE])
+    default = measurements.result.results[comparison.TF][model.name].evaluation.default
+    saving = model.cost.exits[-1].macs / default.point.expected_macs
+    return (by_path[latency.ADAPTIVE] / by_path[latency.FULL],
+            {"runtime": runtime, "batch": batch, "saving": saving})
+
+
+def _int8_accuracy_change(measurements, model, _):
+    """Percentage points int8 LiteRT gains over fp32 TensorFlow at its worst exit."""
+    results = measurements.result.results
+    if "litert_int8" not in results:
+        return None, {}
+    fp32 = results[comparison.TF][model.name].evaluation.exit_accuracy
+    int8 = results["litert_int8"][model.name].evaluation.exit_accuracy
+    return 100 * min(i - f for i, f in zip(int8, fp32)), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A performance target: met where the measured value reaches ``needed``.
+
+    It has a row for each adaptive model (RANet), or for every model with ``every_model``;
+    with ``baseline`` (an architecture), one for each such model and each baseline of that
+    architecture in the run. ``label`` is a ``str.format`` template of ``model``,
+    ``baseline`` and the fields ``measure`` gives; ``needed_times`` names the field that
+    ``needed`` is a share of. Units: "x" for a ratio (of latencies, throughputs or rates),
+    "points" for an accuracy difference in percentage points.
     """
+    label: str
+    measure: Measure
+    needed: float
+    unit: str = "x"
+    baseline: Optional[str] = None
+    every_model: bool = False
+    needed_times: Optional[str] = None
+
+
+_BEST = "best: {baseline} ({baseline_runtime}) / {model} adaptive ({runtime})"
+_LITERT = "litert: {baseline} full / {model} adaptive"
+_LITERT_ADAPTIVE = _P50("litert", latency.ADAPTIVE)
+_LITERT_BASELINE_FULL = _P50("litert", latency.FULL, of_baseline=True)
+TARGETS = (
+    # Batch-1 speed-ups RANet's adaptive path must reach over each baseline's full pass: on
+    # each one's fastest runtime within 1 point of its fp32 accuracy, and on LiteRT fp32
+    # against LiteRT fp32.
+    Target(_BEST, _best_over_best, 2.0, baseline="vgg16"),
+    Target(_BEST, _best_over_best, 6.0, baseline="resnet50"),
+    Target(_LITERT, _latency_ratio(_LITERT_BASELINE_FULL, _LITERT_ADAPTIVE), 3.0,
+           baseline="vgg16"),
+    Target(_LITERT, _latency_ratio(_LITERT_BASELINE_FULL, _LITERT_ADAPTIVE), 8.0,
+           baseline="resnet50"),
+    # RANet's LiteRT adaptive path against its TensorFlow one, and the reference's PyTorch
+    # full pass (--pytorch_full_ms).
+    Target("{model}: tf adaptive / litert adaptive",
+           _latency_ratio(_P50(comparison.TF, latency.ADAPTIVE), _LITERT_ADAPTIVE), 4.0),
+    Target("{model}: reference PyTorch full / litert adaptive", _pytorch_over_litert, 10.0),
+    Target("litert full pass MAC/s: {model} / {baseline}", _full_pass_mac_rate_share, 0.4,
+           baseline="vgg16"),
+    # Batched, the adaptive path's throughput gain is most of its multiply-add saving.
+    Target("{model}: adaptive / full images/s, {runtime} batch {batch} "
+           "(MAC saving {saving:.2f}x)", _batched_gain, 0.8, needed_times="saving"),
+    # int8 may cost at most the tolerance at any exit, and must not be slower than fp32.
+    Target("{model}: int8 - fp32 accuracy, worst exit", _int8_accuracy_change,
+           -100 * ACCURACY_TOLERANCE, unit="points", every_model=True),
+    Target("{model}: litert full, fp32 / int8 latency",
+           _latency_ratio(_P50("litert", latency.FULL), _P50("litert_int8", latency.FULL)),
+           1.0, every_model=True),
+)
+
+
+def _rows_of(target: Target, models: List[LoadedModel]
+             ) -> List[Tuple[LoadedModel, Optional[LoadedModel]]]:
+    """(model, baseline) of each row ``target`` has among ``models``."""
+    subjects = [m for m in models if target.every_model or m.model.num_exits > 1]
+    if target.baseline is None:
+        return [(m, None) for m in subjects]
+    baselines = [m for m in models
+                 if m.model.num_exits == 1 and m.config.model.name == target.baseline]
+    return [(m, baseline) for m in subjects for baseline in baselines]
+
+
+def targets(result: comparison.Comparison, best: Dict[str, Tuple[str, float, float]],
+            pytorch_full_ms: Optional[float]) -> List[dict]:
+    """Every row of every one of ``TARGETS`` the run can measure, as {target, measured,
+    needed, unit}; ``best``: ``best_runtimes``."""
+    measurements = _Measurements(result, best, pytorch_full_ms)
     rows = []
-    best = best_runtimes(result, tf_settings, tf_accuracy)
-    baselines = [(m.name, m.config.model.name) for m in result.models if m.model.num_exits == 1]
-    litert = "litert" in result.results
-    for loaded in result.models:
-        evaluation = result.results[comparison.TF][loaded.name].evaluation
-        if not evaluation.is_adaptive:
-            continue
-        name = loaded.name
-        for baseline, architecture in baselines:
-            if architecture in BEST_AGAINST_BEST:
-                rows.append((f"best: {baseline} ({best[baseline][0]}) / {name} adaptive "
-                             f"({best[name][0]})", best[baseline][1] / best[name][1],
-                             BEST_AGAINST_BEST[architecture], "x"))
-            if litert and architecture in SAME_RUNTIME_FP32:
-                rows.append((f"litert: {baseline} full / {name} adaptive",
-                             _p50(result, "litert", baseline, latency.FULL)
-                             / _p50(result, "litert", name, latency.ADAPTIVE),
-                             SAME_RUNTIME_FP32[architecture], "x"))
-        if litert:
-            litert_adaptive = _p50(result, "litert", name, latency.ADAPTIVE)
-            rows.append((f"{name}: tf adaptive / litert adaptive",
-                         _p50(result, comparison.TF, name, latency.ADAPTIVE) / litert_adaptive,
-                         LITERT_OVER_TF, "x"))
-            if pytorch_full_ms:
-                rows.append((f"{name}: reference PyTorch full / litert adaptive",
-                             pytorch_full_ms / litert_adaptive, LITERT_OVER_PYTORCH, "x"))
-            for baseline, architecture in baselines:
-                if architecture == "vgg16":
-                    vgg = next(m for m in result.models if m.name == baseline)
-                    rate = loaded.cost.exits[-1].macs / _p50(result, "litert", name, "full")
-                    vgg_rate = vgg.cost.exits[-1].macs / _p50(result, "litert", baseline, "full")
-                    rows.append((f"litert full pass MAC/s: {name} / {baseline}", rate / vgg_rate,
-                                 FULL_PASS_MAC_RATE_SHARE, "x"))
-        # Batched: at batch 64 or more, on whichever runtime delivers more adaptive images/s
-        # there (LiteRT's stage files take one image at a time, so today TensorFlow).
-        saving = loaded.cost.exits[-1].macs / evaluation.default.point.expected_macs
-        batched = [(runtime, batch, by_path) for runtime, by_model in result.results.items()
-                   for batch, by_path in by_model[name].throughput.items() if batch >= 64]
-        if batched:
-            runtime, batch, by_path = max(batched, key=lambda entry: entry[2][latency.ADAPTIVE])
-            rows.append((f"{name}: adaptive / full images/s, {runtime} batch {batch} "
-                         f"(MAC saving {saving:.2f}x)",
-                         by_path[latency.ADAPTIVE] / by_path[latency.FULL],
-                         BATCHED_SAVING_SHARE * saving, "x"))
-    if "litert_int8" in result.results:
-        for loaded in result.models:
-            fp32 = result.results[comparison.TF][loaded.name].evaluation.exit_accuracy
-            int8 = result.results["litert_int8"][loaded.name].evaluation.exit_accuracy
-            rows.append((f"{loaded.name}: int8 - fp32 accuracy, worst exit",
-                         100 * min(i - f for i, f in zip(int8, fp32)),
-                         -100 * ACCURACY_TOLERANCE, "points"))
-            rows.append((f"{loaded.name}: litert full, fp32 / int8 latency",
-                         _p50(result, "litert", loaded.name, latency.FULL)
-                         / _p50(result, "litert_int8", loaded.name, latency.FULL), 1.0, "x"))
+    for target in TARGETS:
+        for model, baseline in _rows_of(target, result.models):
+            measured, fields = target.measure(measurements, model, baseline)
+            if measured is None:
+                continue
+            label = target.label.format(model=model.name,
+                                        baseline=baseline.name if baseline else None, **fields)
+            scale = fields[target.needed_times] if target.needed_times else 1.0
+            rows.append({"target": label, "measured": measured,
+                         "needed": scale * target.needed, "unit": target.unit})
     return rows
 
 
@@ -198,11 +284,8 @@ def _time_tf_setting(setting: str, options: ComparisonOptions
             raise RuntimeError(f"the child timing TensorFlow ({setting}) failed:\n"
                                f"{child.stderr[-3000:]}")
         timed = jsonio.read(output, "It is this benchmark's own scratch file.")
-    points = timed["operating_points"][comparison.TF]
-    accuracy = {model: points[model]["accuracy"] if model in points else exits[-1]
-                for model, exits in timed["exit_accuracy"][comparison.TF].items()}
-    return ({model: {path: stats["p50"] for path, stats in paths.items()}
-             for model, paths in timed["latency_ms"][comparison.TF].items()}, accuracy)
+    # The child times only its own setting, the one asked for.
+    return timed["tf_settings_p50_ms"][setting], timed["tf_settings_accuracy"][setting]
 
 
 def main(values: flags.FlagValues) -> dict:
@@ -210,11 +293,11 @@ def main(values: flags.FlagValues) -> dict:
     try:
         batch_sizes = sorted({int(b) for b in values.batch_sizes})
     except ValueError:
-        raise ValueError("--batch_sizes takes comma-separated integers. "
+        raise UsageError("--batch_sizes takes comma-separated integers. "
                          f"Received: --batch_sizes={','.join(values.batch_sizes)}") from None
     unknown = [s for s in values.tf_settings if s and s not in TF_SETTINGS]
     if unknown:
-        raise ValueError(f"tf_settings must be some of {', '.join(TF_SETTINGS)}. "
+        raise UsageError(f"tf_settings must be some of {', '.join(TF_SETTINGS)}. "
                          f"Received: tf_settings={','.join(values.tf_settings)}")
     own_setting = _tf_setting(options)
     # The children run first, each alone, so that nothing else runs beside any timing.
@@ -227,56 +310,39 @@ def main(values: flags.FlagValues) -> dict:
     tf_settings[own_setting] = {
         model: {path: stats.p50 for path, stats in measured.latency.items()}
         for model, measured in tf_results.items()}
-    tf_accuracy[own_setting] = {model: _headline_accuracy(measured.evaluation)
+    tf_accuracy[own_setting] = {model: compared_path(measured.evaluation)[1]
                                 for model, measured in tf_results.items()}
-    rows = targets(result, tf_settings, tf_accuracy, values.pytorch_full_ms)
-    operating_points = {
-        runtime: {model: {"last_exit_accuracy": measured.evaluation.exit_accuracy[-1],
-                          **measured.evaluation.default.to_json()}
-                  for model, measured in by_model.items() if measured.evaluation.is_adaptive}
-        for runtime, by_model in result.results.items()}
-    latency_ms = {runtime: {model: {path: stats.to_json()
-                                    for path, stats in measured.latency.items()}
-                            for model, measured in by_model.items()}
-                  for runtime, by_model in result.results.items()}
-    throughput = {runtime: {model: measured.throughput for model, measured in by_model.items()}
-                  for runtime, by_model in result.results.items()}
-    _print(result, throughput, operating_points, tf_settings, tf_accuracy, rows, options)
-    output = {"environment": latency.device_info(), "xla": options.xla,
-              "litert_threads": comparison.litert_threads(options),
-              "operating_points": operating_points, "latency_ms": latency_ms,
+    best = best_runtimes(result, tf_settings, tf_accuracy)
+    output = {**report.build(result, options),
               "tf_settings_p50_ms": tf_settings, "tf_settings_accuracy": tf_accuracy,
-              "best": best_runtimes(result, tf_settings, tf_accuracy),
-              "throughput_ips": throughput,
-              "exit_accuracy": {runtime: {model: measured.evaluation.exit_accuracy
-                                          for model, measured in by_model.items()}
-                                for runtime, by_model in result.results.items()},
-              "targets": [{"target": label, "measured": measured, "needed": needed,
-                           "unit": unit} for label, measured, needed, unit in rows]}
+              "best": best,
+              # The report holds images/s at --batch_size only.
+              "throughput_ips_by_batch": {
+                  runtime: {model: measured.throughput for model, measured in by_model.items()}
+                  for runtime, by_model in result.results.items()},
+              "pytorch_full_ms": values.pytorch_full_ms,
+              "targets": targets(result, best, values.pytorch_full_ms)}
+    _print(output)
     if values.json:
         jsonio.write(values.json, output)
     return output
 
 
-def _print(result, throughput, operating_points, tf_settings, tf_accuracy, rows,
-           options) -> None:
-    environment = latency.device_info()
-    print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; XLA "
-          f"{'on' if options.xla else 'off'} (batch-1 paths); LiteRT "
-          f"{comparison.litert_threads(options)} threads\n")
-    for runtime, points in operating_points.items():
-        for name, point in points.items():
-            print(f"{name} ({runtime}): default operating point {point['accuracy']:.2%} "
-                  f"(every exit: {point['last_exit_accuracy']:.2%}), "
-                  f"{point['expected_macs'] / 1e6:.2f} M multiply-adds expected, exit "
-                  "fractions " + ", ".join(f"{f:.3f}" for f in point["exit_fractions"]))
-    print(f"\n{'model':<24} {'runtime':<12} {'path':<14} {'p50 ms':>8} {'p90 ms':>8} "
-          f"{'p99 ms':>8}")
-    for runtime, by_model in result.results.items():
-        for name, measured in by_model.items():
-            for path, s in measured.latency.items():
-                print(f"{name:<24} {runtime:<12} {path:<14} {s.p50:>8.2f} {s.p90:>8.2f} "
-                      f"{s.p99:>8.2f}")
+def _print(output: dict) -> None:
+    print(f"\n{output['device']}; TensorFlow {output['tensorflow']}; XLA "
+          f"{'on' if output['xla'] else 'off'} (batch-1 paths); LiteRT "
+          f"{output['litert_threads']} threads\n")
+    for model in output["models"]:
+        for runtime, view in report.runtime_views(model, output["runtimes"]).items():
+            if "default" in view:
+                point = view["default"]
+                print(f"{model['name']} ({runtime}): default operating point "
+                      f"{point['accuracy']:.2%} (every exit: "
+                      f"{view['exits'][-1]['accuracy']:.2%}), "
+                      f"{point['expected_macs'] / 1e6:.2f} M multiply-adds expected, exit "
+                      "fractions " + ", ".join(f"{f:.3f}" for f in point["exit_fractions"]))
+    print("\nBatch-1 latency (ms)\n" + "\n".join(report.latency_table(output, throughput=False)))
+    tf_settings, tf_accuracy = output["tf_settings_p50_ms"], output["tf_settings_accuracy"]
     settings = list(tf_settings)
     print(f"\nTensorFlow p50 ms by setting\n{'model':<24} {'path':<14} "
           + " ".join(f"{s:>15}" for s in settings))
@@ -287,6 +353,7 @@ def _print(result, throughput, operating_points, tf_settings, tf_accuracy, rows,
         print(f"{name:<24} {'accuracy':<14} " + " ".join(
             f"{tf_accuracy[s][name]:>15.2%}" for s in settings))
     # LiteRT is measured at batch 1 only, whatever --batch_sizes says.
+    throughput = output["throughput_ips_by_batch"]
     batch_sizes = sorted({b for by_model in throughput.values()
                           for by_batch in by_model.values() for b in by_batch})
     print(f"\n{'model':<24} {'runtime':<12} {'path':<14} "
@@ -298,10 +365,10 @@ def _print(result, throughput, operating_points, tf_settings, tf_accuracy, rows,
                     f"{by_batch[b][path]:>9.0f}" if b in by_batch else f"{'':>9}"
                     for b in batch_sizes))
     print(f"\n{'target':<78} {'measured':>9} {'needed':>9}")
-    for label, measured, needed, unit in rows:
-        mark = "x" if unit == "x" else " pt"
-        print(f"{label:<78} {measured:>7.2f}{mark:<2} {needed:>7.2f}{mark:<2} "
-              f"{'ok' if measured >= needed else 'MISSED'}")
+    for row in output["targets"]:
+        mark = "x" if row["unit"] == "x" else " pt"
+        print(f"{row['target']:<78} {row['measured']:>7.2f}{mark:<2} {row['needed']:>7.2f}"
+              f"{mark:<2} {'ok' if row['measured'] >= row['needed'] else 'MISSED'}")
 
 
 def run() -> None:

@@ -30,6 +30,7 @@ from absl import flags, logging
 from ranet import cli, costs, jsonio, models
 from ranet import config as config_lib
 from ranet.data import imagenet
+from ranet.errors import UsageError
 from ranet.training.optimizer import create_optimizer, learning_rate_schedule
 from ranet.training.steps import TrainingSteps
 
@@ -156,7 +157,7 @@ def gpu_input_needs(presets, batch_size: int, steps: int, gpu_tflops: float,
 
 def main(values: flags.FlagValues) -> dict:
     if set(values.modes) - {"local", "service"}:
-        raise ValueError(f"--modes takes local, service or both. Received: "
+        raise UsageError(f"--modes takes local, service or both. Received: "
                          f"--modes={','.join(values.modes)}")
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = values.data_dir

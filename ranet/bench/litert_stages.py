@@ -31,6 +31,7 @@ from absl import flags
 from ai_edge_litert.tools import flatbuffer_utils
 
 from ranet import cli, jsonio
+from ranet.errors import UsageError
 from ranet.inference.serving import litert_runtime
 
 
@@ -58,7 +59,7 @@ BETWEEN = ("nothing", "sleep", "flush", "both")
 def between_images(kind: str, sleep_ms: float, flush_mb: int) -> Callable[[], None]:
     """What runs between two timed images (see the module docstring)."""
     if kind not in BETWEEN:
-        raise ValueError(f"--between takes some of {', '.join(BETWEEN)}. Received: {kind!r}")
+        raise UsageError(f"--between takes some of {', '.join(BETWEEN)}. Received: {kind!r}")
     other_memory = np.ones(flush_mb * 2 ** 20 // 8) if kind in ("flush", "both") else None
 
     def run():
@@ -106,12 +107,12 @@ def fit_costs(ops: List[int], macs: List[float], ms: List[float]) -> Dict[str, O
 
 def main(values: flags.FlagValues) -> dict:
     if not values.export_dir:
-        raise ValueError("pass at least one --export_dir (a folder written by ranet.export "
+        raise UsageError("pass at least one --export_dir (a folder written by ranet.export "
                          "--format=litert)")
     try:
         threads = [int(t) for t in values.threads]
     except ValueError:
-        raise ValueError("--threads takes comma-separated integers. "
+        raise UsageError("--threads takes comma-separated integers. "
                          f"Received: --threads={','.join(values.threads)}") from None
     betweens = {kind: between_images(kind, values.sleep_ms, values.flush_mb)
                 for kind in values.between}

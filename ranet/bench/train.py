@@ -26,6 +26,7 @@ from absl import flags, logging
 
 from ranet import cli, devices, jsonio
 from ranet.bench.common import preset_experiment
+from ranet.errors import UsageError
 from ranet.inference import latency
 from ranet.training import setup
 
@@ -105,9 +106,9 @@ def main(values: flags.FlagValues) -> list:
     devices.configure_host_devices(values.num_cpu_devices)
     devices.configure_threads(values.intra_op_threads, values.inter_op_threads)
     if set(values.xla) - {"off", "on"}:
-        raise ValueError(f"--xla takes off, on or off,on. Received: --xla={','.join(values.xla)}")
+        raise UsageError(f"--xla takes off, on or off,on. Received: --xla={','.join(values.xla)}")
     if set(values.training_layouts) - {"sliced", "serving"}:
-        raise ValueError("--training_layouts takes sliced, serving or sliced,serving. "
+        raise UsageError("--training_layouts takes sliced, serving or sliced,serving. "
                          f"Received: --training_layouts={','.join(values.training_layouts)}")
     rows = []
     for preset in values.presets:

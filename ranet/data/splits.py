@@ -13,10 +13,12 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from ranet.errors import UsageError
+
 CHANNELS = 3
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """The data could not be found, or a data file is missing, unsafe or malformed."""
 
 

@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ranet.errors import UsageError
+
 # default_point accepts accuracies within this of the last exit's (one percentage point).
 DEFAULT_TOLERANCE = 0.01
 # Accuracies are multiples of 1/n; absorbs the rounding of `last - tolerance`.
@@ -192,7 +194,7 @@ def budgeted_points(val_confidences, val_predictions, val_labels, exit_macs,
 def best_within_budget(points: Sequence[OperatingPoint], budget_macs: float) -> OperatingPoint:
     """The most accurate point whose expected multiply-adds are <= ``budget_macs``.
 
-    Ties go to the cheaper point. Raises ValueError if no point fits. No
+    Ties go to the cheaper point. Raises UsageError if no point fits. No
     thresholds cost less than exit 1, which every image runs; the cheapest
     point of the reference sweep (q = 0.05) costs a little more than exit 1,
     so to serve every budget down to exit 1's cost, add the point that sends
@@ -203,7 +205,7 @@ def best_within_budget(points: Sequence[OperatingPoint], budget_macs: float) -> 
     affordable = [p for p in points if p.expected_macs <= budget_macs]
     if not affordable:
         cheapest = min(p.expected_macs for p in points)
-        raise ValueError(
+        raise UsageError(
             f"No operating point fits a budget of {budget_macs:,.1f} multiply-adds per image: "
             f"the cheapest costs {cheapest:,.1f}; no thresholds cost less than the first exit, "
             f"which every image runs. Raise the budget. Received: budget_macs={budget_macs}")

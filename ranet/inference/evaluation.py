@@ -16,6 +16,7 @@ import numpy as np
 from ranet import costs, data, jsonio
 from ranet.config import ExperimentConfig
 from ranet.costs import ModelCost
+from ranet.errors import UsageError
 from ranet.inference import adaptive, calibration, latency
 from ranet.models import StagedClassifier
 from ranet.training import model_dir as model_dir_lib
@@ -50,7 +51,7 @@ def load_models(model_dirs: Sequence[str], checkpoint: str = "best",
     first = restored[0][0].data
     for model_dir, (config, _, _) in zip(model_dirs[1:], restored[1:]):
         if any(getattr(config.data, f) != getattr(first, f) for f in split_fields):
-            raise ValueError(f"{model_dir} was trained on another dataset or split than "
+            raise UsageError(f"{model_dir} was trained on another dataset or split than "
                              f"{model_dirs[0]}; models compared together must share them.")
     names = [config.model.name for config, _, _ in restored]
     return [LoadedModel(
@@ -106,7 +107,7 @@ class EvaluationImages:
 def evaluation_images(splits: data.DataSplits, split: str, seed: int) -> EvaluationImages:
     """Calibration and report images for ``--split=test|validation``."""
     if len(splits.validation) < 2:
-        raise ValueError("Calibrating exit thresholds needs the validation split, but this model "
+        raise UsageError("Calibrating exit thresholds needs the validation split, but this model "
                          "was trained with --validation_size=0. Retrain with a validation split.")
     if split == "test":
         calibration_split, report_split = splits.validation, data.require_split(splits, "test")
@@ -228,7 +229,7 @@ def check_budgets(models: Sequence[LoadedModel], budgets_mflops: Sequence[float]
     for loaded in models:
         first_exit = loaded.cost.exits[0].macs
         if loaded.model.num_exits > 1 and budgets_mflops and min(budgets_mflops) * 1e6 < first_exit:
-            raise ValueError(
+            raise UsageError(
                 f"--budget_mflops={min(budgets_mflops):g} is below the cost of {loaded.name}'s "
                 f"first exit ({first_exit / 1e6:.2f} M multiply-adds); no operating point "
                 "fits. Raise the budget.")
@@ -308,7 +309,7 @@ def operating_thresholds(probabilities: np.ndarray, labels: np.ndarray,
         return {"default": single, "budgets": {f"{b:g}": single for b in budgets_mflops},
                 **({"fixed": single} if threshold is not None else {})}
     if probabilities.shape[1] == 0:
-        raise ValueError("Calibrating exit thresholds needs the validation split, but this model "
+        raise UsageError("Calibrating exit thresholds needs the validation split, but this model "
                          "was trained with --validation_size=0. Pass --threshold instead.")
     confidences, predictions = _confidences_and_predictions(probabilities, confidence_kind)
     calibrated = calibrate(confidences, predictions, labels, exit_macs, num_classes,

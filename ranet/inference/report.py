@@ -150,16 +150,8 @@ def markdown(report: dict) -> str:
     block = report.get("latency_block", 1)
     lines += ["", "## Latency at batch 1 (ms) and throughput", "",
               f"Every path timed on {report['latency_images']} images, interleaved with the "
-              f"others', {block} in a row ({_BLOCK_MEANING[block == 1]}).", "",
-              "| model | runtime | path | p50 | p90 | p99 | mean | images/s |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for model in report["models"]:
-        for runtime, view in runtime_views(model, runtimes).items():
-            for path, stats in view["latency_ms"].items():
-                throughput = view["throughput_ips"].get(path)
-                lines.append(f"| {model['name']} | {runtime} | {path} | {stats['p50']:.2f} | "
-                             f"{stats['p90']:.2f} | {stats['p99']:.2f} | {stats['mean']:.2f} | "
-                             f"{'' if throughput is None else f'{throughput:.0f}'} |")
+              f"others', {block} in a row ({_BLOCK_MEANING[block == 1]}).", ""]
+    lines += latency_table(report)
     lines += ["", "Throughput: TensorFlow at batch "
               f"{report['batch_size']}; LiteRT one image at a time (its files have batch 1)."]
     lines += _equal_accuracy_section(report)
@@ -189,6 +181,25 @@ def markdown(report: dict) -> str:
         lines += [f"| {c} | " + " | ".join(f"{f:.3f}" for f in row) + " |"
                   for c, row in enumerate(per_class)]
     return "\n".join(lines) + "\n"
+
+
+def latency_table(report: dict, throughput: bool = True) -> List[str]:
+    """The markdown table of every timed path's batch-1 latency (ms) on every runtime, and
+    its images/s at the report's batch size unless ``throughput`` is False."""
+    statistics = ("p50", "p90", "p99", "mean")
+    columns = statistics + (("images/s",) if throughput else ())
+    lines = ["| model | runtime | path | " + " | ".join(columns) + " |",
+             "| --- | --- | --- |" + " ---: |" * len(columns)]
+    for model in report["models"]:
+        for runtime, view in runtime_views(model, report["runtimes"]).items():
+            for path, stats in view["latency_ms"].items():
+                cells = [f"{stats[key]:.2f}" for key in statistics]
+                if throughput:
+                    ips = view["throughput_ips"].get(path)
+                    cells.append("" if ips is None else f"{ips:.0f}")
+                lines.append(f"| {model['name']} | {runtime} | {path} | " + " | ".join(cells)
+                             + " |")
+    return lines
 
 
 def _ratio(value: Optional[float]) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Callable, Dict, Optional
 
 from ranet.config import ModelConfig, check_choice
+from ranet.errors import UsageError
 from ranet.models import baselines, ranet
 from ranet.models.layers import (conv_padding, gradient_equilibrium, serving_layout,
                                  synchronized_batch_norm)
@@ -31,7 +32,7 @@ MODEL_NAMES = tuple(_REGISTRY)
 
 
 def validate(config: ModelConfig) -> None:
-    """Raises ``ValueError`` when ``config`` does not describe a model this registry builds."""
+    """Raises ``UsageError`` when ``config`` does not describe a model this registry builds."""
     check_choice("model", config.name, MODEL_NAMES)
     spec = _REGISTRY[config.name]
     if spec.validate is not None:
@@ -39,9 +40,9 @@ def validate(config: ModelConfig) -> None:
 
 
 def check_trainable(config: ModelConfig, trainable: str) -> None:
-    """Raises ``ValueError`` when ``trainable`` (--trainable) does not apply to the model."""
+    """Raises ``UsageError`` when ``trainable`` (--trainable) does not apply to the model."""
     if trainable == "classifiers" and _REGISTRY[config.name].freeze_trunk is None:
-        raise ValueError(f"--trainable=classifiers freezes the trunk that a model's exits "
+        raise UsageError(f"--trainable=classifiers freezes the trunk that a model's exits "
                          f"share; {config.name} has one exit and no shared trunk. Train it "
                          "with --trainable=all.")
 

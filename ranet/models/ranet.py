@@ -35,7 +35,7 @@ _CLASSIFIER_LAYER = re.compile(r"exit\d+_")
 
 
 def validate(config: ModelConfig) -> None:
-    """Raises ``ValueError`` unless the architecture arguments make a RANet the reference builds."""
+    """Raises ``UsageError`` unless the architecture arguments make a RANet the reference builds."""
     scales = config.scale_list
     require(len(scales) >= 1 and scales[0] == 1 and
             all(b - a in (0, 1) for a, b in zip(scales, scales[1:])),

@@ -19,6 +19,7 @@ from absl import logging
 
 from ranet import config as config_lib
 from ranet import devices, models
+from ranet.errors import UsageError
 from ranet.reference import mapping, torch_file
 from ranet.training import model_dir as model_dir_lib
 
@@ -47,7 +48,7 @@ def with_reference_normalization(config: config_lib.ExperimentConfig) -> config_
     if data.normalization_mean is not None:
         return config
     if data.dataset not in REFERENCE_NORMALIZATION:
-        raise ValueError(f"the reference's normalisation for --dataset={data.dataset} is not "
+        raise UsageError(f"the reference's normalisation for --dataset={data.dataset} is not "
                          "known; pass --normalization_mean and --normalization_std.")
     mean, std = REFERENCE_NORMALIZATION[data.dataset]
     return dataclasses.replace(config, data=dataclasses.replace(
@@ -56,16 +57,16 @@ def with_reference_normalization(config: config_lib.ExperimentConfig) -> config_
 
 def _check_destination(directory: str) -> None:
     if not directory:
-        raise ValueError("--model_dir is required: the model directory to write.")
+        raise UsageError("--model_dir is required: the model directory to write.")
     if os.path.exists(directory) and os.listdir(directory):
-        raise ValueError(f"--model_dir={directory} exists and is not empty; importing writes a "
+        raise UsageError(f"--model_dir={directory} exists and is not empty; importing writes a "
                          "new model directory. Pick another path or remove it.")
 
 
 def build_imported_model(config: config_lib.ExperimentConfig, state_dict) -> models.StagedClassifier:
     """The port's model of ``config`` with the reference ``state_dict``'s weights."""
     if config.model.name != "ranet":
-        raise ValueError(f"only RANet checkpoints can be imported. Received: "
+        raise UsageError(f"only RANet checkpoints can be imported. Received: "
                          f"--model={config.model.name}")
     with devices.precision_policy("fp32"):
         model = models.get_model(config.model)

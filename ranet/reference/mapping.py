@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Mapping, Tuple
 import numpy as np
 
 from ranet.config import ModelConfig
+from ranet.errors import UsageError
 from ranet.models.staged import StagedClassifier
 
 # Buffers the reference saves that have no counterpart: batch norm counts the batches it saw
@@ -109,7 +110,7 @@ def reference_source(variable_path: str, config: ModelConfig) -> Source:
     raise KeyError(variable_path)
 
 
-class MappingError(ValueError):
+class MappingError(UsageError):
     """The checkpoint and the model do not correspond one to one."""
 
 

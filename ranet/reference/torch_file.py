@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
+from ranet.errors import UsageError
+
 # The first pickle of a legacy file is this number (torch/serialization.py, MAGIC_NUMBER).
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _ZIP_SIGNATURE = b"PK\x03\x04"
@@ -30,11 +32,11 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UsageError):
     """The file asks to run something other than rebuilding tensors and containers."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UsageError):
     """The file is not a PyTorch checkpoint this reader understands."""
 
 

@@ -17,6 +17,7 @@ import sys
 from typing import Optional
 
 from ranet import jsonio
+from ranet.errors import UsageError
 
 PLAN_FILENAME = "budget_plan.json"
 # Kept back from the budget for what a plan cannot foresee: logging and summaries, the
@@ -91,12 +92,12 @@ def steps_that_fit(available_seconds: float, start_step: int, seconds_per_step: 
 def plan(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_step: float,
          eval_seconds: float, eval_every: int, save_seconds: float, save_every: int,
          steps_per_epoch: int) -> BudgetPlan:
-    """Plans the run's total steps; a ``ValueError`` when not one more step fits."""
+    """Plans the run's total steps; a ``UsageError`` when not one more step fits."""
     available = budget_seconds * (1 - RESERVE_SHARE) - elapsed_seconds
     total = steps_that_fit(available, step, seconds_per_step, eval_seconds, eval_every,
                            save_seconds, save_every)
     if total <= step:
-        raise ValueError(
+        raise UsageError(
             f"--time_budget={budget_seconds:g}s leaves no time to train: {elapsed_seconds:.0f} s "
             f"went to setting up and measuring, and one step, evaluation and checkpoint take "
             f"{seconds_per_step:.2f}, {eval_seconds:.1f} and {save_seconds:.1f} s. Give a longer "
@@ -154,7 +155,7 @@ def load(model_dir: str) -> Optional[BudgetPlan]:
     try:
         return BudgetPlan(**raw)
     except TypeError as error:
-        raise ValueError(f"{path} is not a budget plan ({error}). Delete it to plan the budget "
+        raise UsageError(f"{path} is not a budget plan ({error}). Delete it to plan the budget "
                          "again (the schedule then changes).") from None
 
 

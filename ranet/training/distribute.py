@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from ranet import config as config_lib
 from ranet.config import RuntimeConfig
+from ranet.errors import UsageError
 
 # TensorFlow errors a collective raises when a peer dies, hangs or cannot be reached.
 PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
@@ -20,7 +21,7 @@ def _local_devices(config: RuntimeConfig):
         return [d.name for d in tf.config.list_logical_devices("CPU")][:config.num_cpu_devices]
     if config.num_gpus:
         if config.num_gpus > len(gpus):
-            raise ValueError(f"--num_gpus={config.num_gpus} but this machine has {len(gpus)} "
+            raise UsageError(f"--num_gpus={config.num_gpus} but this machine has {len(gpus)} "
                              "GPU(s). Pass --num_gpus=0 to use all of them.")
         return [d.name for d in gpus][:config.num_gpus]
     return [d.name for d in gpus] or ["/cpu:0"]
@@ -47,7 +48,7 @@ def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy(_local_devices(config))
     if config.strategy == "multi_worker_mirrored":
         if "TF_CONFIG" not in os.environ and "SLURM_JOB_ID" not in os.environ:
-            raise ValueError("--strategy=multi_worker_mirrored needs the cluster in TF_CONFIG "
+            raise UsageError("--strategy=multi_worker_mirrored needs the cluster in TF_CONFIG "
                              "(or a Slurm allocation); see launch/README.md")
         resolver = (tf.distribute.cluster_resolver.TFConfigClusterResolver()
                     if "TF_CONFIG" in os.environ
@@ -130,10 +131,10 @@ def check_workers_agree(strategy: tf.distribute.Strategy, config: config_lib.Exp
     sums = _sums(strategy, tf.constant([step, fingerprint], tf.int64)).numpy().tolist()
     (step_sum, fingerprint_sum), (step_squares, fingerprint_squares) = sums[:2], sums[2:]
     if n * fingerprint_squares != fingerprint_sum ** 2:
-        raise ValueError("the workers were started with different flags; start every worker "
+        raise UsageError("the workers were started with different flags; start every worker "
                          "with the same command (only TF_CONFIG and --data_dir may differ).")
     if n * step_squares != step_sum ** 2:
-        raise ValueError(
+        raise UsageError(
             f"workers resumed from different steps (this one from {step}; the mean is "
             f"{step_sum / n:g}): every worker must read the chief's checkpoints, i.e. "
             "--model_dir must be the same shared folder on every worker.")

@@ -26,6 +26,7 @@ from absl import logging
 
 from ranet import config as config_lib
 from ranet import devices, jsonio
+from ranet.errors import UsageError
 from ranet.models import StagedClassifier, get_model
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -60,7 +61,7 @@ def _check_writable(model_dir: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(probe)
         why = _WRITE_FAILURES.get(error.errno)
-        raise ValueError(
+        raise UsageError(
             f"--model_dir={model_dir} is not writable ({why + ': ' if why else ''}"
             f"{error.strerror}). Free space or pick a directory you can write to.") from error
 
@@ -71,7 +72,7 @@ def check_free_space(directory: str, variables, keep: int) -> None:
     copies = keep + 2  # the kept ones, the best one, and the next one while it is written
     free = shutil.disk_usage(directory).free
     if free < one * copies:
-        raise ValueError(
+        raise UsageError(
             f"--model_dir={directory} has {free / 2**20:.1f} MiB free but its checkpoints need "
             f"about {one * copies / 2**20:.1f} MiB ({copies} x {one / 2**20:.1f} MiB: "
             f"--keep_checkpoints={keep}, the best one and the one being written). Free space, "
@@ -84,7 +85,7 @@ def check_model_dir(config: config_lib.ExperimentConfig) -> None:
     _check_writable(model_dir)
     if not os.path.exists(os.path.join(model_dir, config_lib.CONFIG_FILENAME)):
         if tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR)):
-            raise ValueError(f"--model_dir={model_dir} holds checkpoints but no "
+            raise UsageError(f"--model_dir={model_dir} holds checkpoints but no "
                              f"{config_lib.CONFIG_FILENAME}; use a fresh --model_dir.")
         return
     saved = config_lib.load(model_dir)
@@ -93,7 +94,7 @@ def check_model_dir(config: config_lib.ExperimentConfig) -> None:
     if saved.optim.trainable != config.optim.trainable:
         # The optimizer holds slots for the variables that train: another set would resume
         # some of them without their momentum.
-        raise ValueError(f"--model_dir={model_dir} was trained with "
+        raise UsageError(f"--model_dir={model_dir} was trained with "
                          f"--trainable={saved.optim.trainable}, not "
                          f"--trainable={config.optim.trainable}. Resume with the same value, "
                          "or start a new --model_dir (with --init_from to keep the weights).")
@@ -106,11 +107,11 @@ def _check_same_model_and_split(saved: config_lib.ExperimentConfig,
     if saved.model != config.model:
         changed = {k: (v, getattr(config.model, k)) for k, v in
                    dataclasses.asdict(saved.model).items() if getattr(config.model, k) != v}
-        raise ValueError(f"{what} another model configuration (saved vs requested: "
+        raise UsageError(f"{what} another model configuration (saved vs requested: "
                          f"{changed}). {how_to_fix}")
     data_fields = ("dataset", "validation_size", "split_seed")
     if any(getattr(saved.data, f) != getattr(config.data, f) for f in data_fields):
-        raise ValueError(
+        raise UsageError(
             f"{what} a run with a different data split "
             f"({', '.join(f'{f}={getattr(saved.data, f)}' for f in data_fields)}); training "
             f"with another would leak validation images into training. {how_to_fix}")

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from ranet import config as config_lib
 from ranet import data, devices, models
+from ranet.errors import UsageError
 from ranet.training import distribute
 from ranet.training.optimizer import StepSchedule, create_optimizer, learning_rate_schedule
 from ranet.training.steps import TrainingSteps
@@ -70,12 +71,12 @@ def create_strategy(runtime: config_lib.RuntimeConfig) -> tf.distribute.Strategy
 
 
 def check(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy) -> None:
-    """Raises ``ValueError`` for a configuration that cannot train on ``strategy``."""
+    """Raises ``UsageError`` for a configuration that cannot train on ``strategy``."""
     models.validate(config.model)
     models.check_trainable(config.model, config.optim.trainable)
     replicas = strategy.num_replicas_in_sync
     if config.optim.batch_size % replicas:
-        raise ValueError(f"--batch_size={config.optim.batch_size} is global and must divide "
+        raise UsageError(f"--batch_size={config.optim.batch_size} is global and must divide "
                          f"evenly over {replicas} replicas; use a multiple of {replicas}.")
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import tensorflow as tf
 
 from ranet.config import OptimConfig
+from ranet.errors import UsageError
 from ranet.models import StagedClassifier
 
 
@@ -116,7 +117,7 @@ class TrainingSteps:
                  stop_request: Optional[tf.Variable] = None):
         num_exits = model.num_exits
         if optim.exit_weights is not None and len(optim.exit_weights) != num_exits:
-            raise ValueError(f"--exit_weights needs one weight per exit ({num_exits}). "
+            raise UsageError(f"--exit_weights needs one weight per exit ({num_exits}). "
                              f"Received: {len(optim.exit_weights)} weights")
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
         self.global_batch_size = optim.batch_size

@@ -1,6 +1,7 @@
 """The benchmarks run end to end and report what they promise (numbers, not speed targets)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -8,6 +9,7 @@ from helpers import VGG16, write_model_dir
 from ranet import cli
 from ranet import export
 from ranet.bench import inference, input as input_bench, litert_stages, profile, train
+from ranet.inference import comparison, latency, report
 
 
 def _call(binary, *args):
@@ -25,9 +27,15 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path, capsy
           "--runtimes=tf,litert,litert_int8", "--tf_settings=default,one_thread_bfloat16",
           "--pytorch_full_ms=23.4", f"--json={out}")
     result = json.loads(out.read_text())
+    # report.json's content (ranet.eval), then the benchmark's own measurements.
+    assert result["runtimes"] == ["tf", "litert", "litert_int8"]
+    assert result["adaptive_model"] == "ranet" and result["pytorch_full_ms"] == 23.4
+    views = {model["name"]: report.runtime_views(model, result["runtimes"])
+             for model in result["models"]}
+
     # RANet's point at VGG16's accuracy on each runtime is timed too, unless it is the default.
     def paths(runtime, model):
-        return set(result["latency_ms"][runtime][model]) - {"equal@vgg16"}
+        return set(views[model][runtime]["latency_ms"]) - {"equal@vgg16"}
 
     assert paths("tf", "ranet") == {"full", "adaptive", "keras_predict"}
     assert paths("tf", "vgg16") == {"full", "keras_predict"}
@@ -37,17 +45,22 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path, capsy
     assert set(result["tf_settings_p50_ms"]) == settings == set(result["tf_settings_accuracy"])
     assert set(result["tf_settings_p50_ms"]["one_thread_bfloat16"]["vgg16"]) == {
         "full", "keras_predict"}
+    # The run's own setting: each model's compared path, RANet's default point, VGG16's pass.
+    own = result["tf_settings_accuracy"]["default"]
+    assert own["ranet"] == views["ranet"]["tf"]["default"]["accuracy"]
+    assert own["vgg16"] == views["vgg16"]["tf"]["exits"][-1]["accuracy"]
     # bfloat16 answers nearly as float32 does (the fixture's RANet is confident).
-    fp32, bf16 = (result["tf_settings_accuracy"][s]["ranet"] for s in sorted(settings))
-    assert abs(fp32 - bf16) <= 0.1
-    point = result["operating_points"]["litert"]["ranet"]
+    assert abs(own["ranet"] - result["tf_settings_accuracy"]["one_thread_bfloat16"]["ranet"]) <= 0.1
+    point = views["ranet"]["litert"]["default"]
     assert abs(sum(point["exit_fractions"]) - 1.0) < 1e-6
-    assert {"accuracy", "last_exit_accuracy", "expected_macs", "thresholds"} <= set(point)
-    assert "vgg16" not in result["operating_points"]["tf"]
-    assert set(result["throughput_ips"]["tf"]["ranet"]) == {"1", "64"}
-    assert set(result["throughput_ips"]["litert"]["ranet"]) == {"1"}
-    assert set(result["throughput_ips"]["tf"]["ranet"]["64"]) == {"full", "adaptive"}
+    assert {"accuracy", "expected_macs", "thresholds"} <= set(point)
+    assert "default" not in views["vgg16"]["tf"]
+    throughput = result["throughput_ips_by_batch"]
+    assert set(throughput["tf"]["ranet"]) == {"1", "64"}
+    assert set(throughput["litert"]["ranet"]) == {"1"}
+    assert set(throughput["tf"]["ranet"]["64"]) == {"full", "adaptive"}
     assert set(result["best"]) == {"ranet", "vgg16"}
+    assert all(set(t) == {"target", "measured", "needed", "unit"} for t in result["targets"])
     targets = [t["target"] for t in result["targets"]]
     for expected in ("best: vgg16", "litert: vgg16 full / ranet adaptive",
                      "tf adaptive / litert adaptive", "reference PyTorch full",
@@ -55,6 +68,54 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path, capsy
         assert any(expected in t for t in targets), expected
     printed = capsys.readouterr().out
     assert "target" in printed and "b=64" in printed and "one_thread_bfloat16" in printed
+    assert "| model | runtime | path | p50 |" in printed
+
+
+def _fake_model(name, architecture, exit_macs):
+    return SimpleNamespace(name=name, config=SimpleNamespace(model=SimpleNamespace(
+        name=architecture)), model=SimpleNamespace(num_exits=len(exit_macs)),
+        cost=SimpleNamespace(exits=[SimpleNamespace(macs=m) for m in exit_macs]))
+
+
+def _fake_result(evaluation, p50, throughput):
+    stats = {path: latency.LatencyStats(ms, ms, ms, ms, 1) for path, ms in p50.items()}
+    return comparison.ModelResult(evaluation, stats, throughput)
+
+
+def test_targets_rows_follow_the_declared_list():
+    # RANet and VGG16 on TensorFlow and LiteRT fp32: no ResNet50, no int8, so no rows of theirs.
+    ranet, vgg = _fake_model("ranet", "ranet", [10, 40]), _fake_model("vgg16", "vgg16", [300])
+
+    def ranet_evaluation(accuracy):
+        return SimpleNamespace(is_adaptive=True, exit_accuracy=[0.6, 0.81], default=SimpleNamespace(
+            point=SimpleNamespace(accuracy=accuracy, expected_macs=20)))
+
+    def vgg_evaluation(accuracy):
+        return SimpleNamespace(is_adaptive=False, exit_accuracy=[accuracy], default=None)
+
+    result = comparison.Comparison(images=None, models=[ranet, vgg], results={
+        "tf": {"ranet": _fake_result(ranet_evaluation(0.8), {"full": 8, "adaptive": 4},
+                                     {64: {"full": 100, "adaptive": 180}}),
+               "vgg16": _fake_result(vgg_evaluation(0.7), {"full": 6}, {64: {"full": 50}})},
+        "litert": {"ranet": _fake_result(ranet_evaluation(0.795), {"full": 4, "adaptive": 1},
+                                         {1: {"full": 250, "adaptive": 900}}),
+                   # Over 1 point less accurate than on TensorFlow: not VGG16's best.
+                   "vgg16": _fake_result(vgg_evaluation(0.65), {"full": 3}, {1: {"full": 330}})}})
+    best = inference.best_runtimes(result, {"default": {"ranet": {"full": 8, "adaptive": 4},
+                                                        "vgg16": {"full": 6}}},
+                                   {"default": {"ranet": 0.8, "vgg16": 0.7}})
+    assert best == {"ranet": ("litert", 1, 0.795), "vgg16": ("tf (default)", 6, 0.7)}
+    rows = inference.targets(result, best, pytorch_full_ms=12.0)
+    assert [(r["target"], r["measured"], r["needed"], r["unit"]) for r in rows] == [
+        ("best: vgg16 (tf (default)) / ranet adaptive (litert)", 6.0, 2.0, "x"),
+        ("litert: vgg16 full / ranet adaptive", 3.0, 3.0, "x"),
+        ("ranet: tf adaptive / litert adaptive", 4.0, 4.0, "x"),
+        ("ranet: reference PyTorch full / litert adaptive", 12.0, 10.0, "x"),
+        # (40 MACs / 4 ms) / (300 MACs / 3 ms)
+        ("litert full pass MAC/s: ranet / vgg16", pytest.approx(0.1), 0.4, "x"),
+        # 0.8 of the default point's saving, 40 / 20 multiply-adds.
+        ("ranet: adaptive / full images/s, tf batch 64 (MAC saving 2.00x)", 1.8,
+         pytest.approx(1.6), "x")]
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from absl import logging
 from ranet import costs, data
 from ranet.config import ExperimentConfig, flag, require
 from ranet.costs import ModelCost
+from ranet.errors import UsageError
 from ranet.inference import adaptive
 from ranet.models import StagedClassifier
 from ranet.training import model_dir as model_dir_lib
@@ -102,20 +103,20 @@ def check_export_dir(options: ExportOptions) -> None:
     """Refuses a destination that holds something, unless overwriting, and never the model."""
     export_dir, model_dir = options.export_dir, options.model_dir
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
-        raise ValueError(f"export_dir {export_dir} is a file, not a folder. Pass a folder path "
+        raise UsageError(f"export_dir {export_dir} is a file, not a folder. Pass a folder path "
                          f"(e.g. /serving/ranet/1). Received: export_dir={export_dir}")
     _refuse_non_empty(export_dir, options.overwrite)
     # Replacing a folder that holds the model directory would delete the checkpoints.
     export_real, model_real = os.path.realpath(export_dir), os.path.realpath(model_dir)
     if os.path.commonpath([export_real, model_real]) == export_real:
-        raise ValueError(f"export_dir must lie outside the model directory's tree: replacing it "
+        raise UsageError(f"export_dir must lie outside the model directory's tree: replacing it "
                          f"would delete the checkpoints. Choose another folder. "
                          f"Received: export_dir={export_dir}, model_dir={model_dir}")
 
 
 def _refuse_non_empty(export_dir: str, overwrite: bool) -> None:
     if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
-        raise ValueError(f"export_dir {export_dir} already exists and is not empty. Pass "
+        raise UsageError(f"export_dir {export_dir} already exists and is not empty. Pass "
                          f"--overwrite to replace it, or choose a new folder (TF Serving: a new "
                          f"version number). Received: export_dir={export_dir}")
 

@@ -27,6 +27,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from ranet import jsonio
+from ranet.errors import UsageError
 
 FORMAT = "ranet-litert-stages/1"
 MANIFEST = "manifest.json"
@@ -122,7 +123,7 @@ def read_manifest(export_dir: str) -> dict:
     manifest = jsonio.read(path, "Export the model again with python -m ranet.export "
                                  "--format=litert.")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a manifest this runtime reads (format "
+        raise UsageError(f"{path} is not a manifest this runtime reads (format "
                          f"{manifest.get('format')!r}, expected {FORMAT!r}). Export the model "
                          "again with this version of ranet.")
     return manifest
@@ -182,7 +183,7 @@ class LiteRTStages:
         self.manifest = read_manifest(export_dir)
         available = self.manifest["precisions"]
         if precision not in available:
-            raise ValueError(f"precision must be one of {', '.join(available)} (what "
+            raise UsageError(f"precision must be one of {', '.join(available)} (what "
                              f"{export_dir} holds). Received: precision={precision!r}")
         self.precision = precision
         self.num_exits = self.manifest["num_exits"]
@@ -216,7 +217,7 @@ class LiteRTStages:
                     continue
                 producer = max((j for j in range(k) if name in outputs[j]), default=None)
                 if producer is None:
-                    raise ValueError(f"stage {k + 1} reads {name!r}, which no earlier stage "
+                    raise UsageError(f"stage {k + 1} reads {name!r}, which no earlier stage "
                                      f"outputs: {export_dir} is damaged; export it again.")
                 copies.append((self.interpreters[k].tensor(index),
                                self.interpreters[producer].tensor(outputs[producer][name])))
@@ -288,7 +289,7 @@ class LiteRTPredictor:
         sets = self.stages.manifest["precisions"][self.stages.precision]["thresholds"]
         named = {**{k: v for k, v in sets.items() if k != "budgets"}, **sets["budgets"]}
         if name not in named:
-            raise ValueError(f"thresholds must be one of {', '.join(named)} (what the manifest "
+            raise UsageError(f"thresholds must be one of {', '.join(named)} (what the manifest "
                              f"holds). Received: thresholds={name!r}")
         return named[name]
 
