@@ -37,8 +37,8 @@ def configure_threads(intra_op: int, inter_op: int) -> None:
     """Sizes TensorFlow's thread pools; 0 keeps its default (every core).
 
     Must run before TensorFlow executes its first op. At batch 1 RANet's convolutions
-    are too small to split: one intra-op thread cut its latency by a quarter on a 2-core
-    CPU, while ResNet50's got 46% slower (BUILD_NOTES.md, Performance).
+    are too small to split: one intra-op thread cut its full pass by 30% on a 2-core CPU,
+    while ResNet50's got 32% slower (BUILD_NOTES.md, "Serving latency").
     """
     try:
         if intra_op:

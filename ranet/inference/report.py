@@ -287,7 +287,13 @@ def plot(report: dict, report_dir: str) -> List[str]:
 
 
 def _style(axes, xlabel: str, title: str) -> None:
+    from matplotlib import ticker
     axes.set_xscale("log")
+    # Plain numbers at 1, 2 and 5 per decade: the default minor labels of a log axis that spans
+    # less than a decade print as overlapping powers of ten.
+    axes.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    axes.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+    axes.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
     axes.set(xlabel=xlabel, ylabel="accuracy (%)", title=title)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)

@@ -182,10 +182,10 @@ class FusedBatchNormalization(layers.BatchNormalization):
     Keras 3 on TensorFlow builds batch norm from ~10 elementwise ops, and at inference
     Grappler cannot fold that into the preceding convolution. The fused op is one kernel
     that Grappler fuses with Conv2D (and ReLU): measured on the 2-core CPU, batch-1 latency
-    of the CIFAR RANet -35%, batch-64 inference +25% (BUILD_NOTES.md, Performance). Same
-    variables, so checkpoints are interchangeable. Its running variance is the unbiased
-    batch variance, as PyTorch's (and the reference's) BatchNorm2d keeps. Synchronized,
-    masked or non-NHWC inputs take Keras' own path.
+    of the CIFAR RANet -35%, batch-64 inference +25% (BUILD_NOTES.md, "Training speed on
+    this CPU"). Same variables, so checkpoints are interchangeable. Its running variance is
+    the unbiased batch variance, as PyTorch's (and the reference's) BatchNorm2d keeps.
+    Synchronized, masked or non-NHWC inputs take Keras' own path.
     """
 
     def _fusable(self, inputs, mask) -> bool:
