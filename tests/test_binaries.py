@@ -235,6 +235,7 @@ def test_export_litert_writes_stage_files_and_a_manifest(model_dirs, tmp_path):
     assert set(manifest["precisions"]["fp32"]["thresholds"]["budgets"]) == {"2", "3"}
 
 
+@pytest.mark.slow
 def test_a_barely_trained_model_exports_in_both_formats(tmp_path):
     # Three steps leave exits whose confidences say little: no threshold point may come
     # within a point of the last exit, and the default point is then "every image to the last
