@@ -32,12 +32,10 @@ PRESETS_PACKAGE = "ranet.presets"
 PRESET_SUFFIX = ".cfg"
 # One TensorFlow C++ log level for every binary: warnings and errors only.
 TF_LOG_LEVEL = "2"
-# Errors that mean "the request cannot be done as asked": a message, not a traceback. A
-# UsageError is what the user can fix (a flag, a file, a model directory); FileNotFoundError a
-# file or folder the user named that is not there; FloatingPointError a training that
-# diverged (a loss that is not finite: lower the learning rate). Anything else is a bug and
-# keeps its traceback.
-USAGE_ERRORS = (UsageError, FileNotFoundError, FloatingPointError)
+# What the user can fix (a flag, a file or folder they named, a training that diverged: the
+# subclasses in ranet.errors): a message, not a traceback. Anything else, a FileNotFoundError
+# or FloatingPointError raised deep in a run included, keeps its traceback.
+USAGE_ERRORS = (UsageError,)
 
 _CONFIG_SECTIONS = (config_lib.DataConfig, config_lib.ModelConfig, config_lib.OptimConfig,
                     config_lib.RuntimeConfig)

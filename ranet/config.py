@@ -16,7 +16,7 @@ import re
 from typing import Any, Optional, Sequence
 
 from ranet import jsonio
-from ranet.errors import UsageError
+from ranet.errors import MissingPathError, UsageError
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
 MODELS = ("ranet", "vgg16", "resnet50", "mobilenet_v2")
@@ -448,7 +448,7 @@ def load(directory: str) -> ExperimentConfig:
     """The configuration a model directory was trained with."""
     path = os.path.join(directory, CONFIG_FILENAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{path} does not exist: {directory} is not a model directory written by ranet.train")
     how_to_fix = ("It is the configuration ranet.train wrote for this model directory: restore "
                   "it from a backup, or write it again by running ranet.train with the same "

@@ -86,24 +86,25 @@ def test_only_binaries_that_take_the_config_flags_expand_presets():
                     ["--preset=ranet_smoke"]) == SMOKE
 
 
-def test_run_ends_a_usage_error_in_one_line_but_a_bug_keeps_its_traceback():
-    """What the user can fix (``UsageError``) is ``error: ...`` and status 2; a plain
-    ``ValueError`` is a bug, which ``cli.run`` must not swallow into one line."""
+@pytest.mark.parametrize("error, usage", [
+    ("UsageError", True), ("MissingPathError", True), ("DivergedError", True),
+    ("ValueError", False), ("FileNotFoundError", False), ("FloatingPointError", False)])
+def test_run_ends_a_usage_error_in_one_line_but_anything_else_keeps_its_traceback(error, usage):
+    """What the user can fix (``UsageError`` and its subclasses) is ``error: ...`` and status 2;
+    a plain ``ValueError``, ``FileNotFoundError`` or ``FloatingPointError`` raised deep in a run
+    keeps its traceback, which ``cli.run`` must not swallow into one line."""
     assert issubclass(UsageError, ValueError) and ValueError not in cli.USAGE_ERRORS
-
-    def binary(error: str):
-        return python("-c", "from ranet import cli\nfrom ranet.errors import UsageError\n"
-                      f"def main(values):\n    raise {error}('--answer must be 42. Received: "
-                      "--answer=41')\ncli.run(main, lambda values: None)\n", timeout=60)
-
-    usage = binary("UsageError")
-    assert usage.returncode == 2, tail(usage)
-    assert "error: --answer must be 42. Received: --answer=41" in usage.stderr
-    assert "Traceback" not in usage.stderr and usage.stdout == ""
-    bug = binary("ValueError")
-    assert bug.returncode == 1, tail(bug)
-    assert "Traceback" in bug.stderr and "ValueError: --answer must be 42" in bug.stderr
-    assert not any(line.startswith("error: ") for line in bug.stderr.splitlines())
+    result = python("-c", "from ranet import cli\nfrom ranet.errors import *\n"
+                    f"def main(values):\n    raise {error}('--answer must be 42. Received: "
+                    "--answer=41')\ncli.run(main, lambda values: None)\n", timeout=60)
+    if usage:
+        assert result.returncode == 2, tail(result)
+        assert "error: --answer must be 42. Received: --answer=41" in result.stderr
+        assert "Traceback" not in result.stderr and result.stdout == ""
+    else:
+        assert result.returncode == 1, tail(result)
+        assert "Traceback" in result.stderr and f"{error}: --answer must be 42" in result.stderr
+        assert not any(line.startswith("error: ") for line in result.stderr.splitlines())
 
 
 def test_a_non_editable_install_carries_the_presets_and_the_launchers(tmp_path):

@@ -19,7 +19,7 @@ from absl import logging
 
 from ranet import config as config_lib
 from ranet import devices, models
-from ranet.errors import UsageError
+from ranet.errors import MissingPathError, UsageError
 from ranet.reference import mapping, torch_file
 from ranet.training import model_dir as model_dir_lib
 
@@ -84,7 +84,7 @@ def import_checkpoint(checkpoint_path: str, config: config_lib.ExperimentConfig)
     directory = config.runtime.model_dir
     _check_destination(directory)
     if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"--checkpoint={checkpoint_path} does not exist or is not a file")
+        raise MissingPathError(f"--checkpoint={checkpoint_path} does not exist or is not a file")
     config = with_reference_normalization(config)
     state_dict = state_dict_of(torch_file.read(checkpoint_path), checkpoint_path)
     logging.info("read %d tensors from %s", len(state_dict), checkpoint_path)

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ranet.errors import DivergedError
 from ranet.training import budget, distribute, model_dir
 from ranet.training.preemption import PREEMPTED_EXIT_CODE, Preempted
 from ranet.training.setup import Training
@@ -251,7 +252,7 @@ class Controller:
                    f"{previous}: the last good checkpoint is {self.manager.latest_checkpoint}. "
                    "Lower --learning_rate or check the input data.")
         logging.error("%s", message)
-        raise FloatingPointError(message)
+        raise DivergedError(message)
 
     def _preempted(self) -> None:
         path = model_dir.save(self.manager, self.step)

@@ -26,7 +26,7 @@ from absl import logging
 
 from ranet import config as config_lib
 from ranet import devices, jsonio
-from ranet.errors import UsageError
+from ranet.errors import MissingPathError, UsageError
 from ranet.models import StagedClassifier, get_model
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -121,7 +121,7 @@ def check_init_from(config: config_lib.ExperimentConfig) -> None:
     """Fails early if --init_from is not a model directory of this architecture and split."""
     source = config.runtime.init_from
     if not os.path.isdir(source):
-        raise FileNotFoundError(f"--init_from={source} does not exist: pass the --model_dir "
+        raise MissingPathError(f"--init_from={source} does not exist: pass the --model_dir "
                                 "of a finished or interrupted ranet.train run.")
     _check_same_model_and_split(
         config_lib.load(source), config, f"--init_from={source} is",
@@ -332,6 +332,6 @@ def _restore_weights(model: StagedClassifier, model_dir: str, which: str) -> str
         path = restore_newest_readable(checkpoint, os.path.join(model_dir, subdir), partial=True)
         if path is not None:
             return path
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"{model_dir} has no checkpoint under {CHECKPOINT_SUBDIR}/: train it first with "
         f"python -m ranet.train --model_dir={model_dir} ...")

@@ -27,7 +27,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from ranet import jsonio
-from ranet.errors import UsageError
+from ranet.errors import MissingPathError, UsageError
 
 FORMAT = "ranet-litert-stages/1"
 MANIFEST = "manifest.json"
@@ -118,7 +118,7 @@ def confidence(probabilities: np.ndarray, kind: str) -> np.ndarray:
 def read_manifest(export_dir: str) -> dict:
     path = os.path.join(export_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: {export_dir} is not a LiteRT export. "
+        raise MissingPathError(f"{path} does not exist: {export_dir} is not a LiteRT export. "
                                 "Write one with python -m ranet.export --format=litert.")
     manifest = jsonio.read(path, "Export the model again with python -m ranet.export "
                                  "--format=litert.")
