@@ -1,10 +1,13 @@
-"""What the process runs on: logical CPU devices, thread pools, the Keras precision policy.
+"""What the process runs on: logical CPU devices, thread pools, the Keras precision policy,
+and the facts stored beside every measurement (``cpu_name``, ``device_info``).
 
 Shared by training and inference. Devices and thread pools must be set before TensorFlow
 runs its first op; the precision policy before models are built.
 """
 
 import contextlib
+import os
+import platform
 
 import keras
 import tensorflow as tf
@@ -64,3 +67,36 @@ def precision_policy(precision: str):
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # Not Linux: fall back to what the platform module knows.
+    return platform.processor() or platform.machine()
+
+
+def device_info() -> dict:
+    """Where the numbers were measured, to store beside them.
+
+    ``intra_op_threads`` / ``inter_op_threads`` of 0 mean TensorFlow's default:
+    all cores available to the process. ``"device"`` counts the cores this
+    process may run on, which in a container can be fewer than ``cpu_count``.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = f"CPU: {cpu_name()}, {cores} cores"
+    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")]
+    return {
+        "device": f"GPU: {', '.join(gpus)}; {cpu}" if gpus else cpu,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }

@@ -10,8 +10,6 @@ Writes report.json, report.md, PNG plots and TensorBoard scalars into --report_d
 several --latency_block values, one such report per block in --report_dir/latency_block<N>).
 """
 
-import os
-
 from absl import flags, logging
 
 from ranet import cli
@@ -30,13 +28,12 @@ def main(values: flags.FlagValues) -> dict:
         raise UsageError("pass --report_dir=/where/the/report/goes")
     from ranet.inference import comparison, report
     results = comparison.compare(options)
+    report_dirs = report.report_dirs(values.report_dir, options.latency_block)
     contents = []
     for result in results:
-        # One block: the report in --report_dir; several: one folder per block inside it.
-        report_dir = (values.report_dir if len(results) == 1 else
-                      os.path.join(values.report_dir, f"latency_block{result.latency_block}"))
-        contents.append(report.build(result, options))
-        for path in report.write(contents[-1], report_dir):
+        content, paths = report.write(result, report_dirs[result.latency_block])
+        contents.append(content)
+        for path in paths:
             logging.info("wrote %s", path)
     return contents[0] if len(contents) == 1 else contents
 

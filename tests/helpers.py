@@ -9,6 +9,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,19 @@ HAND_COST = costs.ModelCost("ranet", 1, [costs.ExitCost(1, 10_000_000, 1),
 
 def hand_images():
     """Evaluation images for the hand-computed case: only the labels matter."""
-    from ranet.inference import evaluation
+    from ranet.data.report_images import EvaluationImages
     pixels = np.zeros((4, 1, 1, 3), np.uint8)
-    return evaluation.EvaluationImages(
+    return EvaluationImages(
         "validation", pixels, HAND_LABELS, "test", pixels, HAND_LABELS, num_classes=2,
         mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32),
         training_pixels=pixels)
+
+
+def loaded(name: str, evaluation):
+    """A stand-in for a restored model in a comparison: its name and its evaluation's cost."""
+    from types import SimpleNamespace
+    return SimpleNamespace(name=name, cost=evaluation.cost, model_dir=evaluation.model_dir,
+                           checkpoint=evaluation.checkpoint)
 
 
 def experiment(model_dir, *, steps=20, batch_size=32, lr=SMOKE.optim.learning_rate,
@@ -102,3 +110,23 @@ def python(*args, timeout: float, env=None, **kwargs) -> subprocess.CompletedPro
 
 def tail(process: subprocess.CompletedProcess) -> str:
     return f"stdout:\n{process.stdout[-3000:]}\nstderr:\n{process.stderr[-3000:]}"
+
+
+def wait_for_output(log: Path, needle: str, process: subprocess.Popen, timeout: float) -> None:
+    """Returns once ``needle`` is in ``log``, the file ``process`` writes its output to.
+
+    Fails with the output's tail if the process exits first or ``timeout`` seconds pass. A file
+    rather than a pipe: a server that keeps logging never blocks on a pipe nobody reads.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = process.poll() is not None  # before the read: its last words count
+        output = log.read_text(errors="replace")
+        if needle in output:
+            return
+        if exited:
+            raise AssertionError(f"exited ({process.returncode}) before {needle!r}:\n"
+                                 f"{output[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {needle!r} after {timeout:g} s:\n{output[-3000:]}")
+        time.sleep(0.05)

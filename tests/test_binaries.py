@@ -116,33 +116,33 @@ def test_eval_report_has_every_section_for_ranet_and_a_baseline(model_dirs, tmp_
     assert report["split"] == "test" and report["calibration_split"] == "validation"
     assert report["num_images"] == SYNTHETIC_DATA.synthetic_test_size
     assert report["tensorflow"] == tf.__version__ and report["device"].startswith("CPU")
-    ranet, vgg = report["models"]
     assert [m["name"] for m in report["models"]] == ["ranet", "vgg16"]
+    assert report["models"][1]["params"] == 14724042
+    ranet, vgg = (model["runtimes"]["tf"] for model in report["models"])
     assert [e["exit"] for e in ranet["exits"]] == [1, 2, 3]
     assert all(set(e) == {"exit", "macs", "accuracy"} for e in ranet["exits"])
     assert ranet["exits"][0]["macs"] < ranet["exits"][-1]["macs"]
-    kinds = [next(k for k in ("q", "budget_mflops", "threshold") if k in b)
-             for b in ranet["budgeted"]]
-    assert kinds.count("q") == 39 and kinds.count("budget_mflops") == 2
-    assert kinds.count("threshold") == 1
+    kinds = [b["point"]["kind"] for b in ranet["budgeted"]]
+    assert kinds.count("sweep") == 39 and kinds.count("budget") == 2
+    assert kinds.count("fixed_threshold") == 1
     for point in ranet["budgeted"]:
         assert {"thresholds", "expected_macs", "accuracy", "exit_fractions"} <= set(point)
         assert sum(point["exit_fractions"]) == pytest.approx(1.0)
         assert point["thresholds"][-1] == "-inf"
-    fixed = next(b for b in ranet["budgeted"] if "threshold" in b)
-    assert fixed["thresholds"] == [0.85, 0.85, "-inf"]
+    fixed = next(b for b in ranet["budgeted"] if b["point"]["kind"] == "fixed_threshold")
+    assert fixed["thresholds"] == [0.85, 0.85, "-inf"] and fixed["path"] == "threshold@0.85"
     # The point at VGG16's accuracy is timed too, unless it is one of the others.
     equal = report["at_equal_accuracy"]["tf"]["vgg16"]["ranet_point"]["path"]
-    assert set(ranet["latency_ms"]) == {"adaptive", "adaptive@2", "adaptive@3", "full",
+    assert set(ranet["latency_ms"]) == {"adaptive", "budget@2", "budget@3", "full",
                                         "keras_predict", equal}
     assert set(vgg["latency_ms"]) == {"full", "keras_predict"}
-    for model in report["models"]:
-        for stats in model["latency_ms"].values():
+    for view in (ranet, vgg):
+        for stats in view["latency_ms"].values():
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
-        assert all(v > 0 for v in model["throughput_ips"].values())
+        assert all(v > 0 for v in view["throughput_ips"].values())
     per_class = ranet["exit_distribution"]["per_class"]
     assert len(per_class) == 10 and all(len(row) == 3 for row in per_class)
-    assert vgg["params"] == 14724042 and len(vgg["exits"]) == 1
+    assert len(vgg["exits"]) == 1 and vgg["default"] is None
     markdown = (tmp_path / "report.md").read_text()
     for heading in ("## Latency at batch 1", "## ranet: anytime", "## ranet: operating points",
                     "## ranet: exit distribution"):
@@ -159,23 +159,25 @@ def test_eval_measures_every_runtime_side_by_side(model_dirs, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["runtimes"] == ["tf", "litert", "litert_int8"]
     (ranet,) = report["models"]
-    assert set(ranet["latency_ms"]) == {"adaptive", "adaptive@3", "full", "keras_predict"}
+    assert set(ranet["runtimes"]["tf"]["latency_ms"]) == {"adaptive", "budget@3", "full",
+                                                          "keras_predict"}
     for runtime in ("litert", "litert_int8"):
         entry = ranet["runtimes"][runtime]
-        assert set(entry["latency_ms"]) == {"adaptive", "adaptive@3", "full"}
+        assert set(entry["latency_ms"]) == {"adaptive", "budget@3", "full"}
         assert [e["exit"] for e in entry["exits"]] == [1, 2, 3]
         assert entry["default"]["thresholds"][-1] == "-inf"
-        assert sum(1 for point in entry["budgeted"] if "budget_mflops" in point) == 1
+        assert sum(1 for point in entry["budgeted"] if point["point"]["kind"] == "budget") == 1
     # fp32 LiteRT answers as TensorFlow does: the same accuracy at every exit.
     assert [e["accuracy"] for e in ranet["runtimes"]["litert"]["exits"]] == [
-        e["accuracy"] for e in ranet["exits"]]
+        e["accuracy"] for e in ranet["runtimes"]["tf"]["exits"]]
     markdown = (tmp_path / "report.md").read_text()
     assert "| ranet | litert_int8 | adaptive |" in markdown
     assert "## ranet: operating points (litert)" in markdown
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--runtimes=tf,onnx"], "runtimes must include tf and be some of tf, litert, litert_int8"),
+    (["--runtimes=tf,onnx"], "runtimes must include tf and be distinct names among tf, "
+                             "litert, litert_int8"),
     (["--runtimes=litert"], "runtimes must include tf"),
     (["--budget_mflops=1"], "below the cost of ranet's first exit"),
     (["--budget_mflops=x"], "--budget_mflops takes comma-separated numbers"),

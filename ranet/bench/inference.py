@@ -27,9 +27,11 @@ from absl import flags, logging
 
 from ranet import cli, jsonio
 from ranet.errors import UsageError
-from ranet.inference import comparison, latency, report
+from ranet.inference import comparison, points, report
 from ranet.inference.comparison import ComparisonOptions
-from ranet.inference.evaluation import LoadedModel, ModelEvaluation
+from ranet.inference.evaluation import ModelEvaluation
+from ranet.inference.points import PointId
+from ranet.training.model_dir import LoadedModel
 
 # TensorFlow settings: (intra-op threads, inter-op threads, XLA, precision) of the batch-1
 # paths. bfloat16 runs the convolutions on the AMX units of CPUs that have them (oneDNN).
@@ -58,15 +60,16 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("json", None, "Also write the results here.", **define)
 
 
-def compared_path(evaluation: ModelEvaluation) -> Tuple[str, float]:
+def compared_path(evaluation: ModelEvaluation) -> Tuple[PointId, float]:
     """The path a model is compared by, and its accuracy: RANet's adaptive path at its
     default point, a baseline's full pass."""
     if evaluation.is_adaptive:
-        return latency.ADAPTIVE, evaluation.default.point.accuracy
-    return latency.FULL, evaluation.exit_accuracy[-1]
+        return points.DEFAULT, evaluation.default.point.accuracy
+    return points.FULL, evaluation.exit_accuracy[-1]
 
 
-def _p50(result: comparison.Comparison, runtime: str, model: str, path: str) -> Optional[float]:
+def _p50(result: comparison.Comparison, runtime: str, model: str,
+         path: PointId) -> Optional[float]:
     """None where the runtime or the path was not measured."""
     measured = result.results.get(runtime, {}).get(model)
     stats = None if measured is None else measured.latency.get(path)
@@ -83,14 +86,15 @@ def best_runtimes(result: comparison.Comparison, tf_settings: Dict[str, dict],
     is within 1 point of fp32 TensorFlow's.
 
     TensorFlow counts with every setting timed (``tf_settings``: setting -> model -> p50 of
-    each path; ``tf_accuracy``: setting -> model -> accuracy of the path, which bfloat16
+    each path by its name; ``tf_accuracy``: setting -> model -> accuracy of the path, which bfloat16
     changes).
     """
     best = {}
     for loaded in result.models:
         name = loaded.name
         path, fp32_accuracy = compared_path(result.results[comparison.TF][name].evaluation)
-        candidates = [(f"tf ({setting})", by_model[name][path], tf_accuracy[setting][name])
+        candidates = [(f"tf ({setting})", by_model[name][path.path],
+                       tf_accuracy[setting][name])
                       for setting, by_model in tf_settings.items()]
         candidates += [(runtime, _p50(result, runtime, name, path),
                         compared_path(by_model[name].evaluation)[1])
@@ -118,7 +122,7 @@ Measure = Callable[[_Measurements, LoadedModel, Optional[LoadedModel]],
 class _P50(NamedTuple):
     """A batch-1 p50 a latency ratio takes: of the row's model, or of its baseline."""
     runtime: str
-    path: str
+    path: PointId
     of_baseline: bool = False
 
 
@@ -139,13 +143,13 @@ def _best_over_best(measurements, model, baseline):
 
 def _pytorch_over_litert(measurements, model, _):
     return _ratio(measurements.pytorch_full_ms,
-                  _p50(measurements.result, "litert", model.name, latency.ADAPTIVE)), {}
+                  _p50(measurements.result, "litert", model.name, points.DEFAULT)), {}
 
 
 def _full_pass_mac_rate_share(measurements, model, baseline):
     """The model's full-pass multiply-adds per second on LiteRT fp32 over the baseline's."""
     rates = [_ratio(m.cost.exits[-1].macs,
-                    _p50(measurements.result, "litert", m.name, latency.FULL))
+                    _p50(measurements.result, "litert", m.name, points.FULL))
              for m in (model, baseline)]
     return _ratio(*rates), {}
 
@@ -159,10 +163,10 @@ def _batched_gain(measurements, model, _):
                for batch, by_path in by_model[model.name].throughput.items() if batch >= 64]
     if not batched:
         return None, {}
-    runtime, batch, by_path = max(batched, key=lambda entry: entry[2][latency.ADAPTIVE])
+    runtime, batch, by_path = max(batched, key=lambda entry: entry[2][points.DEFAULT])
     default = measurements.result.results[comparison.TF][model.name].evaluation.default
     saving = model.cost.exits[-1].macs / default.point.expected_macs
-    return (by_path[latency.ADAPTIVE] / by_path[latency.FULL],
+    return (by_path[points.DEFAULT] / by_path[points.FULL],
             {"runtime": runtime, "batch": batch, "saving": saving})
 
 
@@ -198,8 +202,8 @@ class Target:
 
 _BEST = "best: {baseline} ({baseline_runtime}) / {model} adaptive ({runtime})"
 _LITERT = "litert: {baseline} full / {model} adaptive"
-_LITERT_ADAPTIVE = _P50("litert", latency.ADAPTIVE)
-_LITERT_BASELINE_FULL = _P50("litert", latency.FULL, of_baseline=True)
+_LITERT_ADAPTIVE = _P50("litert", points.DEFAULT)
+_LITERT_BASELINE_FULL = _P50("litert", points.FULL, of_baseline=True)
 TARGETS = (
     # Batch-1 speed-ups RANet's adaptive path must reach over each baseline's full pass: on
     # each one's fastest runtime within 1 point of its fp32 accuracy, and on LiteRT fp32
@@ -213,7 +217,7 @@ TARGETS = (
     # RANet's LiteRT adaptive path against its TensorFlow one, and the reference's PyTorch
     # full pass (--pytorch_full_ms).
     Target("{model}: tf adaptive / litert adaptive",
-           _latency_ratio(_P50(comparison.TF, latency.ADAPTIVE), _LITERT_ADAPTIVE), 4.0),
+           _latency_ratio(_P50(comparison.TF, points.DEFAULT), _LITERT_ADAPTIVE), 4.0),
     Target("{model}: reference PyTorch full / litert adaptive", _pytorch_over_litert, 10.0),
     Target("litert full pass MAC/s: {model} / {baseline}", _full_pass_mac_rate_share, 0.4,
            baseline="vgg16"),
@@ -224,7 +228,7 @@ TARGETS = (
     Target("{model}: int8 - fp32 accuracy, worst exit", _int8_accuracy_change,
            -100 * ACCURACY_TOLERANCE, unit="points", every_model=True),
     Target("{model}: litert full, fp32 / int8 latency",
-           _latency_ratio(_P50("litert", latency.FULL), _P50("litert_int8", latency.FULL)),
+           _latency_ratio(_P50("litert", points.FULL), _P50("litert_int8", points.FULL)),
            1.0, every_model=True),
 )
 
@@ -308,40 +312,43 @@ def main(values: flags.FlagValues) -> dict:
     result = comparison.compare(options, throughput_batch_sizes=batch_sizes)[0]
     tf_results = result.results[comparison.TF]
     tf_settings[own_setting] = {
-        model: {path: stats.p50 for path, stats in measured.latency.items()}
+        model: {path.path: stats.p50 for path, stats in measured.latency.items()}
         for model, measured in tf_results.items()}
     tf_accuracy[own_setting] = {model: compared_path(measured.evaluation)[1]
                                 for model, measured in tf_results.items()}
     best = best_runtimes(result, tf_settings, tf_accuracy)
-    output = {**report.build(result, options),
+    output = {**report.build(result),
               "tf_settings_p50_ms": tf_settings, "tf_settings_accuracy": tf_accuracy,
               "best": best,
               # The report holds images/s at --batch_size only.
               "throughput_ips_by_batch": {
-                  runtime: {model: measured.throughput for model, measured in by_model.items()}
+                  runtime: {model: {batch: {path.path: ips for path, ips in by_path.items()}
+                                    for batch, by_path in measured.throughput.items()}
+                            for model, measured in by_model.items()}
                   for runtime, by_model in result.results.items()},
               "pytorch_full_ms": values.pytorch_full_ms,
               "targets": targets(result, best, values.pytorch_full_ms)}
-    _print(output)
+    _print(result, output)
     if values.json:
         jsonio.write(values.json, output)
     return output
 
 
-def _print(output: dict) -> None:
+def _print(result: comparison.Comparison, output: dict) -> None:
+    """The comparison's own numbers from ``result``; the benchmark's from ``output``."""
     print(f"\n{output['device']}; TensorFlow {output['tensorflow']}; XLA "
-          f"{'on' if output['xla'] else 'off'} (batch-1 paths); LiteRT "
+          f"{'on' if result.options.xla else 'off'} (batch-1 paths); LiteRT "
           f"{output['litert_threads']} threads\n")
-    for model in output["models"]:
-        for runtime, view in report.runtime_views(model, output["runtimes"]).items():
-            if "default" in view:
-                point = view["default"]
-                print(f"{model['name']} ({runtime}): default operating point "
-                      f"{point['accuracy']:.2%} (every exit: "
-                      f"{view['exits'][-1]['accuracy']:.2%}), "
-                      f"{point['expected_macs'] / 1e6:.2f} M multiply-adds expected, exit "
-                      "fractions " + ", ".join(f"{f:.3f}" for f in point["exit_fractions"]))
-    print("\nBatch-1 latency (ms)\n" + "\n".join(report.latency_table(output, throughput=False)))
+    for runtime, by_model in result.results.items():
+        for name, measured in by_model.items():
+            default, evaluation = measured.evaluation.default, measured.evaluation
+            if default is not None:
+                print(f"{name} ({runtime}): default operating point "
+                      f"{default.point.accuracy:.2%} (every exit: "
+                      f"{evaluation.exit_accuracy[-1]:.2%}), "
+                      f"{default.point.expected_macs / 1e6:.2f} M multiply-adds expected, exit "
+                      "fractions " + ", ".join(f"{f:.3f}" for f in default.point.exit_fractions))
+    print("\nBatch-1 latency (ms)\n" + "\n".join(report.latency_table(result, throughput=False)))
     tf_settings, tf_accuracy = output["tf_settings_p50_ms"], output["tf_settings_accuracy"]
     settings = list(tf_settings)
     print(f"\nTensorFlow p50 ms by setting\n{'model':<24} {'path':<14} "

@@ -18,10 +18,9 @@ import tensorflow as tf
 from absl import flags
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-from ranet import cli, jsonio
+from ranet import cli, devices, jsonio
 from ranet.bench.common import preset_experiment
 from ranet.config import PRECISIONS
-from ranet.inference import latency
 from ranet.training import setup
 
 
@@ -97,7 +96,7 @@ def main(values: flags.FlagValues) -> dict:
     table = op_type_table(values.logdir)
     total = sum(s for s, _ in table.values())
     ops_per_step = sum(c for _, c in table.values()) / values.steps
-    environment = latency.device_info()
+    environment = devices.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; {values.preset}, "
           f"{values.mode}, {values.precision}, batch {values.batch_size}\n"
           f"wall {1e3 * wall:.1f} ms per step (traced); {ops_per_step:.0f} ops per step; "

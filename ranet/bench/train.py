@@ -27,7 +27,6 @@ from absl import flags, logging
 from ranet import cli, devices, jsonio
 from ranet.bench.common import preset_experiment
 from ranet.errors import UsageError
-from ranet.inference import latency
 from ranet.training import setup
 
 
@@ -124,7 +123,7 @@ def main(values: flags.FlagValues) -> list:
                                                training_layout=layout)
                     rows.append({"preset": preset, "xla": xla == "on", "layout": layout,
                                  **measure(config, values.steps, values.warmup_steps)})
-    environment = latency.device_info()
+    environment = devices.device_info()
     print(f"\n{environment['device']}; TensorFlow {environment['tensorflow']}; "
           f"batch {values.batch_size}; "
           f"{'real CIFAR-10' if values.data_dir else 'synthetic data'}\n")

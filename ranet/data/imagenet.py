@@ -442,7 +442,8 @@ def splits_in_memory(splits: DataSplits, *, max_images: int, train_images: int,
     come from the same shards and are decoded in one pass.
     """
     validation = _sample(splits.validation, max_images, seed)
-    train = _sample(splits.train, train_images, seed)
+    # Seed 0 whatever ``seed``: the eval and the export convert with the same sample.
+    train = _sample(splits.train, train_images, 0)
     decoded = read_eval_pixels(splits.train.index, validation | train)
     is_validation = validation[validation | train]
     test = None

@@ -23,11 +23,13 @@ integer).
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ranet.errors import UsageError
+from ranet.inference import points
+from ranet.inference.points import PointId
 
 # default_point accepts accuracies within this of the last exit's (one percentage point).
 DEFAULT_TOLERANCE = 0.01
@@ -98,7 +100,7 @@ def exit_indices(confidences, thresholds) -> np.ndarray:
     return np.argmax(leaves, axis=0)
 
 
-def calibrate(confidences, distribution) -> np.ndarray:
+def thresholds_for_distribution(confidences, distribution) -> np.ndarray:
     """Thresholds that make floor(n * p_k) undecided images leave at each exit k < K.
 
     The reference's ``dynamic_eval_find_threshold``: at exit k, among the
@@ -186,7 +188,8 @@ def budgeted_points(val_confidences, val_predictions, val_labels, exit_macs,
     _check_table("val_confidences", val_confidences)
     num_exits = val_confidences.shape[0]
     return [evaluate(val_confidences, val_predictions, val_labels,
-                     calibrate(val_confidences, exit_distribution(q, num_exits)), exit_macs,
+                     thresholds_for_distribution(val_confidences,
+                                                 exit_distribution(q, num_exits)), exit_macs,
                      num_classes=num_classes)
             for q in qs]
 
@@ -198,7 +201,7 @@ def best_within_budget(points: Sequence[OperatingPoint], budget_macs: float) -> 
     thresholds cost less than exit 1, which every image runs; the cheapest
     point of the reference sweep (q = 0.05) costs a little more than exit 1,
     so to serve every budget down to exit 1's cost, add the point that sends
-    every image out there: ``evaluate(..., fixed_threshold(-np.inf, K), ...)``.
+    every image out there: ``evaluate(..., first_exit_only(K), ...)``.
     """
     if not points:
         raise ValueError("best_within_budget needs at least one operating point. Received: []")
@@ -231,3 +234,46 @@ def fixed_threshold(value: float, num_exits: int) -> np.ndarray:
     if num_exits < 1:
         raise ValueError(f"num_exits must be at least 1. Received: num_exits={num_exits}")
     return np.array([value] * (num_exits - 1) + [-np.inf], dtype=np.float64)
+
+
+def first_exit_only(num_exits: int) -> np.ndarray:
+    """Thresholds that send every image out at exit 1: the cheapest point there is."""
+    return fixed_threshold(-np.inf, num_exits)
+
+
+def last_exit_only(num_exits: int) -> np.ndarray:
+    """Thresholds that send every image to the last exit: the last exit's accuracy."""
+    return fixed_threshold(np.inf, num_exits)
+
+
+def calibrate_points(confidences, predictions, labels, exit_macs, num_classes: int, *,
+                     budgets_mflops: Sequence[float] = (),
+                     fixed: Optional[float] = None,
+                     qs: Sequence[float] = reference_sweep()) -> Dict[PointId, OperatingPoint]:
+    """The one calibration recipe, for the report and for the served thresholds alike.
+
+    On one split ([K, N] confidences and predictions, [N] labels): the sweep's points
+    (p_k ~ q^k, ``points.sweep(q)``); for each budget (``points.budget(b)``) the most accurate
+    of them within it, the point that sends every image out at exit 1 included (so any budget
+    down to exit 1's cost has one); the default point (``points.DEFAULT``), the cheapest within
+    one point of the last exit's accuracy, the point that sends every image to the last exit
+    included (so it always exists, however barely trained the model); and, with ``fixed``,
+    the seed's single fixed threshold (``points.fixed(t)``). In that order.
+    """
+    confidences, predictions = np.asarray(confidences), np.asarray(predictions)
+    num_exits = len(exit_macs)
+
+    def point(thresholds):
+        return evaluate(confidences, predictions, labels, thresholds, exit_macs, num_classes)
+
+    sweep = budgeted_points(confidences, predictions, labels, exit_macs, qs, num_classes)
+    calibrated = {points.sweep(q): p for q, p in zip(qs, sweep)}
+    everyone_at_exit_1 = point(first_exit_only(num_exits))
+    for b in budgets_mflops:
+        calibrated[points.budget(b)] = best_within_budget(sweep + [everyone_at_exit_1], b * 1e6)
+    last_exit_accuracy = float(np.mean(predictions[-1] == np.asarray(labels)))
+    calibrated[points.DEFAULT] = default_point(sweep + [point(last_exit_only(num_exits))],
+                                               last_exit_accuracy)
+    if fixed is not None:
+        calibrated[points.fixed(fixed)] = point(fixed_threshold(fixed, num_exits))
+    return calibrated

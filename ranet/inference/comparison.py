@@ -21,9 +21,13 @@ from absl import logging
 from ranet import config as config_lib
 from ranet import devices
 from ranet.config import flag, require
-from ranet.inference import adaptive, equal_accuracy, evaluation, latency
+from ranet.data import report_images
+from ranet.data.report_images import EvaluationImages
+from ranet.inference import adaptive, equal_accuracy, evaluation, latency, points
+from ranet.inference.points import PointId
 from ranet.inference.serving import litert, litert_runtime
-from ranet.training.model_dir import CHECKPOINT_CHOICES
+from ranet.training import model_dir as model_dir_lib
+from ranet.training.model_dir import CHECKPOINT_CHOICES, LoadedModel
 
 SPLITS = ("test", "validation")
 TF = "tf"
@@ -72,13 +76,17 @@ class ComparisonOptions:
     batch_size: int = flag(256, "Batch size of inference and of the throughput test.")
     throughput_images: int = flag(2048, "Images per throughput measurement.")
     runtimes: tuple = flag(
-        (TF,), "Runtimes to evaluate and time every model on, interleaved: tf (TensorFlow, "
-        "always included: report.json's latency_ms), litert (the LiteRT stage files, "
+        (TF,), "Runtimes to evaluate and time every model on, interleaved, in any order: tf "
+        "(TensorFlow, always included), litert (the LiteRT files ranet.export writes, "
         "float32), litert_int8 (int8).", kind="list")
     litert_threads: str = flag(
-        "0", "XNNPACK threads of each LiteRT interpreter: a count, 0 for every core, or auto: "
-        "each file (stage, one-graph file, baseline) at the count that runs it fastest here, "
-        "timed when it loads.")
+        litert_runtime.AUTO_THREADS, "XNNPACK threads of each LiteRT interpreter: auto (each "
+        "file, stage, one-graph file or baseline, at the count that runs it fastest here, "
+        "timed when it loads), or a count (0: every core).")
+    representative_images: int = flag(
+        report_images.REPRESENTATIVE_IMAGES, "LiteRT int8: training images that calibrate the "
+        "quantisation ranges, chosen as ranet.export chooses them, so that the int8 files "
+        "measured are the files it writes with the same flag.", lower_bound=1)
 
     def __post_init__(self):
         require(bool(self.model_dir),
@@ -101,9 +109,12 @@ class ComparisonOptions:
                 or (self.litert_threads.isdigit()),
                 "--litert_threads takes a count of threads (0: every core) or auto. "
                 f"Received: --litert_threads={self.litert_threads}")
-        require(set(self.runtimes) <= set(RUNTIMES) and TF in self.runtimes,
-                f"runtimes must include tf and be some of {', '.join(RUNTIMES)}. "
+        require(set(self.runtimes) <= set(RUNTIMES) and TF in self.runtimes
+                and len(set(self.runtimes)) == len(self.runtimes),
+                f"runtimes must include tf and be distinct names among {', '.join(RUNTIMES)}. "
                 f"Received: runtimes={','.join(self.runtimes)}")
+        # One canonical order, so that the order of the flag changes nothing in the report.
+        object.__setattr__(self, "runtimes", tuple(r for r in RUNTIMES if r in self.runtimes))
 
 
 def litert_threads(options: ComparisonOptions) -> litert_runtime.Threads:
@@ -118,26 +129,32 @@ class ModelResult:
     """One model on one runtime: its evaluation, the batch-1 statistics of each timed path,
     and images/s of each path at each batch size measured."""
     evaluation: evaluation.ModelEvaluation
-    latency: Dict[str, latency.LatencyStats]
-    throughput: Dict[int, Dict[str, float]]
+    latency: Dict[PointId, latency.LatencyStats]
+    throughput: Dict[int, Dict[PointId, float]]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Comparison:
-    """What was measured: ``results[runtime][model name]``, runtimes in the order asked for,
-    models in the order of ``models``; ``at_equal_accuracy[runtime][baseline]``: the point of
-    ``adaptive_model`` (the first model with several exits, None if there is none) chosen
-    against each one-exit model; ``latency_block``: how the latency was timed."""
-    images: evaluation.EvaluationImages
-    models: List[evaluation.LoadedModel]
+    """What was measured, with what: ``results[runtime][model name]``, runtimes in
+    ``RUNTIMES``' order, models in the order of ``models``; ``at_equal_accuracy[runtime]
+    [baseline]``: the point of ``adaptive_model`` (the first model with several exits, None if
+    there is none) chosen against each one-exit model; ``latency_block``: how the latency was
+    timed. The renderers of ``report`` take it whole."""
+    options: ComparisonOptions
+    images: EvaluationImages
+    models: List[LoadedModel]
     results: Dict[str, Dict[str, ModelResult]]
     adaptive_model: Optional[str] = None
     latency_block: int = 1
     at_equal_accuracy: Dict[str, Dict[str, equal_accuracy.Choice]] = dataclasses.field(
         default_factory=dict)
 
+    @property
+    def runtimes(self) -> List[str]:
+        return list(self.results)
 
-PathsFor = Callable[[Dict[str, List[float]]], Dict[str, latency.PathCallable]]
+
+PathsFor = Callable[[Dict[PointId, List[float]]], Dict[PointId, latency.PathCallable]]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -149,7 +166,7 @@ class _Runtime:
     batched: PathsFor
 
 
-def _tensorflow(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
+def _tensorflow(loaded: LoadedModel, images: EvaluationImages,
                 options: ComparisonOptions, **evaluate) -> _Runtime:
     result = evaluation.evaluate_model(loaded.model, loaded.cost, images,
                                        batch_size=options.batch_size, **evaluate)
@@ -165,22 +182,27 @@ def _tensorflow(loaded: evaluation.LoadedModel, images: evaluation.EvaluationIma
                                                  normalization=normalization))
 
 
-def _litert(loaded: evaluation.LoadedModel, images: evaluation.EvaluationImages,
-            options: ComparisonOptions, precision: str, directory: str,
-            **evaluate) -> _Runtime:
-    """Converts ``loaded`` to LiteRT stage files in ``directory`` (once for every precision
+def litert_files(loaded: LoadedModel, images: EvaluationImages, options: ComparisonOptions,
+                 directory: str) -> dict:
+    """Writes ``loaded``'s LiteRT files for every precision ``options`` asks for into
+    ``directory`` with the export's code and options: the files ``ranet.export
+    --format=litert`` writes for the same model and flags. Returns the manifest."""
+    precisions = [RUNTIMES[r] for r in options.runtimes if RUNTIMES[r] is not None]
+    return litert.write_model(directory, loaded.model, loaded.config.model, images.mean,
+                              images.std, images.training_pixels, precisions,
+                              {"model": loaded.config.model.name,
+                               "num_exits": loaded.model.num_exits,
+                               "num_classes": loaded.model.num_classes,
+                               "confidence": options.confidence})
+
+
+def _litert(loaded: LoadedModel, images: EvaluationImages, options: ComparisonOptions,
+            precision: str, directory: str, **evaluate) -> _Runtime:
+    """Converts ``loaded`` to LiteRT files in ``directory`` (once for every precision
     ``options`` asks for) and evaluates this precision's."""
     if not os.path.isdir(directory):
         os.makedirs(directory)
-        precisions = [RUNTIMES[r] for r in options.runtimes if RUNTIMES[r] is not None]
-        model = litert.serving_model(loaded.model, loaded.config.model)
-        representative = (litert.stage_inputs_on(model, images.training_pixels, images.mean,
-                                                 images.std) if "int8" in precisions else [])
-        litert.write(directory, model, images.mean, images.std, precisions,
-                     representative, {"model": loaded.config.model.name,
-                                      "num_exits": model.num_exits,
-                                      "num_classes": model.num_classes,
-                                      "confidence": options.confidence})
+        litert_files(loaded, images, options, directory)
     stages = litert_runtime.LiteRTStages(directory, precision,
                                          num_threads=litert_threads(options))
     if options.litert_threads == litert_runtime.AUTO_THREADS:
@@ -205,10 +227,11 @@ def compare(options: ComparisonOptions,
     inference batch size). Thread pools are sized first, before TensorFlow runs an op.
     """
     devices.configure_threads(options.intra_op_threads, options.inter_op_threads)
-    models = evaluation.load_models(options.model_dir, options.checkpoint, options.precision)
+    models = model_dir_lib.load_models(options.model_dir, options.checkpoint, options.precision)
     evaluation.check_budgets(models, options.budget_mflops)
-    images = evaluation.load_images(models, options.split, options.seed, options.data_dir,
-                                    options.max_images)
+    images = report_images.load_images(models[0].config.data.with_data_dir(options.data_dir),
+                                       options.split, options.seed, options.max_images,
+                                       options.representative_images)
     logging.info("calibrating on %s (%d images), reporting on %s (%d images)",
                  images.calibration_name, len(images.calibration_labels), images.report_name,
                  len(images.report_labels))
@@ -235,7 +258,7 @@ def compare(options: ComparisonOptions,
         batch1 = {}
         for runtime, by_model in runtimes.items():
             for name, result in by_model.items():
-                thresholds = dict(result.evaluation.thresholds_by_path)
+                thresholds = dict(result.evaluation.timed_points)
                 if name == adaptive_model:
                     thresholds.update({c.path: list(c.point.thresholds)
                                        for c in chosen[runtime].values()})
@@ -260,9 +283,9 @@ def compare(options: ComparisonOptions,
                     throughput[runtime][name][batch_size] = {
                         path: latency.measure_throughput(fn, sample, batch_size)
                         for path, fn in result.batched(
-                            result.evaluation.thresholds_by_path).items()}
+                            result.evaluation.timed_points).items()}
     return [Comparison(
-        images=images, models=models,
+        options=options, images=images, models=models,
         results={runtime: {m.name: ModelResult(by_model[m.name].evaluation,
                                                stats[block][runtime, m.name],
                                                throughput[runtime][m.name]) for m in models}
@@ -271,9 +294,8 @@ def compare(options: ComparisonOptions,
         for block in options.latency_block]
 
 
-def _equal_accuracy(runtimes: Dict[str, Dict[str, _Runtime]],
-                    models: Sequence[evaluation.LoadedModel],
-                    images: evaluation.EvaluationImages):
+def _equal_accuracy(runtimes: Dict[str, Dict[str, _Runtime]], models: Sequence[LoadedModel],
+                    images: EvaluationImages):
     """(name of the first model with several exits, {runtime: {baseline: Choice}}): its
     point at each one-exit model's accuracy, on that runtime's own outputs."""
     by_name = {runtime: {name: result.evaluation for name, result in by_model.items()}
@@ -286,5 +308,5 @@ def _equal_accuracy(runtimes: Dict[str, Dict[str, _Runtime]],
         ranet = evaluations[adaptive_model]
         baselines = [e for e in evaluations.values() if not e.is_adaptive]
         chosen[runtime] = equal_accuracy.choices(ranet, baselines, images.report_labels,
-                                                 ranet.thresholds_by_path)
+                                                 ranet.timed_points)
     return adaptive_model, chosen

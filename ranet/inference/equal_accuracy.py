@@ -15,19 +15,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ranet import jsonio
-from ranet.inference import calibration
+from ranet.inference import calibration, points
+from ranet.inference.points import PointId
 
 # Two-sided 95% quantile of the standard normal.
 Z_95 = 1.959963984540054
-# The operating point where every image runs to the last exit: always a candidate, so that a
-# RANet whose last exit beats the baseline always has a point that reaches it.
-LAST_EXIT_ONLY = {"point": "last exit"}
-# Latency paths timed for these points: "equal@<baseline>".
-PATH_PREFIX = "equal@"
-
-
-def path_name(baseline: str) -> str:
-    return f"{PATH_PREFIX}{baseline}"
 
 
 def paired_difference_interval(correct_a, correct_b, z: float = Z_95) -> Tuple[float, float]:
@@ -55,7 +47,7 @@ def paired_difference_interval(correct_a, correct_b, z: float = Z_95) -> Tuple[f
 @dataclasses.dataclass(frozen=True, eq=False)
 class Candidate:
     """One calibrated operating point of an early-exit model, scored image by image."""
-    label: Dict[str, object]          # as BudgetedResult.label, or LAST_EXIT_ONLY
+    point_id: PointId                 # a calibrated point's, or points.LAST_EXIT
     thresholds: Tuple[float, ...]
     expected_macs: float
     correct: np.ndarray               # [num_images] bool: right at the exit the image took
@@ -65,7 +57,7 @@ class Candidate:
         return float(np.mean(self.correct))
 
 
-def candidate(label: Dict[str, object], thresholds: Sequence[float], confidences: np.ndarray,
+def candidate(point_id: PointId, thresholds: Sequence[float], confidences: np.ndarray,
               predictions: np.ndarray, labels: np.ndarray,
               exit_macs: Sequence[int]) -> Candidate:
     """Scores ``thresholds`` on every image: which exit each takes, what it costs, whether
@@ -73,7 +65,7 @@ def candidate(label: Dict[str, object], thresholds: Sequence[float], confidences
     exits = calibration.exit_indices(confidences, thresholds)
     correct = predictions[exits, np.arange(len(labels))] == labels
     macs = float(np.mean(np.asarray(exit_macs, np.float64)[exits]))
-    return Candidate(dict(label), tuple(float(t) for t in thresholds), macs, correct)
+    return Candidate(point_id, tuple(float(t) for t in thresholds), macs, correct)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -85,7 +77,7 @@ class Choice:
     point: Candidate
     reaches: bool                          # point.accuracy >= baseline_accuracy
     difference_ci95: Tuple[float, float]   # RANet - baseline, paired
-    path: str = ""                         # the latency path that times the point
+    path: Optional[PointId] = None         # the latency path that times the point
 
     @property
     def macs_ratio(self) -> float:
@@ -125,7 +117,8 @@ def to_json(choice: Choice, ranet_latency: Optional[Dict[str, float]],
             baseline_latency: Optional[Dict[str, float]]) -> dict:
     """The report.json entry of ``choice``; ``*_latency``: the timed paths' statistics (ms)."""
     entry = {
-        "ranet_point": {**choice.point.label, "path": choice.path,
+        "ranet_point": {"point": choice.point.point_id.key,
+                        "path": None if choice.path is None else choice.path.path,
                         "thresholds": [jsonio.number(t) for t in choice.point.thresholds],
                         "expected_macs": choice.point.expected_macs},
         "reaches": choice.reaches,
@@ -150,31 +143,34 @@ def _p50_p90(stats: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
 
 def candidates_of(evaluation, labels: np.ndarray) -> List[Candidate]:
     """Every calibrated point of an early-exit ``ModelEvaluation`` (the sweep, the budgets,
-    the default and fixed points) and the last exit alone, scored on the reported images."""
+    the default and fixed points) and the last exit alone, scored on the reported images.
+
+    The last exit alone is always a candidate, so that a model whose last exit beats the
+    baseline always has a point that reaches it."""
     exit_macs = [e.macs for e in evaluation.cost.exits]
-    results = evaluation.sweep + evaluation.budgets + [
-        r for r in (evaluation.default, evaluation.fixed) if r is not None]
-    points = [(r.label, r.point.thresholds) for r in results]
-    points.append((LAST_EXIT_ONLY, calibration.fixed_threshold(math.inf, len(exit_macs))))
-    return [candidate(label, thresholds, evaluation.report_confidences,
+    pool = [(point_id, result.point.thresholds)
+            for point_id, result in evaluation.points.items()]
+    pool.append((points.LAST_EXIT, calibration.last_exit_only(len(exit_macs))))
+    return [candidate(point_id, thresholds, evaluation.report_confidences,
                       evaluation.report_predictions, labels, exit_macs)
-            for label, thresholds in points]
+            for point_id, thresholds in pool]
 
 
 def choices(ranet, baselines: Sequence, labels: np.ndarray,
-            timed_paths: Dict[str, Sequence[float]]) -> Dict[str, Choice]:
+            timed_points: Dict[PointId, Sequence[float]]) -> Dict[str, Choice]:
     """RANet's point against each baseline (``ModelEvaluation``s of one runtime).
 
-    ``timed_paths``: RANet's latency paths already timed, by thresholds; a chosen point with
-    the same thresholds is timed through that path (or through the path of the baseline that
-    chose it first), any other through ``path_name(B)``.
+    ``timed_points``: RANet's operating points already timed, with their thresholds; a chosen
+    point with the same thresholds is timed through that path (or through the path of the
+    baseline that chose it first), any other through ``points.equal(B)``.
     """
     pool = candidates_of(ranet, labels)
-    by_thresholds = {tuple(float(t) for t in values): path for path, values in timed_paths.items()}
+    by_thresholds = {tuple(float(t) for t in values): point
+                     for point, values in timed_points.items()}
     chosen = {}
     for baseline in baselines:
         choice = choose(pool, baseline.name, baseline.report_predictions[0] == labels,
                         baseline.cost.exits[-1].macs)
-        path = by_thresholds.setdefault(choice.point.thresholds, path_name(baseline.name))
+        path = by_thresholds.setdefault(choice.point.thresholds, points.equal(baseline.name))
         chosen[baseline.name] = dataclasses.replace(choice, path=path)
     return chosen

@@ -3,57 +3,41 @@
 A *path* is one way of running a model: a callable that takes a float32 batch
 [B, H, W, 3] and returns only once its answer is on the host (numpy), so a
 timing includes the device sync. ``batch1_paths`` builds them for batch-1
-latency: the whole network in one compiled graph (``"full"``), real early exit
-at each operating point (``AdaptivePredictor.predict_one``), and the seed's
-``Model.predict`` as a reference, whose per-call overhead (data adapter and
-callbacks rebuilt every call) dwarfs a small CNN's compute.
+latency: the whole network in one compiled graph (``points.FULL``), real early
+exit at each operating point (``AdaptivePredictor.predict_one``), and the seed's
+``Model.predict`` as a reference (``points.KERAS_PREDICT``), whose per-call
+overhead (data adapter and callbacks rebuilt every call) dwarfs a small CNN's
+compute. Paths are keyed by their ``points.PointId``; their names are made there.
 
 ``measure_latency`` times every path of every model INTERLEAVED, image by
 image, in an order that rotates, so a noisy machine (frequency scaling, other
 processes, allocator state) slows all paths alike and their ratios hold.
 
 Example:
-    >>> paths = {"ranet": batch1_paths(ranet, AdaptivePredictor(ranet), {"adaptive": t}),
+    >>> paths = {"ranet": batch1_paths(ranet, AdaptivePredictor(ranet), {points.DEFAULT: t}),
     ...          "vgg16": batch1_paths(vgg16)}
     >>> stats = measure_latency(paths, images[:1000])
-    >>> stats["ranet"]["adaptive"].p50   # milliseconds
+    >>> stats["ranet"][points.DEFAULT].p50   # milliseconds
 """
 
 import dataclasses
-import os
-import platform
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from ranet.data import normalize
+from ranet.inference import points
 from ranet.inference.adaptive import AdaptivePredictor
+from ranet.inference.points import PointId
 from ranet.inference.serving.litert_runtime import LiteRTPredictor, LiteRTStages
 from ranet.models.staged import StagedClassifier
 
 PathCallable = Callable[[np.ndarray], object]
 # (mean, std) of the training split in 0..1 units, for paths that take raw pixels.
 Normalization = Tuple[Sequence[float], Sequence[float]]
-FULL = "full"
-KERAS_PREDICT = "keras_predict"
-# Early exit at the default operating point, and at the point chosen for a budget.
-ADAPTIVE = "adaptive"
-_BUDGET_SEPARATOR = "@"
-
-
-def budget_path(budget_mflops: float) -> str:
-    """The path of the point chosen for ``budget_mflops``: ``adaptive@<budget>``."""
-    return f"{ADAPTIVE}{_BUDGET_SEPARATOR}{budget_mflops:g}"
-
-
-def path_budget(path: str) -> Optional[float]:
-    """The budget of a ``budget_path``, or None for any other path."""
-    prefix = ADAPTIVE + _BUDGET_SEPARATOR
-    return float(path[len(prefix):]) if path.startswith(prefix) else None
-_RESERVED = (FULL, KERAS_PREDICT)
+Thresholds = Mapping[PointId, Sequence[float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +95,8 @@ def _every_exit_classes(model: StagedClassifier, batch_size: Optional[int],
 
 
 def _threshold_tensors(model: StagedClassifier, predictor: Optional[AdaptivePredictor],
-                       thresholds: Optional[Mapping[str, Sequence[float]]],
-                       normalization: Optional[Normalization]) -> Dict[str, tf.Tensor]:
+                       thresholds: Optional[Thresholds],
+                       normalization: Optional[Normalization]) -> Dict[PointId, tf.Tensor]:
     """Validates ``thresholds`` and converts each operating point to a tensor, once."""
     thresholds = dict(thresholds or {})
     if not thresholds:
@@ -125,15 +109,15 @@ def _threshold_tensors(model: StagedClassifier, predictor: Optional[AdaptivePred
         raise ValueError("The predictor and the paths must take the same inputs: build the "
                          "predictor with the normalization the paths are given.")
     tensors = {}
-    for name, values in thresholds.items():
-        if name in _RESERVED:
-            raise ValueError(f"Path names {', '.join(_RESERVED)} are taken by the non-adaptive "
-                             f"paths; rename the operating point. Received: {name!r}")
+    for point, values in thresholds.items():
+        if not point.is_adaptive:
+            raise ValueError("Thresholds are for operating points; the full paths take none. "
+                             f"Received: {point.path!r}")
         values = np.asarray(values, dtype=np.float32)
         if values.shape != (model.num_exits,):
-            raise ValueError(f"Operating point {name!r} needs one threshold per exit "
+            raise ValueError(f"Operating point {point.path!r} needs one threshold per exit "
                              f"({model.num_exits}). Received: thresholds={values.tolist()}")
-        tensors[name] = tf.constant(values)
+        tensors[point] = tf.constant(values)
     return tensors
 
 
@@ -148,30 +132,29 @@ def _adaptive_path(predict: Callable, thresholds: tf.Tensor) -> PathCallable:
 
 
 def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
-                 thresholds: Optional[Mapping[str, Sequence[float]]] = None,
-                 jit_compile: bool = False,
-                 normalization: Optional[Normalization] = None) -> Dict[str, PathCallable]:
+                 thresholds: Optional[Thresholds] = None, jit_compile: bool = False,
+                 normalization: Optional[Normalization] = None) -> Dict[PointId, PathCallable]:
     """The batch-1 latency paths of one model, each taking images [1, H, W, 3] float32.
 
     Args:
         model: a staged classifier (a baseline is the one-exit case).
         predictor: ``AdaptivePredictor(model)``; needed only when ``thresholds`` is given.
-        thresholds: operating point name (e.g. ``"adaptive"``, ``"adaptive@15"``) ->
+        thresholds: operating point (e.g. ``points.DEFAULT``, ``points.budget(15)``) ->
             one threshold per exit. Empty or None for a baseline.
         jit_compile: XLA-compile the full path (build the predictor with the same).
         normalization: ``(mean, std)``: the images are raw pixels, normalised inside every
             path, as a served request is (build the predictor with the same object).
 
     Returns:
-        ``{"full": every stage in one compiled graph, <each operating point>: compiled
-        early exit (tf.cond chain), "keras_predict": model.predict(x) as the seed
+        ``{points.FULL: every stage in one compiled graph, <each operating point>: compiled
+        early exit (tf.cond chain), points.KERAS_PREDICT: model.predict(x) as the seed
         timed it}``. Each returns numpy arrays, only once they are on the host.
     """
     full = _every_exit_classes(model, batch_size=1, jit_compile=jit_compile,
                                normalization=normalization)
-    paths = {FULL: lambda images: full(images).numpy()}
-    for name, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
-        paths[name] = _adaptive_path(predictor.predict_one, tensor)
+    paths = {points.FULL: lambda images: full(images).numpy()}
+    for point, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
+        paths[point] = _adaptive_path(predictor.predict_one, tensor)
 
     def keras_predict(images):
         if normalization is not None:
@@ -179,33 +162,32 @@ def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor]
         # Already numpy: predict copies its outputs to the host before returning.
         return model.predict(images, verbose=0)
 
-    paths[KERAS_PREDICT] = keras_predict
+    paths[points.KERAS_PREDICT] = keras_predict
     return paths
 
 
 def batched_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
-                  thresholds: Optional[Mapping[str, Sequence[float]]] = None,
-                  normalization: Optional[Normalization] = None) -> Dict[str, PathCallable]:
+                  thresholds: Optional[Thresholds] = None,
+                  normalization: Optional[Normalization] = None) -> Dict[PointId, PathCallable]:
     """Throughput paths of one model, each taking images [B, H, W, 3] of any B.
 
-    ``"full"`` runs every stage on the whole batch; each operating point runs
+    ``points.FULL`` runs every stage on the whole batch; each operating point runs
     ``predictor.predict_batch`` (stage k on the undecided images only). Both have
     a batch dimension of None in their signature, so a partial last batch does
     not retrace. Arguments as ``batch1_paths``.
     """
     full = _every_exit_classes(model, batch_size=None, normalization=normalization)
-    paths = {FULL: lambda images: full(images).numpy()}
-    for name, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
-        paths[name] = _adaptive_path(predictor.predict_batch, tensor)
+    paths = {points.FULL: lambda images: full(images).numpy()}
+    for point, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
+        paths[point] = _adaptive_path(predictor.predict_batch, tensor)
     return paths
 
 
-def litert_paths(stages: LiteRTStages,
-                 thresholds: Optional[Mapping[str, Sequence[float]]] = None
-                 ) -> Dict[str, PathCallable]:
+def litert_paths(stages: LiteRTStages, thresholds: Optional[Thresholds] = None
+                 ) -> Dict[PointId, PathCallable]:
     """The paths of a LiteRT export, each taking raw pixels [B, H, W, 3], one image at a time.
 
-    ``"full"`` runs every exit (the one-graph file, where the export has it) and returns every
+    ``points.FULL`` runs every exit (the one-graph file, where the export has it) and returns every
     exit's class (as the TF full path does);
     each operating point is ``LiteRTPredictor.predict`` at its thresholds. Batches are looped
     image by image: the stage files have a static batch of 1.
@@ -213,10 +195,10 @@ def litert_paths(stages: LiteRTStages,
     def full(images):
         return np.array([stages.every_exit(image).argmax(-1) for image in images]).T
 
-    paths = {FULL: full}
-    for name, values in (thresholds or {}).items():
+    paths = {points.FULL: full}
+    for point, values in (thresholds or {}).items():
         predictor = LiteRTPredictor(stages, values)
-        paths[name] = lambda images, predictor=predictor: [predictor.predict(image)[:2]
+        paths[point] = lambda images, predictor=predictor: [predictor.predict(image)[:2]
                                                            for image in images]
     return paths
 
@@ -229,10 +211,10 @@ def _check_images(images) -> np.ndarray:
     return images
 
 
-def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
+def measure_latency(paths_by_model: Mapping[Hashable, Mapping[Hashable, PathCallable]],
                     images: np.ndarray, warmup: int = 10, clock: Callable[[], float] = time.perf_counter,
                     progress: Optional[Callable[[int, int], None]] = None, block: int = 1
-                    ) -> Dict[str, Dict[str, LatencyStats]]:
+                    ) -> Dict[Hashable, Dict[Hashable, LatencyStats]]:
     """Batch-1 latency of every path of every model, measured interleaved.
 
     First every path runs on ``warmup`` images, untimed, so tracing, graph
@@ -245,7 +227,7 @@ def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
     larger block most calls find their own weights still cached (a host serving one).
 
     Args:
-        paths_by_model: model name -> path name -> path (see ``batch1_paths``).
+        paths_by_model: model -> path's key (a ``PointId``) -> path (``batch1_paths``).
         images: float32 [N, H, W, 3]; N timed calls per path.
         warmup: untimed calls per path before timing (images reused cyclically).
         clock: seconds, monotonic; injectable for tests.
@@ -253,7 +235,7 @@ def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
         block: images each path answers in a row before the next path runs.
 
     Returns:
-        model name -> path name -> ``LatencyStats`` (milliseconds) over the N images.
+        model -> path's key -> ``LatencyStats`` (milliseconds) over the N images.
     """
     images = _check_images(images)
     if warmup < 0:
@@ -276,7 +258,7 @@ def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
         for _, _, path in rotated(i):
             path(image)
 
-    seconds: Dict[tuple, List[float]] = {(m, p): [] for m, p, _ in calls}
+    seconds: Dict[Tuple[Hashable, Hashable], List[float]] = {(m, p): [] for m, p, _ in calls}
     report_every = max(1, num_images // 10)
     for first in range(0, num_images, block):
         end = min(first + block, num_images)
@@ -289,7 +271,7 @@ def measure_latency(paths_by_model: Mapping[str, Mapping[str, PathCallable]],
                                      or end == num_images):
             progress(end, num_images)
 
-    results: Dict[str, Dict[str, LatencyStats]] = {name: {} for name in paths_by_model}
+    results: Dict[Hashable, Dict[Hashable, LatencyStats]] = {name: {} for name in paths_by_model}
     for (model_name, path_name), times in seconds.items():
         results[model_name][path_name] = summarize(times)
     return results
@@ -324,36 +306,3 @@ def measure_throughput(fn: PathCallable, images: np.ndarray, batch_size: int,
         raise ValueError("The clock did not advance over the timed pass; use a clock with "
                          f"finer resolution. Received: elapsed={elapsed}")
     return num_images / elapsed
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # Not Linux: fall back to what the platform module knows.
-    return platform.processor() or platform.machine()
-
-
-def device_info() -> dict:
-    """Where the numbers were measured, to store beside them.
-
-    ``intra_op_threads`` / ``inter_op_threads`` of 0 mean TensorFlow's default:
-    all cores available to the process. ``"device"`` counts the cores this
-    process may run on, which in a container can be fewer than ``cpu_count``.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = f"CPU: {cpu_name()}, {cores} cores"
-    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-            for gpu in tf.config.list_physical_devices("GPU")]
-    return {
-        "device": f"GPU: {', '.join(gpus)}; {cpu}" if gpus else cpu,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-    }

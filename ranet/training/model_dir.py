@@ -19,13 +19,13 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
 
 from ranet import config as config_lib
-from ranet import devices, jsonio
+from ranet import costs, devices, jsonio
 from ranet.errors import MissingPathError, UsageError
 from ranet.models import StagedClassifier, get_model
 
@@ -322,6 +322,38 @@ def restore_model(model_dir: str, which: str = "best",
     with devices.precision_policy(precision):
         model = get_model(config.model)
     return config, model, _restore_weights(model, model_dir, which)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A trained model restored from its directory, with its name in a comparison and its
+    cost."""
+    name: str
+    model_dir: str
+    config: config_lib.ExperimentConfig
+    model: StagedClassifier
+    checkpoint: str
+    cost: costs.ModelCost
+
+
+def load_models(model_dirs: Sequence[str], checkpoint: str = "best",
+                precision: str = "fp32") -> List[LoadedModel]:
+    """Restores models to compare on the same images: they must share dataset and split.
+
+    Names are the model names, made unique with the directory name where they repeat.
+    """
+    restored = [restore_model(d, checkpoint, precision) for d in model_dirs]
+    split_fields = ("dataset", "validation_size", "test_size", "split_seed")
+    first = restored[0][0].data
+    for model_dir, (config, _, _) in zip(model_dirs[1:], restored[1:]):
+        if any(getattr(config.data, f) != getattr(first, f) for f in split_fields):
+            raise UsageError(f"{model_dir} was trained on another dataset or split than "
+                             f"{model_dirs[0]}; models compared together must share them.")
+    names = [config.model.name for config, _, _ in restored]
+    return [LoadedModel(
+        name=name if names.count(name) == 1 else f"{name} ({os.path.basename(d.rstrip('/'))})",
+        model_dir=d, config=config, model=model, checkpoint=path, cost=costs.count(model))
+        for name, d, (config, model, path) in zip(names, model_dirs, restored)]
 
 
 def _restore_weights(model: StagedClassifier, model_dir: str, which: str) -> str:

@@ -9,7 +9,8 @@ from helpers import VGG16, write_model_dir
 from ranet import cli
 from ranet import export
 from ranet.bench import inference, input as input_bench, litert_stages, profile, train
-from ranet.inference import comparison, latency, report
+from ranet.inference import comparison, latency
+from ranet.inference.points import DEFAULT, FULL
 
 
 def _call(binary, *args):
@@ -30,8 +31,7 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path, capsy
     # report.json's content (ranet.eval), then the benchmark's own measurements.
     assert result["runtimes"] == ["tf", "litert", "litert_int8"]
     assert result["adaptive_model"] == "ranet" and result["pytorch_full_ms"] == 23.4
-    views = {model["name"]: report.runtime_views(model, result["runtimes"])
-             for model in result["models"]}
+    views = {model["name"]: model["runtimes"] for model in result["models"]}
 
     # RANet's point at VGG16's accuracy on each runtime is timed too, unless it is the default.
     def paths(runtime, model):
@@ -54,7 +54,7 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path, capsy
     point = views["ranet"]["litert"]["default"]
     assert abs(sum(point["exit_fractions"]) - 1.0) < 1e-6
     assert {"accuracy", "expected_macs", "thresholds"} <= set(point)
-    assert "default" not in views["vgg16"]["tf"]
+    assert views["vgg16"]["tf"]["default"] is None
     throughput = result["throughput_ips_by_batch"]
     assert set(throughput["tf"]["ranet"]) == {"1", "64"}
     assert set(throughput["litert"]["ranet"]) == {"1"}
@@ -82,6 +82,11 @@ def _fake_result(evaluation, p50, throughput):
     return comparison.ModelResult(evaluation, stats, throughput)
 
 
+def _paths(**by_name):
+    """{"full": x, "adaptive": y} keyed by the paths' identities."""
+    return {{"full": FULL, "adaptive": DEFAULT}[name]: value for name, value in by_name.items()}
+
+
 def test_targets_rows_follow_the_declared_list():
     # RANet and VGG16 on TensorFlow and LiteRT fp32: no ResNet50, no int8, so no rows of theirs.
     ranet, vgg = _fake_model("ranet", "ranet", [10, 40]), _fake_model("vgg16", "vgg16", [300])
@@ -93,14 +98,15 @@ def test_targets_rows_follow_the_declared_list():
     def vgg_evaluation(accuracy):
         return SimpleNamespace(is_adaptive=False, exit_accuracy=[accuracy], default=None)
 
-    result = comparison.Comparison(images=None, models=[ranet, vgg], results={
-        "tf": {"ranet": _fake_result(ranet_evaluation(0.8), {"full": 8, "adaptive": 4},
-                                     {64: {"full": 100, "adaptive": 180}}),
-               "vgg16": _fake_result(vgg_evaluation(0.7), {"full": 6}, {64: {"full": 50}})},
-        "litert": {"ranet": _fake_result(ranet_evaluation(0.795), {"full": 4, "adaptive": 1},
-                                         {1: {"full": 250, "adaptive": 900}}),
+    result = comparison.Comparison(options=None, images=None, models=[ranet, vgg], results={
+        "tf": {"ranet": _fake_result(ranet_evaluation(0.8), _paths(full=8, adaptive=4),
+                                     {64: _paths(full=100, adaptive=180)}),
+               "vgg16": _fake_result(vgg_evaluation(0.7), _paths(full=6), {64: _paths(full=50)})},
+        "litert": {"ranet": _fake_result(ranet_evaluation(0.795), _paths(full=4, adaptive=1),
+                                         {1: _paths(full=250, adaptive=900)}),
                    # Over 1 point less accurate than on TensorFlow: not VGG16's best.
-                   "vgg16": _fake_result(vgg_evaluation(0.65), {"full": 3}, {1: {"full": 330}})}})
+                   "vgg16": _fake_result(vgg_evaluation(0.65), _paths(full=3),
+                                         {1: _paths(full=330)})}})
     best = inference.best_runtimes(result, {"default": {"ranet": {"full": 8, "adaptive": 4},
                                                         "vgg16": {"full": 6}}},
                                    {"default": {"ranet": 0.8, "vgg16": 0.7}})

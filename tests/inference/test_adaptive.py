@@ -47,7 +47,7 @@ def _thresholds(case, probabilities, kind=adaptive.MAX_SOFTMAX):
     if case == "none_leave_early":
         return np.full(num_exits, np.inf, np.float32)
     confidences = adaptive.confidence(probabilities, kind)
-    return calibration.calibrate(confidences, calibration.exit_distribution(case, num_exits)
+    return calibration.thresholds_for_distribution(confidences, calibration.exit_distribution(case, num_exits)
                                  ).astype(np.float32)
 
 

@@ -80,7 +80,7 @@ def test_uniform_distribution_by_hand():
     # Exit 1: the 3 highest are 0.95 (0), 0.90 (6), 0.80 (2): T1 = 0.80.
     # Exit 2, among 1 3 4 5 7 8 9: 0.92 (9), 0.85 (1), 0.75 (3): T2 = 0.75
     # (0.85 if image 0, already gone, were wrongly counted).
-    thresholds = calibration.calibrate(CONFIDENCES, calibration.exit_distribution(1.0, 3))
+    thresholds = calibration.thresholds_for_distribution(CONFIDENCES, calibration.exit_distribution(1.0, 3))
     np.testing.assert_array_equal(thresholds, [0.80, 0.75, -np.inf])
     # Exits: 1 -> {0, 2, 6}; 2 -> {1, 3, 9}; 3 -> {4, 5, 7, 8}.
     np.testing.assert_array_equal(calibration.exit_indices(CONFIDENCES, thresholds),
@@ -100,7 +100,7 @@ def test_geometric_distribution_by_hand():
     # q = 0.5: p = (4, 2, 1) / 7; floor(10 * 4/7) = 5, floor(10 * 2/7) = 2.
     # Exit 1: 5th highest is 0.60 (4), so {0, 2, 4, 6, 8} leave.
     # Exit 2, among 1 3 5 7 9: 0.92 (9), 0.85 (1): T2 = 0.85; image 0 (0.88) has gone.
-    thresholds = calibration.calibrate(CONFIDENCES, calibration.exit_distribution(0.5, 3))
+    thresholds = calibration.thresholds_for_distribution(CONFIDENCES, calibration.exit_distribution(0.5, 3))
     np.testing.assert_array_equal(thresholds, [0.60, 0.85, -np.inf])
     point = calibration.evaluate(CONFIDENCES, PREDICTIONS, LABELS, thresholds, EXIT_MACS)
     # Right: 0 2 at exit 1; 1 at exit 2; 3 5 at exit 3.
@@ -112,7 +112,7 @@ def test_geometric_distribution_by_hand():
 def test_tiny_q_sends_all_but_one_image_to_exit_1_and_it_skips_to_the_last():
     # p_1 = 1 - 1e-6 - ...: floor(10 p_1) = 9, so T1 is the 2nd lowest confidence (0.20) and
     # only image 3 (0.10) stays; floor(10 p_2) = 0 so T2 = +inf: it goes to the LAST exit.
-    thresholds = calibration.calibrate(CONFIDENCES, calibration.exit_distribution(1e-6, 3))
+    thresholds = calibration.thresholds_for_distribution(CONFIDENCES, calibration.exit_distribution(1e-6, 3))
     np.testing.assert_array_equal(thresholds, [0.20, np.inf, -np.inf])
     point = calibration.evaluate(CONFIDENCES, PREDICTIONS, LABELS, thresholds, EXIT_MACS)
     assert point.exit_fractions == pytest.approx((0.9, 0.0, 0.1))
@@ -122,7 +122,7 @@ def test_tiny_q_sends_all_but_one_image_to_exit_1_and_it_skips_to_the_last():
 def test_quota_beyond_the_images_left_means_nobody_leaves():
     # Ties at T1 let 8 images leave where 5 were asked for; exit 2 then wants 4 of the 2 left.
     confidences = np.array([[0.9] * 8 + [0.1] * 2, [0.5] * 10, [0.5] * 10])
-    thresholds = calibration.calibrate(confidences, [0.5, 0.4, 0.1])
+    thresholds = calibration.thresholds_for_distribution(confidences, [0.5, 0.4, 0.1])
     np.testing.assert_array_equal(thresholds, [0.9, np.inf, -np.inf])
     np.testing.assert_array_equal(np.bincount(calibration.exit_indices(confidences, thresholds)),
                                   [8, 0, 2])
@@ -139,7 +139,7 @@ def test_calibrate_and_evaluate_equal_the_reference_loops(seed):
     exit_macs = np.cumsum(rng.uniform(1e6, 5e6, num_exits))
     for q in (1e-3, 0.05, 0.3, 0.75, 1.0, 1.4, 1.95, 5.0):
         distribution = calibration.exit_distribution(q, num_exits)
-        thresholds = calibration.calibrate(confidences, distribution)
+        thresholds = calibration.thresholds_for_distribution(confidences, distribution)
         np.testing.assert_array_equal(thresholds, _reference_thresholds(confidences, distribution))
         point = calibration.evaluate(confidences, predictions, labels, thresholds, exit_macs)
         accuracy, expected_macs, counts = _reference_evaluate(confidences, predictions, labels,

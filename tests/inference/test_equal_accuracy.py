@@ -1,6 +1,7 @@
 """ranet.inference.equal_accuracy: the paired interval, the point chosen against a baseline,
 and what report.json and report.md say of it, all computed by hand."""
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 
 from ranet import costs
-from ranet.inference import comparison, equal_accuracy, evaluation, report
+from ranet.inference import comparison, equal_accuracy, evaluation, points, report
 from ranet.inference.latency import LatencyStats
-from helpers import HAND_COST, HAND_EXIT_1, HAND_EXIT_2, HAND_LABELS, hand_images
+from ranet.inference.points import Kind
+from helpers import HAND_COST, HAND_EXIT_1, HAND_EXIT_2, HAND_LABELS, hand_images, loaded
 
 PROBABILITIES = np.array([HAND_EXIT_1, HAND_EXIT_2])
 CONFIDENCES = PROBABILITIES.max(axis=-1)
@@ -21,7 +23,7 @@ INF = math.inf
 
 
 def _point(threshold):
-    return equal_accuracy.candidate({"threshold": threshold}, [threshold, -INF], CONFIDENCES,
+    return equal_accuracy.candidate(points.fixed(threshold), [threshold, -INF], CONFIDENCES,
                                     PREDICTIONS, HAND_LABELS, EXIT_MACS)
 
 
@@ -78,10 +80,10 @@ def test_the_last_exit_alone_is_always_a_candidate():
     result = evaluation.evaluate_exits(PROBABILITIES, PROBABILITIES, HAND_COST, hand_images(),
                                        name="ranet", model_dir="", checkpoint="",
                                        budgets_mflops=(20,))
-    labels = [c.label for c in equal_accuracy.candidates_of(result, HAND_LABELS)]
-    assert labels[-1] == equal_accuracy.LAST_EXIT_ONLY
-    assert {"point": "default"} in labels and {"budget_mflops": 20.0} in labels
-    assert sum("q" in label for label in labels) == 39
+    ids = [c.point_id for c in equal_accuracy.candidates_of(result, HAND_LABELS)]
+    assert ids[-1] == points.LAST_EXIT
+    assert points.DEFAULT in ids and points.budget(20) in ids
+    assert sum(point.kind == Kind.SWEEP for point in ids) == 39
 
 
 def test_a_point_already_timed_reuses_its_path():
@@ -90,15 +92,15 @@ def test_a_point_already_timed_reuses_its_path():
     baseline = SimpleNamespace(name="vgg16", report_predictions=np.array([[0, 1, 0, 0]]),
                                cost=SimpleNamespace(exits=[SimpleNamespace(macs=313e6)]))
     chosen = equal_accuracy.choices(result, [baseline], HAND_LABELS,
-                                    result.thresholds_by_path)["vgg16"]
+                                    result.timed_points)["vgg16"]
     # 75% is reached cheapest by letting exit 1 answer images 0, 1 and 2 (confidence >= 0.6;
     # image 1 wrong there): 3 x 10 M + 30 M over 4 images.
     assert chosen.point.expected_macs == 15e6 and chosen.point.accuracy == 0.75
-    timed = {"adaptive": list(chosen.point.thresholds)}
+    timed = {points.DEFAULT: list(chosen.point.thresholds)}
     assert equal_accuracy.choices(result, [baseline], HAND_LABELS, timed)["vgg16"].path == \
-        "adaptive"
+        points.DEFAULT
     assert equal_accuracy.choices(result, [baseline], HAND_LABELS, {})["vgg16"].path == \
-        "equal@vgg16"
+        points.equal("vgg16")
 
 
 def _comparison():
@@ -111,24 +113,26 @@ def _comparison():
         vgg16_probabilities, vgg16_probabilities,
         costs.ModelCost("vgg16", 1, [costs.ExitCost(1, 40_000_000, 1)]), images, name="vgg16",
         model_dir="", checkpoint="")
-    chosen = {"tf": equal_accuracy.choices(ranet, [vgg16], HAND_LABELS, ranet.thresholds_by_path)}
+    chosen = {"tf": equal_accuracy.choices(ranet, [vgg16], HAND_LABELS, ranet.timed_points)}
     path = chosen["tf"]["vgg16"].path
 
     def stats(p50):
         return LatencyStats(p50=p50, p90=2 * p50, p99=3 * p50, mean=p50, num_samples=4)
 
     return comparison.Comparison(
-        images=images, models=[SimpleNamespace(name="ranet"), SimpleNamespace(name="vgg16")],
+        options=comparison.ComparisonOptions(model_dir=("/runs/ranet",), batch_size=16),
+        images=images, models=[loaded("ranet", ranet), loaded("vgg16", vgg16)],
         results={"tf": {
-            "ranet": comparison.ModelResult(ranet, {"full": stats(3.0), "adaptive": stats(2.0),
+            "ranet": comparison.ModelResult(ranet, {points.FULL: stats(3.0),
+                                                    points.DEFAULT: stats(2.0),
                                                     path: stats(1.0)}, {16: {}}),
-            "vgg16": comparison.ModelResult(vgg16, {"full": stats(4.0)}, {16: {}})}},
+            "vgg16": comparison.ModelResult(vgg16, {points.FULL: stats(4.0)}, {16: {}})}},
         adaptive_model="ranet", at_equal_accuracy=chosen)
 
 
 def test_report_json_markdown_and_plot_carry_it(tmp_path):
-    options = comparison.ComparisonOptions(model_dir=("/runs/ranet",), batch_size=16)
-    content = report.build(_comparison(), options)
+    compared = _comparison()
+    content = report.build(compared)
     entry = content["at_equal_accuracy"]["tf"]["vgg16"]
     assert {"ranet_point", "ranet_accuracy", "baseline_accuracy", "difference_ci95",
             "macs_ratio", "latency_ratio_p50", "latency_ratio_p90"} <= set(entry)
@@ -136,19 +140,21 @@ def test_report_json_markdown_and_plot_carry_it(tmp_path):
     assert entry["macs_ratio"] == pytest.approx(40 / 15)      # 40 M / 15 M
     assert entry["latency_ratio_p50"] == 4.0                  # 4 ms / 1 ms
     assert entry["latency_ratio_p90"] == 4.0                  # 8 ms / 2 ms
-    text = report.markdown(content)
+    text = report.markdown(compared)
     assert "## At equal accuracy" in text
     assert "| tf | vgg16 | 75.00% |" in text and "| 2.67x | 4.00 / 1.00 | 4.00x | 4.00x |" in text
-    report.write(content, str(tmp_path))
+    report.write(compared, str(tmp_path))
     assert json.loads((tmp_path / "report.json").read_text())["at_equal_accuracy"] == \
         json.loads(json.dumps(content["at_equal_accuracy"]))
     assert (tmp_path / "accuracy_vs_latency.png").stat().st_size > 0
 
 
 def test_markdown_says_when_no_point_reaches_the_baseline():
-    content = report.build(_comparison(), comparison.ComparisonOptions(model_dir=("/r",)))
-    entry = content["at_equal_accuracy"]["tf"]["vgg16"]
-    entry.update(reaches=False, gap_points=-1.5, baseline_accuracy=0.765)
-    text = report.markdown(content)
+    compared = _comparison()
+    choice = compared.at_equal_accuracy["tf"]["vgg16"]
+    # The baseline a little above every point: 76.50% against the chosen point's 75%.
+    compared.at_equal_accuracy["tf"]["vgg16"] = dataclasses.replace(
+        choice, reaches=False, baseline_accuracy=0.765)
+    text = report.markdown(compared)
     assert ("- tf, vgg16: no ranet point reaches 76.50%; its most accurate is 1.50 points "
             "below, where it answers 4.00x as fast (p50).") in text

@@ -9,12 +9,15 @@ from helpers import HAND_EXIT_1 as EXIT_1
 from helpers import HAND_EXIT_2 as EXIT_2
 from helpers import hand_images
 from ranet import costs, data
-from ranet.inference import evaluation
+from ranet.data import report_images
+from ranet.inference import evaluation, points
+from ranet.inference.points import Kind
+from ranet.inference.serving import exporting
 
 
 def test_validation_report_never_sees_its_calibration_images():
     splits = data.load_splits(SYNTHETIC)
-    images = evaluation.evaluation_images(splits, "validation", seed=0)
+    images = report_images.evaluation_images(splits, "validation", seed=0)
     calibration, reported = images.calibration_images, images.report_images
     assert len(calibration) + len(reported) == SYNTHETIC.validation_size
     flat = lambda x: {row.tobytes() for row in x.reshape(len(x), -1)}  # noqa: E731
@@ -26,7 +29,7 @@ def test_missing_test_split_is_a_clear_error():
     splits = data.load_splits(SYNTHETIC)
     without_test = data.DataSplits(**{**splits.__dict__, "test": None})
     with pytest.raises(data.DataError, match="test split is missing"):
-        evaluation.evaluation_images(without_test, "test", seed=0)
+        report_images.evaluation_images(without_test, "test", seed=0)
 
 
 def _hand_evaluation(**options):
@@ -46,14 +49,14 @@ def test_operating_points_match_a_hand_computation():
     assert result.default.point.expected_macs == pytest.approx(25e6)
     # Within 20 M: 75% at 15 M (T1 = 0.6: three leave early, one of them wrong) beats 75% at
     # 20 M (T1 = 0.8) by being cheaper, and 50% at 10 M by accuracy.
-    (budget,) = result.budgets
-    assert budget.label == {"budget_mflops": 20.0}
+    (budget,) = result.of_kind(Kind.BUDGET)
+    assert budget.point_id == points.budget(20)
     assert budget.point.thresholds[0] == pytest.approx(0.6)
     assert (budget.point.accuracy, budget.point.expected_macs) == (0.75, pytest.approx(15e6))
     assert budget.point.exit_fractions == (0.75, 0.25)
     # The seed's single threshold 0.85: image 0 leaves at exit 1.
-    assert result.fixed.point.exit_fractions == (0.25, 0.75)
-    assert result.thresholds_by_path.keys() == {"adaptive", "adaptive@20"}
+    assert result.points[points.fixed(0.85)].point.exit_fractions == (0.25, 0.75)
+    assert result.timed_points.keys() == {points.DEFAULT, points.budget(20)}
 
 
 def test_a_one_exit_model_has_no_operating_points():
@@ -63,7 +66,7 @@ def test_a_one_exit_model_has_no_operating_points():
     result = evaluation.evaluate_exits(probabilities, probabilities, cost, images, name="vgg16",
                                        model_dir="", checkpoint="", budgets_mflops=(1,))
     assert result.exit_accuracy == [1.0] and result.default is None
-    assert result.thresholds_by_path == {}
+    assert result.timed_points == {} and result.points == {}
 
 
 def test_the_default_point_exists_when_no_calibrated_point_comes_near_the_last_exit():
@@ -74,6 +77,29 @@ def test_the_default_point_exists_when_no_calibrated_point_comes_near_the_last_e
     assert result.default.point.accuracy == 1.0
     assert result.default.point.expected_macs == 30_000_000
     probabilities = np.array([EXIT_1, EXIT_2], np.float32)
-    served = evaluation.operating_thresholds(probabilities, np.array([0, 1, 1, 0]),
-                                             [e.macs for e in COST.exits], num_classes=2)
-    assert served["default"][-1] == -np.inf
+    served = exporting.served_thresholds(probabilities, np.array([0, 1, 1, 0]),
+                                         [e.macs for e in COST.exits], num_classes=2)
+    assert served[points.DEFAULT][-1] == -np.inf
+
+
+def test_the_representative_images_do_not_depend_on_the_evaluation_seed():
+    """The int8 conversion's sample is the export's whatever --seed the eval runs with."""
+    splits = data.load_splits(SYNTHETIC)
+    first = report_images.evaluation_images(splits, "validation", seed=0).training_pixels
+    other = report_images.evaluation_images(splits, "validation", seed=7).training_pixels
+    np.testing.assert_array_equal(first, other)
+    np.testing.assert_array_equal(first, report_images.representative_pixels(
+        splits.train, report_images.REPRESENTATIVE_IMAGES))
+
+
+def test_a_budget_keeps_its_exact_value():
+    """1681.234 M is neither rounded to 1681.23 in its path nor lost from the served set."""
+    result = _hand_evaluation(budgets_mflops=(1681.234,))
+    assert points.budget(1681.234) in result.timed_points
+    assert points.budget(1681.234).path == "budget@1681.234"
+    assert result.accuracy_of(points.budget(1681.234)) == 1.0
+    probabilities = np.array([EXIT_1, EXIT_2], np.float32)
+    served = exporting.served_thresholds(probabilities, np.array([0, 1, 1, 0]),
+                                         [e.macs for e in COST.exits], num_classes=2,
+                                         budgets_mflops=(1681.234,))
+    assert set(served) == {points.DEFAULT, points.budget(1681.234)}

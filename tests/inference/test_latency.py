@@ -9,12 +9,16 @@ import pytest
 import tensorflow as tf
 
 from helpers import TINY_RANET
+from ranet import devices
 from ranet.config import ModelConfig
-from ranet.inference import latency
+from ranet.inference import latency, points
+from ranet.inference.points import DEFAULT, FULL, KERAS_PREDICT
 from ranet.inference.adaptive import AdaptivePredictor
 from ranet.models import get_model
 
 NUM_IMAGES = 20
+# An operating point where no image leaves before the last exit.
+LAST = points.fixed(2.0)
 
 
 class FakeClock:
@@ -132,20 +136,20 @@ def test_batch1_paths_answer_like_the_model(ranet, real_images):
     predictor = AdaptivePredictor(ranet)
     never = np.full(ranet.num_exits, np.inf, np.float32)
     paths = latency.batch1_paths(ranet, predictor,
-                                 {"adaptive": np.full(ranet.num_exits, -np.inf), "last": never})
-    assert set(paths) == {"full", "adaptive", "last", "keras_predict"}
+                                 {DEFAULT: np.full(ranet.num_exits, -np.inf), LAST: never})
+    assert set(paths) == {FULL, DEFAULT, LAST, KERAS_PREDICT}
     for i in range(3):
         image = real_images[i:i + 1]
         expected = [np.argmax(logits.numpy(), axis=-1) for logits in ranet(image, training=False)]
-        np.testing.assert_array_equal(paths["full"](image), np.stack(expected))
-        first = paths["adaptive"](image)
+        np.testing.assert_array_equal(paths[FULL](image), np.stack(expected))
+        first = paths[DEFAULT](image)
         assert isinstance(first["classes"], np.ndarray)
         np.testing.assert_array_equal(first["classes"], expected[0])
         np.testing.assert_array_equal(first["exits"], [1])
-        last = paths["last"](image)
+        last = paths[LAST](image)
         np.testing.assert_array_equal(last["classes"], expected[-1])
         np.testing.assert_array_equal(last["exits"], [ranet.num_exits])
-        predicted = paths["keras_predict"](image)
+        predicted = paths[KERAS_PREDICT](image)
         assert [np.argmax(logits, axis=-1) for logits in predicted] == expected
     # The thresholds are a tensor made once: predict_one traced once for every call above.
     assert predictor.predict_one.experimental_get_tracing_count() == 1
@@ -160,7 +164,7 @@ def test_thresholds_become_one_tensor_not_one_per_call(ranet, real_images):
         return predict_one(images, thresholds)
 
     predictor.predict_one = spy
-    path = latency.batch1_paths(ranet, predictor, {"adaptive": [0.5] * ranet.num_exits})["adaptive"]
+    path = latency.batch1_paths(ranet, predictor, {DEFAULT: [0.5] * ranet.num_exits})[DEFAULT]
     for i in range(4):
         path(real_images[i:i + 1])
     assert all(isinstance(t, tf.Tensor) and t is received[0] for t in received)
@@ -168,17 +172,17 @@ def test_thresholds_become_one_tensor_not_one_per_call(ranet, real_images):
 
 def test_batch1_paths_of_a_baseline(vgg16, real_images):
     paths = latency.batch1_paths(vgg16)
-    assert set(paths) == {"full", "keras_predict"}
+    assert set(paths) == {FULL, KERAS_PREDICT}
     image = real_images[:1]
     expected = np.argmax(vgg16(image, training=False)[0].numpy(), axis=-1)
-    np.testing.assert_array_equal(paths["full"](image), [expected])
-    np.testing.assert_array_equal(np.argmax(paths["keras_predict"](image)[0], axis=-1), expected)
+    np.testing.assert_array_equal(paths[FULL](image), [expected])
+    np.testing.assert_array_equal(np.argmax(paths[KERAS_PREDICT](image)[0], axis=-1), expected)
 
 
 @pytest.mark.parametrize("predictor_kind, thresholds, match", [
-    ("none", {"adaptive": [0.5, 0.5]}, "AdaptivePredictor built on this same model"),
-    ("own", {"full": [0.5, 0.5]}, "taken by the non-adaptive paths.*Received: 'full'"),
-    ("own", {"adaptive": [0.5]}, r"one threshold per exit.*Received: thresholds=\[0.5\]"),
+    ("none", {DEFAULT: [0.5, 0.5]}, "AdaptivePredictor built on this same model"),
+    ("own", {FULL: [0.5, 0.5]}, "the full paths take none.*Received: 'full'"),
+    ("own", {DEFAULT: [0.5]}, r"one threshold per exit.*Received: thresholds=\[0.5\]"),
 ])
 def test_batch1_paths_rejects_bad_operating_points(ranet, predictor_kind, thresholds, match):
     predictor = AdaptivePredictor(ranet) if predictor_kind == "own" else None
@@ -188,11 +192,11 @@ def test_batch1_paths_rejects_bad_operating_points(ranet, predictor_kind, thresh
 
 def test_batched_paths_and_real_throughput(ranet, real_images):
     predictor = AdaptivePredictor(ranet)
-    paths = latency.batched_paths(ranet, predictor, {"adaptive": [0.5] * ranet.num_exits})
-    assert set(paths) == {"full", "adaptive"}
-    full = paths["full"](real_images[:7])
+    paths = latency.batched_paths(ranet, predictor, {DEFAULT: [0.5] * ranet.num_exits})
+    assert set(paths) == {FULL, DEFAULT}
+    full = paths[FULL](real_images[:7])
     assert full.shape == (ranet.num_exits, 7)
-    assert paths["adaptive"](real_images[:7])["classes"].shape == (7,)
+    assert paths[DEFAULT](real_images[:7])["classes"].shape == (7,)
     for path in paths.values():
         assert latency.measure_throughput(path, real_images, batch_size=8) > 0
     # Batches of 8, 8, 4 and the warm-up share one trace: no retracing for the last batch.
@@ -202,11 +206,11 @@ def test_batched_paths_and_real_throughput(ranet, real_images):
 def test_real_latency_end_to_end(ranet, vgg16, real_images):
     predictor = AdaptivePredictor(ranet)
     paths = {"ranet": latency.batch1_paths(ranet, predictor,
-                                           {"adaptive": [0.5] * ranet.num_exits}),
+                                           {DEFAULT: [0.5] * ranet.num_exits}),
              "vgg16": latency.batch1_paths(vgg16)}
     stats = latency.measure_latency(paths, real_images, warmup=2)
     assert {name: set(by_path) for name, by_path in stats.items()} == {
-        "ranet": {"full", "adaptive", "keras_predict"}, "vgg16": {"full", "keras_predict"}}
+        "ranet": {FULL, DEFAULT, KERAS_PREDICT}, "vgg16": {FULL, KERAS_PREDICT}}
     for by_path in stats.values():
         for got in by_path.values():
             assert got.num_samples == NUM_IMAGES
@@ -215,7 +219,7 @@ def test_real_latency_end_to_end(ranet, vgg16, real_images):
 
 
 def test_device_info_describes_this_machine():
-    info = latency.device_info()
+    info = devices.device_info()
     assert info["device"].startswith("CPU: ") and "cores" in info["device"]
     assert info["tensorflow"] == tf.__version__ and info["keras"] == keras.__version__
     assert info["intra_op_threads"] >= 0 and info["inter_op_threads"] >= 0

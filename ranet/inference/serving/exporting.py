@@ -12,15 +12,18 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 from absl import logging
 
 from ranet import costs, data
+from ranet.data import report_images
 from ranet.config import ExperimentConfig, flag, require
 from ranet.costs import ModelCost
 from ranet.errors import UsageError
-from ranet.inference import adaptive
+from ranet.inference import adaptive, calibration, points
+from ranet.inference.points import PointId
 from ranet.models import StagedClassifier
 from ranet.training import model_dir as model_dir_lib
 
@@ -61,7 +64,8 @@ class ExportOptions:
         "with float32 inputs and outputs); each gets its own files and thresholds.",
         kind="list")
     representative_images: int = flag(
-        256, "LiteRT int8: training images that calibrate the quantisation ranges.")
+        report_images.REPRESENTATIVE_IMAGES, "LiteRT int8: training images that calibrate the "
+        "quantisation ranges (ranet.eval takes the same flag and converts alike).")
     max_images: int = flag(
         0, "Calibrate the thresholds on at most this many validation images, a class-balanced "
         "seeded sample (0: all). The images are read into memory: ImageNet's take 150 KB each.",
@@ -207,3 +211,32 @@ def write_atomically(options: ExportOptions, write: Callable[[str], Any]) -> Any
         shutil.rmtree(replaced, ignore_errors=True)
     logging.info("exported to %s", export_dir)
     return written
+
+
+def served_thresholds(probabilities: np.ndarray, labels: np.ndarray, exit_macs: Sequence[int],
+                      num_classes: int, *, confidence_kind: str = adaptive.MAX_SOFTMAX,
+                      budgets_mflops: Sequence[float] = (),
+                      threshold: Optional[float] = None) -> Dict[PointId, List[float]]:
+    """Thresholds to serve, calibrated on every exit's softmax over a validation split.
+
+    Args:
+        probabilities: [K, N, C] softmax of every exit, from the runtime that will serve.
+        labels: [N] their true classes.
+
+    Returns:
+        ``points.DEFAULT``, ``points.budget(b)`` for each budget and, with ``threshold``,
+        ``points.fixed(threshold)`` -> one threshold per exit (``calibrate_points``).
+    """
+    num_exits = len(exit_macs)
+    wanted = [points.DEFAULT, *map(points.budget, budgets_mflops),
+              *([] if threshold is None else [points.fixed(threshold)])]
+    if num_exits == 1:
+        return {point: list(calibration.first_exit_only(1)) for point in wanted}
+    if probabilities.shape[1] == 0:
+        raise UsageError("Calibrating exit thresholds needs the validation split, but this model "
+                         "was trained with --validation_size=0. Pass --threshold instead.")
+    calibrated = calibration.calibrate_points(
+        adaptive.confidence(probabilities, confidence_kind),
+        np.argmax(probabilities, axis=-1), labels, exit_macs,
+        num_classes, budgets_mflops=budgets_mflops, fixed=threshold)
+    return {point: [float(t) for t in calibrated[point].thresholds] for point in wanted}

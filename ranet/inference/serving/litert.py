@@ -35,9 +35,11 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from ranet import data, jsonio, models
+from ranet import data, devices, jsonio, models
 from ranet.config import check_choice
-from ranet.inference import evaluation, latency
+from ranet.data import report_images
+from ranet.inference import points
+from ranet.inference.points import Kind, PointId
 from ranet.inference.serving import exporting, litert_runtime
 from ranet.models.layers import serving_layout
 from ranet.models.staged import IMAGES, LOGITS
@@ -193,6 +195,19 @@ def _representative(inputs: Dict[str, np.ndarray], batch_size: int = 1):
     return samples
 
 
+def manifest_thresholds(chosen: Dict[PointId, Sequence[float]]) -> dict:
+    """The manifest's thresholds of one precision: ``{"default": [K], "budgets": {"<b>": [K]},
+    "fixed": [K]}``, each budget under its exact value (``points.exact``)."""
+    named = {"budgets": {}}
+    for point, values in chosen.items():
+        values = [jsonio.number(t) for t in values]
+        if point.kind == Kind.BUDGET:
+            named["budgets"][points.exact(point.value)] = values
+        else:
+            named[{Kind.DEFAULT: "default", Kind.FIXED: "fixed"}[point.kind]] = values
+    return named
+
+
 def calibrated_thresholds(stages: litert_runtime.LiteRTStages, splits: data.DataSplits,
                           exit_macs: Sequence[int], options: exporting.ExportOptions) -> dict:
     """The default point's thresholds and each budget's (and the fixed one's, if asked for).
@@ -201,14 +216,10 @@ def calibrated_thresholds(stages: litert_runtime.LiteRTStages, splits: data.Data
     own logits: int8 answers differ from float32 ones.
     """
     probabilities = litert_runtime.softmax(stages.all_exit_logits(splits.validation.images))
-    chosen = evaluation.operating_thresholds(
+    return manifest_thresholds(exporting.served_thresholds(
         probabilities, splits.validation.labels, exit_macs, splits.num_classes,
         confidence_kind=options.confidence, budgets_mflops=options.budget_mflops,
-        threshold=options.threshold)
-    return {name: ({budget: [jsonio.number(t) for t in values]
-                    for budget, values in thresholds.items()} if name == "budgets"
-                   else [jsonio.number(t) for t in thresholds])
-            for name, thresholds in chosen.items()}
+        threshold=options.threshold))
 
 
 def write(directory: str, model: models.StagedClassifier, mean, std,
@@ -262,25 +273,33 @@ def write(directory: str, model: models.StagedClassifier, mean, std,
     return manifest
 
 
+def write_model(directory: str, model: models.StagedClassifier, model_config, mean, std,
+                training_pixels: np.ndarray, precisions: Sequence[str], metadata: dict) -> dict:
+    """Converts a trained model into the files of each precision and writes manifest.json
+    (no thresholds yet): what ``ranet.export`` ships and what ``ranet.eval`` measures.
+
+    ``training_pixels``: the int8 conversion's representative images
+    (``report_images.representative_pixels``); the same pixels make the same files.
+    """
+    serving = serving_model(model, model_config)
+    representative = (stage_inputs_on(serving, training_pixels, mean, std)
+                      if "int8" in precisions else [])
+    return write(directory, serving, mean, std, precisions, representative, metadata)
+
+
 def export(options: exporting.ExportOptions) -> dict:
     """Writes the LiteRT stage files and manifest.json of ``options.model_dir``."""
     restored = exporting.restore(options)
     splits = restored.splits
-    model = serving_model(restored.model, restored.config.model)
     exit_macs = [e.macs for e in restored.cost.exits]
-    representative = []
-    if "int8" in options.litert_precision:
-        rows = np.random.default_rng(0).choice(
-            len(splits.train), min(options.representative_images, len(splits.train)),
-            replace=False)
-        representative = stage_inputs_on(model, splits.train.images[np.sort(rows)], splits.mean,
-                                         splits.std)
     metadata = exporting.metadata(restored, options)
     metadata["operating_point"]["outputs"] = "each precision's own LiteRT logits"
 
     def write_files(staging: str) -> None:
-        manifest = write(staging, model, splits.mean, splits.std, options.litert_precision,
-                         representative, metadata)
+        manifest = write_model(
+            staging, restored.model, restored.config.model, splits.mean, splits.std,
+            report_images.representative_pixels(splits.train, options.representative_images),
+            options.litert_precision, metadata)
         for precision in options.litert_precision:
             logging.info("calibrating the %s thresholds on %d validation images", precision,
                          len(splits.validation))
@@ -291,7 +310,7 @@ def export(options: exporting.ExportOptions) -> dict:
             # What the export host found fastest, for clients that do not time the files
             # themselves on the serving host (LiteRTStages(num_threads="auto") does).
             manifest["precisions"][precision]["threads_on_export_host"] = {
-                "cpu": latency.cpu_name(), "cores": os.cpu_count(),
+                "cpu": devices.cpu_name(), "cores": os.cpu_count(),
                 "stages": stages.threads}
         jsonio.write(os.path.join(staging, litert_runtime.MANIFEST), manifest)
         return manifest

@@ -28,6 +28,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from ranet import jsonio
 from ranet.errors import MissingPathError, UsageError
+from ranet.inference import points
 
 FORMAT = "ranet-litert-stages/1"
 MANIFEST = "manifest.json"
@@ -272,7 +273,7 @@ class LiteRTPredictor:
         stages: the interpreters of one precision.
         thresholds: one per exit on the manifest's confidence scale, or the name of a set the
             manifest holds for this precision: "default", "fixed", or a budget in million
-            multiply-adds ("20").
+            multiply-adds ("20", "1681.234"), matched by its number.
     """
 
     def __init__(self, stages: LiteRTStages, thresholds: Union[str, Sequence[float]] = "default"):
@@ -287,11 +288,16 @@ class LiteRTPredictor:
 
     def _named(self, name: str) -> List[float]:
         sets = self.stages.manifest["precisions"][self.stages.precision]["thresholds"]
-        named = {**{k: v for k, v in sets.items() if k != "budgets"}, **sets["budgets"]}
-        if name not in named:
+        budgets = {float(budget): values for budget, values in sets["budgets"].items()}
+        if name in sets and name != "budgets":
+            return sets[name]
+        try:
+            return budgets[points.find_budget(name, budgets)]
+        except KeyError:
+            named = [k for k in sets if k != "budgets"] + list(sets["budgets"])
             raise UsageError(f"thresholds must be one of {', '.join(named)} (what the manifest "
-                             f"holds). Received: thresholds={name!r}")
-        return named[name]
+                             f"holds; a budget by its number). Received: thresholds={name!r}"
+                             ) from None
 
     def predict(self, image: np.ndarray) -> Tuple[int, int, np.ndarray]:
         """(class, exit (1-based), softmax of that exit) for one image of raw pixels."""

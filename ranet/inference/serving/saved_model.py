@@ -35,7 +35,7 @@ import tensorflow as tf
 from absl import logging
 
 from ranet import data, jsonio
-from ranet.inference import adaptive, calibration, evaluation
+from ranet.inference import adaptive, calibration, points
 from ranet.inference.serving import exporting
 
 SIGNATURE_NAMES = ("serving_default", "adaptive", "all_exits")
@@ -110,12 +110,12 @@ def serving_thresholds(restored: exporting.RestoredModel,
         logging.info("calibrating the thresholds on %d validation images", len(splits.validation))
     probabilities = adaptive.all_exit_probabilities(
         model, data.normalize(splits.validation.images, splits.mean, splits.std))
-    chosen = evaluation.operating_thresholds(
+    chosen = exporting.served_thresholds(
         probabilities, splits.validation.labels, [e.macs for e in restored.cost.exits],
         splits.num_classes, confidence_kind=options.confidence,
         budgets_mflops=options.budget_mflops)
-    return chosen["budgets"][f"{options.budget_mflops[0]:g}"] if options.budget_mflops \
-        else chosen["default"]
+    return chosen[points.budget(options.budget_mflops[0]) if options.budget_mflops
+                  else points.DEFAULT]
 
 
 def export(options: exporting.ExportOptions) -> dict:

@@ -179,7 +179,7 @@ def test_adaptive_decisions_equal_the_tensorflow_path(exported, stages, splits):
     probabilities = adaptive.all_exit_probabilities(
         model, data.normalize(pixels, splits.mean, splits.std))
     for q in (0.5, 1.0, 1.5):
-        thresholds = calibration.calibrate(adaptive.confidence(probabilities),
+        thresholds = calibration.thresholds_for_distribution(adaptive.confidence(probabilities),
                                            calibration.exit_distribution(q, NUM_EXITS))
         # Calibrated on these very images: some confidences equal a threshold exactly, the
         # hardest case for two runtimes; they are counted as ties, not compared.
