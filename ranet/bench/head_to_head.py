@@ -21,6 +21,7 @@ presets set their own thread pools, which TensorFlow fixes once per process.
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ from absl import flags, logging
 
 from ranet import cli, config as config_lib, jsonio
 from ranet.errors import UsageError
-from ranet.inference.comparison import RUNTIMES
+from ranet.inference import report
+from ranet.inference.comparison import RUNTIMES, ComparisonOptions
 
 # Model -> (preset for a time budget, preset for --epochs). The eval's at-equal-accuracy
 # section compares the model with several exits (RANet) to each of the others.
@@ -53,15 +55,18 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("data_dir", None, "Folder holding cifar-10-batches-py.", **define)
     flags.DEFINE_list("models", list(CONTEST), "Models of the contest, trained in this order.",
                       **define)
-    flags.DEFINE_string("time_budget", "1h", "Training time of EACH model (90s, 30m, 1h), "
-                        "final evaluation and checkpoint included.", **define)
+    flags.DEFINE_string("time_budget", "1h", "Training time of EACH model (3m, 30m, 1h), "
+                        "final evaluation and checkpoint included. On CIFAR-10 and a 2-core CPU "
+                        "the shortest that trains every preset is 3m: a shorter one leaves no "
+                        "room for a step beside the set-up and the final evaluation, and the "
+                        "training refuses it after its set-up.", **define)
     flags.DEFINE_integer("epochs", 0, "Instead of --time_budget: train each model for this "
                          "many epochs of its converged recipe (0: use --time_budget).",
                          lower_bound=0, **define)
     flags.DEFINE_integer("test_size", 0, "Training images held out as the test split, for a "
                          "folder without CIFAR's test file (the shared copy: 10000).",
                          lower_bound=0, **define)
-    flags.DEFINE_list("runtimes", ["tf", "litert", "litert_int8"],
+    flags.DEFINE_list("runtimes", list(RUNTIMES),
                       "Runtimes of the evaluation (ranet.eval --runtimes).", **define)
     flags.DEFINE_list("latency_blocks", ["1", "10"], "One report per latency block "
                       "(ranet.eval --latency_block): 1 cold, 10 warm.", **define)
@@ -97,23 +102,30 @@ def contest_from_flags(values: flags.FlagValues) -> Contest:
     if unknown or not values.models or len(set(values.models)) != len(values.models):
         raise UsageError(f"--models takes distinct names among {', '.join(CONTEST)}. "
                          f"Received: --models={','.join(values.models)}")
-    bad_runtimes = [r for r in values.runtimes if r not in RUNTIMES]
-    if bad_runtimes or "tf" not in values.runtimes:
-        raise UsageError(f"--runtimes must include tf and be some of {', '.join(RUNTIMES)}. "
-                         f"Received: --runtimes={','.join(values.runtimes)}")
-    try:
-        blocks = [int(b) for b in values.latency_blocks]
-    except ValueError:
-        blocks = [0]
-    if not blocks or min(blocks) < 1:
-        raise UsageError("--latency_blocks takes positive integers, e.g. 1,10. Received: "
-                         f"--latency_blocks={','.join(values.latency_blocks)}")
     if not values.epochs:  # a malformed --time_budget fails here, before any work
         config_lib.parse_duration(values.time_budget, "time_budget")
     return Contest(models=tuple(values.models),
                    time_budget=None if values.epochs else values.time_budget,
                    epochs=values.epochs, test_size=values.test_size,
                    train_flags=tuple(values.train_flag))
+
+
+def eval_options(values: flags.FlagValues, model_dirs: Sequence[str]) -> ComparisonOptions:
+    """The options of the contest's ``ranet.eval``, built and checked as ranet.eval builds
+    them, so that a request it would refuse fails before any model trains."""
+    parsed = flags.FlagValues()
+    cli.define_fields(ComparisonOptions, parsed)
+    arguments = [*[f"--model_dir={d}" for d in model_dirs], "--split=test",
+                 f"--runtimes={','.join(values.runtimes)}",
+                 f"--latency_block={','.join(values.latency_blocks)}",
+                 *([f"--data_dir={values.data_dir}"] if values.data_dir else []),
+                 *values.eval_flag]
+    try:
+        parsed(["ranet.eval", *arguments])
+    except flags.Error as error:
+        raise UsageError(f"the evaluation's flags ({' '.join(arguments)}) are not ranet.eval's: "
+                         f"{error}") from None
+    return cli.from_flags(ComparisonOptions, parsed)
 
 
 def _check_settings(out: str, contest: Contest) -> None:
@@ -143,10 +155,24 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
+# What TensorFlow's C++ side prints as every process starts, before absl's logging is set up
+# (so no log level hides it): the contest prints it once, not once per training.
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|port\.cc:\d+\] oneDNN custom operations"
+    r"|cudart_stub\.cc|cpu_feature_guard\.cc|^To enable the following instructions"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit")
+
+
 def _run(command: List[str], what: str) -> None:
-    """Runs a binary of this package with its output streamed; stops the contest if it fails."""
+    """Runs a binary of this package with its output streamed (less TensorFlow's start-up
+    lines); stops the contest if it fails."""
     logging.info("head_to_head: %s: %s", what, " ".join(command))
-    status = subprocess.call([sys.executable, "-m", *command])
+    child = subprocess.Popen([sys.executable, "-m", *command], stderr=subprocess.PIPE,
+                             text=True, bufsize=1)
+    for line in child.stderr:
+        if not _STARTUP_NOISE.search(line):
+            sys.stderr.write(line)
+    status = child.wait()
     if status != 0:
         cli.fail(f"{what} failed (exit status {status}); its output is above. Fix the cause "
                  "and run the same command again: trained models are kept and an interrupted "
@@ -181,30 +207,16 @@ def train(out: str, contest: Contest, data_dir: Optional[str]) -> Dict[str, str]
     return model_dirs
 
 
-def report_dirs(out: str, latency_blocks: Sequence[int]) -> List[str]:
-    """Where ``ranet.eval --report_dir=<out>/report`` leaves the report of each block."""
-    report = os.path.join(out, REPORT_SUBDIR)
-    if len(latency_blocks) == 1:
-        return [report]
-    return [os.path.join(report, f"latency_block{block}") for block in latency_blocks]
-
-
-def evaluate(out: str, model_dirs: Dict[str, str], runtimes: Sequence[str],
-             latency_blocks: Sequence[int], eval_flags: Sequence[str],
-             data_dir: Optional[str]) -> List[str]:
+def evaluate(out: str, options: ComparisonOptions) -> List[str]:
     """One ``ranet.eval`` on the test split: every model evaluated once, timed once per
     latency block; returns the report folders."""
-    reports = report_dirs(out, latency_blocks)
-    if all(os.path.exists(os.path.join(r, "report.json")) for r in reports):
-        logging.info("head_to_head: %s is written; skipped", os.path.join(out, REPORT_SUBDIR))
+    report_dir = os.path.join(out, REPORT_SUBDIR)
+    reports = list(report.report_dirs(report_dir, options.latency_block).values())
+    if all(os.path.exists(os.path.join(r, report.REPORT_JSON)) for r in reports):
+        logging.info("head_to_head: %s is written; skipped", report_dir)
         return reports
-    command = ["ranet.eval", *[f"--model_dir={d}" for d in model_dirs.values()],
-               "--split=test", f"--runtimes={','.join(runtimes)}",
-               f"--latency_block={','.join(map(str, latency_blocks))}",
-               f"--report_dir={os.path.join(out, REPORT_SUBDIR)}", *eval_flags]
-    if data_dir:
-        command.insert(1, f"--data_dir={data_dir}")
-    _run(command, "the evaluation")
+    _run(["ranet.eval", *cli.to_flags(options), f"--report_dir={report_dir}"],
+         "the evaluation")
     return reports
 
 
@@ -212,12 +224,12 @@ def main(values: flags.FlagValues) -> List[str]:
     if not values.out:
         raise UsageError("pass --out=/folder/of/the/contest")
     contest = contest_from_flags(values)
+    options = eval_options(values, [os.path.join(values.out, MODELS_SUBDIR, m)
+                                    for m in contest.models])
     os.makedirs(values.out, exist_ok=True)
     _check_settings(values.out, contest)
-    model_dirs = train(values.out, contest, values.data_dir)
-    reports = evaluate(values.out, model_dirs, values.runtimes,
-                       [int(b) for b in values.latency_blocks], values.eval_flag,
-                       values.data_dir)
+    train(values.out, contest, values.data_dir)
+    reports = evaluate(values.out, options)
     for report_dir in reports:
         logging.info("head_to_head: report in %s", os.path.join(report_dir, "report.md"))
     return reports

@@ -48,10 +48,11 @@ def test_the_contest_trains_resumes_and_reports(tmp_path):
     assert log.count("ranet: accuracy of every exit") == 1
     assert [m["name"] for m in report["models"]] == ["ranet", "vgg16"]
     entry = report["at_equal_accuracy"]["tf"]["vgg16"]
-    assert entry["baseline_accuracy"] == report["models"][1]["exits"][0]["accuracy"]
+    assert entry["baseline_accuracy"] == \
+        report["models"][1]["runtimes"]["tf"]["exits"][0]["accuracy"]
     low, high = entry["difference_ci95"]
     assert low <= entry["ranet_accuracy"] - entry["baseline_accuracy"] <= high
-    assert entry["ranet_point"]["path"] in report["models"][0]["latency_ms"]
+    assert entry["ranet_point"]["path"] in report["models"][0]["runtimes"]["tf"]["latency_ms"]
     assert "## At equal accuracy" in (reports[0] / "report.md").read_text()
 
     # Again: nothing is trained or evaluated twice.
