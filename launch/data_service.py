@@ -6,7 +6,8 @@
 A dispatcher hands out the training job; each worker runs the ImageNet input pipeline
 (reading the shards, decoding, augmenting, batching) and streams batches to the trainers.
 Workers need the same ``--data_dir`` paths as the trainers and no accelerator; add workers
-until the trainers stop waiting for input. The server runs until the process is stopped.
+until the trainers stop waiting for input. The server prints one line once it listens (what
+a script can wait for before starting the next) and runs until the process is stopped.
 """
 
 import argparse

@@ -1,8 +1,9 @@
-"""Shared pytest set-up: two logical CPU devices, the real data fixture, a float32 policy.
+"""Shared pytest set-up: the tiers, two logical CPU devices, the real data fixture, float32.
 
 The host CPU is split into two logical devices before any test touches
 TensorFlow, so MirroredStrategy can be tested in-process: TensorFlow freezes
-its device list at the first op. Helpers shared by tests live in ``helpers.py``.
+its device list at the first op. Helpers shared by tests live in ``helpers.py``; which
+tier a plain run selects, in ``tiers.py``.
 """
 
 import os
@@ -12,6 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+pytest_plugins = ["tiers"]
 
 NUM_TEST_CPU_DEVICES = 2
 _REPO_ROOT = Path(__file__).resolve().parents[1]

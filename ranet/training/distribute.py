@@ -5,6 +5,7 @@ import os
 import zlib
 
 import tensorflow as tf
+from absl import logging
 
 from ranet import config as config_lib
 from ranet.config import RuntimeConfig
@@ -99,17 +100,20 @@ def describe(strategy: tf.distribute.Strategy, config: RuntimeConfig) -> str:
 
 @tf.function
 def _sums(strategy, values):
-    """Sum over every replica of ``values`` and of their squares."""
-    per_replica = strategy.run(lambda: tf.concat([values, values * values], axis=0))
+    """Sum over every replica of ``values`` and of their squares. ``values`` is one tensor
+    (the same on every replica of this worker) or per-replica values."""
+    per_replica = strategy.run(lambda v: tf.concat([v, v * v], axis=0), args=(values,))
     return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
 
 @tf.function
 def _from_replica_zero(strategy, value):
-    def contribution():
+    """The first replica's ``value`` on every replica (``value`` as in ``_sums``)."""
+    def contribution(value):
         first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
         return tf.where(first, value, tf.zeros_like(value))
-    return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(contribution), axis=None)
+    return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                           strategy.run(contribution, args=(value,)), axis=None)
 
 
 def broadcast_from_chief(strategy: tf.distribute.Strategy, value: int) -> int:
@@ -117,18 +121,31 @@ def broadcast_from_chief(strategy: tf.distribute.Strategy, value: int) -> int:
     return int(_from_replica_zero(strategy, tf.constant(value, tf.int64)).numpy())
 
 
+def config_fingerprint(config: config_lib.ExperimentConfig) -> int:
+    """20 bits of what every worker must share: the whole configuration but --data_dir."""
+    settings = config_lib.to_dict(config)
+    settings["data"].pop("data_dir")  # each machine may read its own copy
+    return zlib.crc32(json.dumps(settings, sort_keys=True).encode()) % 2**20
+
+
 def check_workers_agree(strategy: tf.distribute.Strategy, config: config_lib.ExperimentConfig,
                         step: int) -> None:
     """Multi-worker: every worker must run the same configuration from the same step.
 
     Otherwise their collectives stop matching and they wait on each other until
-    --collective_timeout_seconds. Values agree iff n * sum(v**2) == sum(v)**2.
+    --collective_timeout_seconds.
     """
-    settings = config_lib.to_dict(config)
-    settings["data"].pop("data_dir")  # each machine may read its own copy
-    fingerprint = zlib.crc32(json.dumps(settings, sort_keys=True).encode()) % 2**20
+    fingerprint = config_fingerprint(config)
+    _check_agreement(strategy, tf.constant([step, fingerprint], tf.int64), step)
+    logging.info("the %d replicas agree on the configuration (fingerprint %05x) and the step "
+                 "(%d)", strategy.num_replicas_in_sync, fingerprint, step)
+
+
+def _check_agreement(strategy: tf.distribute.Strategy, values, step: int) -> None:
+    """Raises unless ``values``, ``[step, fingerprint]`` on each replica (as in ``_sums``),
+    are the same on all of them: n values agree iff n * sum(v**2) == sum(v)**2."""
     n = strategy.num_replicas_in_sync
-    sums = _sums(strategy, tf.constant([step, fingerprint], tf.int64)).numpy().tolist()
+    sums = _sums(strategy, values).numpy().tolist()
     (step_sum, fingerprint_sum), (step_squares, fingerprint_squares) = sums[:2], sums[2:]
     if n * fingerprint_squares != fingerprint_sum ** 2:
         raise UsageError("the workers were started with different flags; start every worker "

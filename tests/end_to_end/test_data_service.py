@@ -2,33 +2,45 @@
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, wait_for_output
 from launch.local import free_ports
 from ranet.data import imagenet
 from tests.data.test_imagenet import write_shards
 
 pytestmark = pytest.mark.end_to_end
 
+# A TensorFlow import and a server start, beside other tests on 2 cores: seconds; a server
+# that has not said it listens by then will not.
+READY_SECONDS = 120
 
-def _start(*args):
-    return subprocess.Popen([sys.executable, "-m", "launch.data_service", *args],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+
+def _start(log, ready_line, *args):
+    """A launched server, once it says it listens (the launcher prints one line then)."""
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "launch.data_service", *args],
+                                  cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_output(log, ready_line, server, timeout=READY_SECONDS)
+    except AssertionError:
+        server.kill()
+        server.wait()
+        raise
+    return server
 
 
 def test_launched_dispatcher_and_worker_serve_imagenet_batches(tmp_path):
     index = imagenet.index_records(imagenet.shard_files(str(write_shards(tmp_path / "d")), "train"))
     dispatcher_port, worker_port = free_ports(2)
-    servers = [_start("dispatcher", f"--port={dispatcher_port}")]
+    servers = [_start(tmp_path / "dispatcher.log", "tf.data service dispatcher at",
+                      "dispatcher", f"--port={dispatcher_port}")]
     try:
-        time.sleep(2)
-        servers.append(_start("worker", f"--dispatcher=localhost:{dispatcher_port}",
+        servers.append(_start(tmp_path / "worker.log", "tf.data service worker on port",
+                              "worker", f"--dispatcher=localhost:{dispatcher_port}",
                               f"--port={worker_port}", f"--worker_address=localhost:{worker_port}"))
         dataset = imagenet.train_dataset(index, np.ones(len(index), bool), batch_size=2, seed=0,
                                          tf_data_service=f"grpc://localhost:{dispatcher_port}")
@@ -115,7 +127,8 @@ def test_two_workers_fed_by_a_tf_data_service_train_like_one_worker(tmp_path):
         f"--model_dir={tmp_path / 'two'}", f"--report_dir={tmp_path / 'report'}",
         "--split=validation", "--latency_images=2", "--warmup=0", "--batch_size=4",
         "--throughput_images=4"])
-    assert report["num_images"] == 3 and len(report["models"][0]["exits"]) == 4
+    assert report["num_images"] == 3
+    assert len(report["models"][0]["runtimes"]["tf"]["exits"]) == 4
     cli.call(export_binary.main, export_binary.define_flags, [
         f"--model_dir={tmp_path / 'two'}", f"--export_dir={tmp_path / 'export'}"])
     served = tf.saved_model.load(str(tmp_path / "export")).signatures["serving_default"](
