@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,8 +19,10 @@ import tensorflow as tf
 from helpers import SYNTHETIC_DATA, VGG16, write_model_dir
 from ranet import data
 from ranet.config import DataConfig, ModelConfig
-from ranet.inference import adaptive, calibration
+from ranet.data import report_images
+from ranet.inference import adaptive, calibration, comparison, points
 from ranet.inference.serving import litert, litert_runtime
+from ranet.training import model_dir as model_dir_lib
 from ranet.inference.serving.exporting import ExportOptions
 
 NUM_EXITS = 3
@@ -283,3 +287,38 @@ def test_bad_requests_are_refused(exported, tmp_path):
         litert_runtime.LiteRTPredictor(stages, [0.5, -np.inf])
     with pytest.raises(ValueError, match="litert_precision must be one or more of fp32, int8"):
         ExportOptions(model_dir="a", export_dir="b", litert_precision=("fp16",))
+
+
+def test_a_budget_is_found_by_its_number_and_keeps_its_exact_value():
+    """The manifest keeps 1681.234 as written; "1681.234", "1681.2340" and "1.681234e3" all
+    name it, "1681.23" does not (it is another budget)."""
+    chosen = {points.DEFAULT: [0.5, 0.5, -np.inf], points.budget(1681.234): [0.7, 0.6, -np.inf],
+              points.budget(20): [0.9, 0.8, -np.inf]}
+    thresholds = litert.manifest_thresholds(chosen)
+    assert set(thresholds["budgets"]) == {"1681.234", "20"}
+    stages = SimpleNamespace(num_exits=3, precision="fp32", manifest={
+        "confidence": adaptive.MAX_SOFTMAX, "precisions": {"fp32": {"thresholds": thresholds}}})
+    for text in ("1681.234", "1681.2340", "1.681234e3"):
+        assert litert_runtime.LiteRTPredictor(stages, text).thresholds[:2] == [0.7, 0.6]
+    assert litert_runtime.LiteRTPredictor(stages, "20.0").thresholds[:2] == [0.9, 0.8]
+    with pytest.raises(ValueError, match="thresholds must be one of default, 1681.234, 20"):
+        litert_runtime.LiteRTPredictor(stages, "1681.23")
+
+
+@pytest.mark.slow
+def test_the_eval_measures_the_files_the_export_writes(exported, tmp_path):
+    """ranet.eval converts with the export's code and representative images (whatever its
+    --seed), so its fp32 and int8 files are the export's, byte for byte."""
+    export_dir, manifest, _ = exported
+    (loaded,) = model_dir_lib.load_models([str(export_dir.parent / "run")])
+    images = report_images.load_images(loaded.config.data, "test", seed=5,
+                                       representative_images=64)
+    options = comparison.ComparisonOptions(model_dir=(loaded.model_dir,),
+                                           runtimes=("tf", "litert", "litert_int8"),
+                                           representative_images=64)
+    evaluated = comparison.litert_files(loaded, images, options, str(tmp_path))
+    for precision in ("fp32", "int8"):
+        files = evaluated["precisions"][precision]
+        assert files["files"] == manifest["precisions"][precision]["files"]
+        for name in files["files"] + list(files["all_exits"].values()):
+            assert (tmp_path / name).read_bytes() == (export_dir / name).read_bytes(), name
