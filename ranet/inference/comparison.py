@@ -23,7 +23,7 @@ from ranet import devices
 from ranet.config import flag, require
 from ranet.data import report_images
 from ranet.data.report_images import EvaluationImages
-from ranet.inference import adaptive, equal_accuracy, evaluation, latency, points
+from ranet.inference import adaptive, equal_accuracy, evaluation, latency
 from ranet.inference.points import PointId
 from ranet.inference.serving import litert, litert_runtime
 from ranet.training import model_dir as model_dir_lib

@@ -15,7 +15,7 @@ import tensorflow as tf
 from ranet import devices, jsonio
 from ranet.inference import equal_accuracy, latency, points
 from ranet.inference.comparison import Comparison, ModelResult, litert_threads
-from ranet.inference.evaluation import BudgetedResult, ModelEvaluation
+from ranet.inference.evaluation import BudgetedResult
 from ranet.inference.points import Kind, PointId
 
 REPORT_JSON = "report.json"
