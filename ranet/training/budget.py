@@ -3,20 +3,26 @@
 A run with ``--time_budget`` trains for a while first (the probe), measuring how long its steps
 take as the loop runs them, and how long an evaluation and a checkpoint take; then it plans
 the total number of steps so that training, every evaluation and checkpoint to come, and the
-final ones end inside the budget (minus a small reserve). The schedule is then fitted to that total (``StepSchedule.set_plan``), and the plan
-is written into the model directory: a resumed run follows it rather than measuring again,
-so that the schedule stays one schedule. At each log line the run refits its plan to the
-pace since planning: shorter if the machine has slowed down, so that it still ends in time;
-longer if it has sped up, so that the budget is not left unused.
+final ones end inside the budget (minus a small reserve). The schedule is then fitted to that
+total (``Training.set_total_steps``), and the plan is written into the model directory: a
+resumed run follows it rather than measuring again, so that the schedule stays one schedule.
+At each log line the run refits its plan to the pace since planning: shorter if the machine
+has slowed down, so that it still ends in time; longer if it has sped up, so that the budget
+is not left unused.
+
+``TimeBudget`` makes those decisions and reads no clock: the loop passes it the time, so a
+test drives it with a fake one. The functions below it are its arithmetic.
 """
 
 import dataclasses
 import math
 import os
+import statistics
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from ranet import jsonio
+from ranet.config import OptimConfig, RuntimeConfig, StepPlan
 from ranet.errors import UsageError
 
 PLAN_FILENAME = "budget_plan.json"
@@ -53,6 +59,135 @@ class BudgetPlan:
                 f"{self.budget_seconds:g} s (measured: {1 / self.seconds_per_step:.1f} steps/s, "
                 f"{self.eval_seconds:.1f} s per evaluation, {self.save_seconds:.2f} s per "
                 "checkpoint)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """What the loop measured since it last consulted its budget, in seconds."""
+    steps: int
+    train_seconds: float                       # the compiled call and its log line
+    evaluation_seconds: Optional[float] = None
+    save_seconds: Optional[float] = None
+
+
+class TimeBudget:
+    """Decides where a run with ``--time_budget`` ends; the loop asks, after each compiled call.
+
+    The loop runs a call of at most ``longest_call()`` steps to its next boundary, then its
+    actions (an evaluation also when ``wants_evaluation()``, a checkpoint also when
+    ``wants_save()``), then ``after(step, now, timings)``: a new last step when the budget
+    plans or refits, otherwise None. ``now`` is the loop's clock, the one ``started_at`` was
+    read from; nothing here reads a clock.
+
+    Probe: the first call traces the step and is not timed; the calls after it, the same
+    log-interval calls as the rest of the run, are, for ``probe_seconds``. Two evaluations
+    (the first traces it) and a checkpoint are timed at the probe's first boundaries. Then
+    ``plan`` fits the steps into the budget. After that, each log line refits the plan to the
+    pace since planning (``refit``).
+
+    ``agree``: in a multi-worker run, the chief's value on every worker
+    (``distribute.broadcast_from_chief``). Each worker times its own steps; every decision
+    that depends on time passes through it, so that all workers run the same calls and stop
+    at the same step. Nothing returns early before it on one worker but not another.
+    """
+
+    def __init__(self, optim: OptimConfig, runtime: RuntimeConfig, step_plan: StepPlan, *,
+                 started_at: float, evaluates: bool,
+                 agree: Optional[Callable[[int], int]] = None):
+        self.budget_seconds = optim.time_budget_seconds
+        self.schedule, self.decay_fractions = optim.schedule, tuple(optim.decay_fractions)
+        self.steps_per_epoch = step_plan.steps_per_epoch
+        self.eval_every_steps = step_plan.eval_every_steps
+        self.save_every_steps = runtime.checkpoint_every_steps
+        self.log_every_steps = runtime.log_every_steps
+        self.started_at, self.evaluates = started_at, evaluates
+        self.agree = agree or (lambda value: value)
+        self.probe_seconds = probe_seconds(self.budget_seconds)
+        self.plan: Optional[BudgetPlan] = None
+        self.steps_per_second: Optional[float] = None  # since planning, at the last refit
+        self._planned_at: Optional[float] = None
+        self._probe_started: Optional[float] = None
+        self._tracing_seconds = 0.0
+        self._probe_steps, self._probe_seconds_spent = 0, 0.0
+        self._evaluations: list = []
+        self._saves: list = []
+
+    @property
+    def planned(self) -> bool:
+        return self.plan is not None
+
+    def longest_call(self) -> Optional[int]:
+        """The most steps the next call may run; None once planned.
+
+        While probing, about the probe's length at the pace so far (the traced call's, before
+        any other is timed): a call ends at the next boundary when one is that close, so the
+        probe times the run's calls, and otherwise ends soon enough for the probe to end near
+        its time. One step before anything is timed.
+        """
+        if self.plan is not None:
+            return None
+        if self._probe_started is None:
+            return 1
+        seconds_per_step = (self._probe_seconds_spent / self._probe_steps if self._probe_steps
+                            else self._tracing_seconds)
+        return self.agree(max(1, int(self.probe_seconds / max(seconds_per_step, 1e-9))))
+
+    def wants_evaluation(self) -> bool:
+        """Whether the probe still needs an evaluation timed (two: the first one traces)."""
+        return self.plan is None and self.evaluates and len(self._evaluations) < 2
+
+    def wants_save(self) -> bool:
+        """Whether the probe still needs a checkpoint timed."""
+        return self.plan is None and not self._saves
+
+    def after(self, step: int, now: float, timings: Timings) -> Optional[int]:
+        """The run's new last step once ``timings`` brought it to ``step`` at ``now``, or None
+        when it stays (still probing, or the plan holds)."""
+        if self.plan is None:
+            if timings.evaluation_seconds is not None:
+                self._evaluations.append(timings.evaluation_seconds)
+            if timings.save_seconds is not None:
+                self._saves.append(timings.save_seconds)
+            return self._probe(step, now, timings)
+        return self._refit(step, now)
+
+    def _probe(self, step: int, now: float, timings: Timings) -> Optional[int]:
+        if self._probe_started is None:
+            self._probe_started, self._tracing_seconds = now, timings.train_seconds
+            return None
+        self._probe_steps += timings.steps
+        self._probe_seconds_spent += timings.train_seconds
+        done = (now - self._probe_started >= self.probe_seconds and not self.wants_evaluation()
+                and not self.wants_save())
+        if not self.agree(int(done)):
+            return None
+        budget_plan = plan(
+            self.budget_seconds, now - self.started_at, step,
+            self._probe_seconds_spent / self._probe_steps,
+            # The first evaluation traces it: the later ones say what the others will cost.
+            statistics.median(self._evaluations[1:]) if self.evaluates else 0.0,
+            self.eval_every_steps, statistics.median(self._saves), self.save_every_steps,
+            self.steps_per_epoch)
+        self.plan = dataclasses.replace(budget_plan,
+                                        total_steps=self.agree(budget_plan.total_steps))
+        self._planned_at = now
+        return self.plan.total_steps
+
+    def _refit(self, step: int, now: float) -> Optional[int]:
+        steps_since = step - self.plan.planned_at_step
+        if (step % self.log_every_steps
+                or steps_since < max(MIN_STEPS_TO_PACE, self.eval_every_steps)):
+            return None
+        seconds_per_step = max(now - self._planned_at, 1e-9) / steps_since
+        self.steps_per_second = 1 / seconds_per_step
+        total = self.agree(refit(self.plan, step=step, planned_steps=self.plan.total_steps,
+                                 elapsed_seconds=now - self.started_at,
+                                 seconds_per_step=seconds_per_step, schedule=self.schedule,
+                                 decay_fractions=self.decay_fractions))
+        if total == self.plan.total_steps:
+            return None
+        self.plan = dataclasses.replace(self.plan, total_steps=total)
+        return total
 
 
 def _events_until(step: int, start: int, every: int) -> int:

@@ -5,8 +5,10 @@ It assembles the pieces: the set-up (``setup``), the model directory and its che
 loop that decides when to log, evaluate, save and stop (``controller``).
 """
 
+import functools
 import os
 import time
+from typing import Callable
 
 import tensorflow as tf
 from absl import logging
@@ -17,22 +19,24 @@ from ranet.training.controller import Controller
 from ranet.training.preemption import WORKER_LOST_EXIT_CODE, PreemptionWatcher, WorkerLost
 
 
-def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = "") -> dict:
+def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = "", *,
+                       clock: Callable[[], float] = time.monotonic) -> dict:
     """Trains (or resumes) the experiment in ``config.runtime.model_dir``.
 
     ``flags_text``, the resolved flags of the binary, is saved beside the
-    config. Returns the last training-window metrics and validation metrics.
+    config. Returns the last training-window metrics and validation metrics. ``clock``
+    (seconds) times a time budget and the log lines; tests pass a fake one.
 
     Stops: raises ``Preempted`` (exit status 143) after SIGTERM, once every worker saved a
     checkpoint at the same step; ``WorkerLost`` (144) when another worker of a multi-worker
-    run dies or hangs past --collective_timeout_seconds; ``FloatingPointError`` at the first
+    run dies or hangs past --collective_timeout_seconds; ``DivergedError`` at the first
     step whose loss is not finite (except under mixed_float16, whose loss scaling skips such
     steps), before anything is saved after it. Running the same command again resumes from
     the chief's latest readable checkpoint.
     """
     config_lib.require(bool(config.runtime.model_dir),
                        "model_dir is required: pass --model_dir=/path/to/run")
-    started_at = time.monotonic()  # where a time budget starts
+    started_at = clock()  # where a time budget starts
     strategy = setup.create_strategy(config.runtime)
     # Created outside strategy.scope(): one local flag per worker.
     watcher = PreemptionWatcher()
@@ -42,7 +46,8 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
             workdir = model_dir.WorkerDirectory(config.runtime.model_dir,
                                                 distribute.is_chief(strategy),
                                                 task=distribute.task_name(strategy))
-            controller = _prepare(config, flags_text, strategy, watcher, workdir, started_at)
+            controller = _prepare(config, flags_text, strategy, watcher, workdir, started_at,
+                                  clock)
             return controller.run()
     except distribute.PEER_ERRORS as error:
         if distribute.num_workers(strategy) == 1:
@@ -55,7 +60,8 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, flags_text: str = ""
 
 
 def _prepare(config: config_lib.ExperimentConfig, flags_text: str, strategy, watcher,
-             workdir: model_dir.WorkerDirectory, started_at: float) -> Controller:
+             workdir: model_dir.WorkerDirectory, started_at: float,
+             clock: Callable[[], float]) -> Controller:
     """Checks, builds and restores everything the loop needs; returns its controller."""
     runtime, chief = config.runtime, workdir.chief
     setup.check(config, strategy)
@@ -99,12 +105,16 @@ def _prepare(config: config_lib.ExperimentConfig, flags_text: str, strategy, wat
         return (tf.summary.create_file_writer(os.path.join(runtime.model_dir, subdir)) if chief
                 else tf.summary.create_noop_writer())
 
-    budget_started_at = None
+    time_budget = None
     if config.optim.time_budget is not None:
         # Every worker reads the chief's plan: a resumed run keeps its schedule.
         budget_plan = budget.load(runtime.model_dir)
         if budget_plan is None:
-            budget_started_at = started_at
+            agree = (functools.partial(distribute.broadcast_from_chief, strategy)
+                     if distribute.num_workers(strategy) > 1 else None)
+            time_budget = budget.TimeBudget(
+                config.optim, runtime, training.plan, started_at=started_at,
+                evaluates=len(training.splits.validation) > 0, agree=agree)
             logging.info("%s: %g s of training to plan (--time_budget=%s), starting at %d",
                          config.model.name, config.optim.time_budget_seconds,
                          config.optim.time_budget, step)
@@ -113,17 +123,17 @@ def _prepare(config: config_lib.ExperimentConfig, flags_text: str, strategy, wat
                 logging.warning("--time_budget=%s, but the run was planned for %g s: it keeps "
                                 "that plan (%s)", config.optim.time_budget,
                                 budget_plan.budget_seconds, budget.PLAN_FILENAME)
-            training = training.replan(budget_plan.total_steps)
+            training.set_total_steps(budget_plan.total_steps)
             logging.info("time budget: resuming the plan %s", budget_plan.describe())
     plan = training.plan
-    if budget_started_at is None:
+    if time_budget is None:
         logging.info("%s: %d steps (%d per epoch, global batch %d over %d replicas), starting "
                      "at %d", config.model.name, plan.total_steps, plan.steps_per_epoch,
                      config.optim.batch_size, strategy.num_replicas_in_sync, step)
     return Controller(training, manager, best, chief=chief,
                       train_writer=writer(model_dir.TRAIN_EVENTS),
                       eval_writer=writer(model_dir.VALIDATION_EVENTS),
-                      budget_started_at=budget_started_at)
+                      time_budget=time_budget, clock=clock)
 
 
 def _worker_lost(error: tf.errors.OpError, step, config: config_lib.ExperimentConfig) -> WorkerLost:

@@ -20,9 +20,13 @@ from ranet.training.optimizer import StepSchedule, create_optimizer, learning_ra
 from ranet.training.steps import TrainingSteps
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(eq=False)
 class Training:
-    """Everything a training run (or a benchmark of one) works with."""
+    """Everything a training run (or a benchmark of one) works with.
+
+    It changes in one way only: ``set_total_steps`` (a time budget's plan) moves ``plan`` and
+    the schedule the optimizer reads together.
+    """
     config: config_lib.ExperimentConfig
     strategy: tf.distribute.Strategy
     splits: data.DataSplits
@@ -32,12 +36,12 @@ class Training:
     optimizer: keras.optimizers.Optimizer
     steps: TrainingSteps
 
-    def replan(self, total_steps: int) -> "Training":
-        """This training over ``total_steps`` (a time budget's plan): the schedule follows."""
-        plan = config_lib.plan_steps(self.config.optim, self.config.runtime,
-                                     self.plan.steps_per_epoch, total_steps)
-        self.schedule.set_plan(plan)
-        return dataclasses.replace(self, plan=plan)
+    def set_total_steps(self, total_steps: int) -> None:
+        """Makes this training ``total_steps`` long; the schedule's variables follow, so the
+        compiled step reads the new schedule without retracing."""
+        self.plan = config_lib.plan_steps(self.config.optim, self.config.runtime,
+                                          self.plan.steps_per_epoch, total_steps)
+        self.schedule.set_plan(self.plan)
 
     def train_dataset(self, start_step: int = 0) -> tf.distribute.DistributedDataset:
         """The augmented training stream from global step ``start_step`` on, over the replicas."""

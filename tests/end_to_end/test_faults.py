@@ -24,11 +24,46 @@ from ranet.training.preemption import PREEMPTED_EXIT_CODE, WORKER_LOST_EXIT_CODE
 
 pytestmark = pytest.mark.end_to_end
 
-# 60 steps; train_loop calls end at evaluations (every 24 steps), logs and checkpoints (every
+# 60 steps; compiled calls end at evaluations (every 24 steps), logs and checkpoints (every
 # 20): steps 25-40 run in one call.
 STEPS = ["--train_steps=60", "--checkpoint_every_steps=20", "--log_every_steps=20",
          "--deterministic"]
 RUN_TIMEOUT = 180
+# The batch of this step waits in the input pipeline until the test lets it through, so a
+# trainer that has logged step 24 is held inside the call of steps 25-40 however slow the test
+# is to react: it cannot reach step 40 before the signal has been read.
+GATED_STEP = 38
+# The train binary, with its input pipeline gated at GATED_STEP: the pipeline writes
+# argv[1] when it reaches that batch and waits for argv[2] to exist. Only the test's process
+# changes; the batches, and so the weights, are those of an ungated run.
+_GATED_TRAINER = """
+import os, sys, time
+import tensorflow as tf
+from ranet import cli, data, train
+reached, release = sys.argv[1:3]
+del sys.argv[1:3]
+
+def wait_at(index):
+    if int(index) == {gated_index}:
+        open(reached, "w").close()
+        deadline = time.time() + {timeout}
+        while not os.path.exists(release) and time.time() < deadline:
+            time.sleep(0.05)
+    return True
+
+def gated(input_fn):
+    def gated_input_fn(context):
+        def gate(index, batch):
+            passed = tf.py_function(wait_at, [index], tf.bool)
+            with tf.control_dependencies([passed]):
+                return tf.nest.map_structure(tf.identity, batch)
+        return input_fn(context).enumerate().map(gate)
+    return gated_input_fn
+
+train_input_fn = data.train_input_fn
+data.train_input_fn = lambda *args, **kwargs: gated(train_input_fn(*args, **kwargs))
+cli.run(train.main, train.define_flags)
+""".format(gated_index=GATED_STEP - 1, timeout=RUN_TIMEOUT)
 
 
 def _command(model_dir, *args):
@@ -48,10 +83,10 @@ def _run(model_dir, *args, timeout=RUN_TIMEOUT):
 class _Process:
     """A training subprocess whose log goes to a file, so that it can be waited on."""
 
-    def __init__(self, model_dir, *args, log, env=None):
+    def __init__(self, model_dir, *args, log, env=None, command=None):
         self.log = log
         with open(log, "w") as out:
-            self.popen = subprocess.Popen(_command(model_dir, *args), cwd=REPO_ROOT,
+            self.popen = subprocess.Popen(command or _command(model_dir, *args), cwd=REPO_ROOT,
                                           env=env or _env(), stdout=out, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
@@ -82,6 +117,30 @@ class _Process:
             self.popen.wait()
 
 
+class _GatedProcess(_Process):
+    """A training subprocess held inside the call of steps 25-40 until ``release``."""
+
+    def __init__(self, model_dir, *args, log):
+        self.reached = model_dir.parent / f"{model_dir.name}.reached"
+        self.released = model_dir.parent / f"{model_dir.name}.released"
+        command = [sys.executable, "-c", _GATED_TRAINER, str(self.reached), str(self.released),
+                   *_command(model_dir, *args)[3:]]
+        super().__init__(model_dir, *args, log=log, command=command)
+
+    def wait_inside_the_call(self) -> None:
+        """Returns once step 24 is done and the batch of GATED_STEP waits to be let through."""
+        self.wait_for("validation at step 24")
+        deadline = time.time() + RUN_TIMEOUT
+        while not self.reached.exists():
+            if self.popen.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the batch of step {GATED_STEP} was never reached:\n"
+                                     f"{self.text()[-3000:]}")
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        self.released.touch()
+
+
 def _weights(model_dir):
     _, model, path = restore_model(str(model_dir), "latest")
     return path, [v.numpy() for v in model.variables]
@@ -106,20 +165,24 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigterm_saves_at_the_step_it_stopped_and_the_relaunch_resumes_there(
         tmp_path, uninterrupted):
-    process = _Process(tmp_path, *STEPS, log=tmp_path.parent / "sigterm.log")
+    process = _GatedProcess(tmp_path, *STEPS, log=tmp_path.parent / "sigterm.log")
     try:
-        process.wait_for("validation at step 24")
+        process.wait_inside_the_call()
         process.popen.send_signal(signal.SIGTERM)
+        process.wait_for("received SIGTERM")  # the loop's flag is set: let the steps go on
+        process.release()
         assert process.wait(60) == PREEMPTED_EXIT_CODE, process.text()[-3000:]
     finally:
+        process.release()
         process.kill()
     log = process.text()
     assert "received SIGTERM" in log and "Traceback" not in log
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     stopped_at = int(latest.rsplit("-", 1)[1])
     assert f"saved {latest} at step {stopped_at}" in log
-    # Sent as steps 25-40 started, in one train_loop call: the stop did not wait for its end.
-    assert 24 < stopped_at < 40
+    # Sent inside the call of steps 25-40, before step GATED_STEP: the stop did not wait for
+    # the call's end.
+    assert 24 < stopped_at <= GATED_STEP + 1 < 40
 
     run = _run(tmp_path, *STEPS)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -129,16 +192,17 @@ def test_sigterm_saves_at_the_step_it_stopped_and_the_relaunch_resumes_there(
 
 
 def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path, uninterrupted):
-    process = _Process(tmp_path, *STEPS, log=tmp_path.parent / "sigkill.log")
+    process = _GatedProcess(tmp_path, *STEPS, log=tmp_path.parent / "sigkill.log")
     try:
         # Killed in the middle of steps 25-40, between the checkpoints of steps 20 and 40.
-        process.wait_for("validation at step 24")
+        process.wait_inside_the_call()
         process.popen.kill()
         process.wait(30)
     finally:
+        process.release()
         process.kill()
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
-    assert latest is not None
+    assert latest is not None and latest.endswith("ckpt-20")
 
     run = _run(tmp_path, *STEPS)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,5 +1,7 @@
-"""Time-budgeted training: the plan's arithmetic, a schedule fitted to it, a resume that keeps
-it, and a real run that ends inside its budget."""
+"""Time-budgeted training: the plan's arithmetic, the budget's decisions on a fake clock, a
+schedule fitted to it, a resume that keeps it, and real runs that end inside their budget.
+
+How the loop follows the budget, on a fake clock, is tests/training/test_controller.py."""
 
 import dataclasses
 import functools
@@ -12,7 +14,7 @@ import pytest
 from helpers import SMOKE, event_scalars
 from ranet import config as config_lib
 from ranet.training import budget, train_and_evaluate
-from ranet.training import controller as controller_lib
+from ranet.training.budget import Timings
 from ranet.training.controller import format_duration
 from ranet.training.optimizer import learning_rate_schedule
 
@@ -116,11 +118,6 @@ def test_a_budgeted_run_ends_inside_its_budget_and_a_resume_keeps_the_plan(tmp_p
     assert rates[max(rates)] == pytest.approx(0.0, abs=1e-7)  # cosine, at its last step
 
 
-def _eta_seconds(message: str) -> int:
-    hours, minutes, seconds = map(int, message.rsplit("ETA ", 1)[1].split(":"))
-    return hours * 3600 + minutes * 60 + seconds
-
-
 @pytest.mark.slow  # real time budgets of 20-45 s
 def test_a_budgeted_run_stops_inside_the_budget(tmp_path):
     started = time.monotonic()
@@ -145,65 +142,6 @@ def test_a_longer_multistep_plan_keeps_the_decays_it_has_passed():
     assert budget.longest_plan_keeping_decays(130, 150, (0.5, 0.75)) == 173
 
 
-def _first_plan(caplog) -> int:
-    planned = [r.getMessage() for r in caplog.records if "time budget: ~" in r.getMessage()]
-    return int(planned[0].split("~", 1)[1].split(" ", 1)[0])
-
-
-def _slowed(monkeypatch, *, before_plan: bool, seconds_per_step: float):
-    """Makes every step slower before the plan is made (``before_plan``), or after it."""
-    advance = controller_lib.Controller._advance
-
-    def slow_advance(self, iterator, num_steps):
-        if (self._planned is None) == before_plan:
-            time.sleep(seconds_per_step * num_steps)
-        advance(self, iterator, num_steps)
-
-    monkeypatch.setattr(controller_lib.Controller, "_advance", slow_advance)
-
-
-@pytest.mark.slow  # real time budgets of 20-45 s
-@pytest.mark.parametrize("slow_before_plan, change", [(False, "slowed"), (True, "sped up")])
-def test_the_plan_follows_the_pace_and_the_run_still_ends_inside_the_budget(
-        tmp_path, caplog, monkeypatch, slow_before_plan, change):
-    # A machine that slows down after the plan (another job starts), or that was slow while
-    # the probe timed it and then speeds up: the plan gets shorter or longer, and the
-    # schedule ends at zero on the new last step.
-    caplog.set_level(logging.INFO, logger="absl")
-    _slowed(monkeypatch, before_plan=slow_before_plan, seconds_per_step=0.05)
-    started = time.monotonic()
-    result = train_and_evaluate(_budgeted(tmp_path, "25s"))
-    elapsed = time.monotonic() - started
-    first = _first_plan(caplog)
-    plan = json.loads((tmp_path / budget.PLAN_FILENAME).read_text())
-    assert f"the run {change} to" in caplog.text
-    assert result["step"] == plan["total_steps"]
-    assert plan["total_steps"] < first if change == "slowed" else plan["total_steps"] > first
-    assert elapsed <= 25 * 1.25, elapsed  # the margin of the tests above
-    rates = event_scalars(tmp_path)["learning_rate"]
-    assert rates[max(rates)] == pytest.approx(0.0, abs=1e-7)
-
-
-@pytest.mark.slow  # real time budgets of 20-45 s
-def test_the_eta_after_the_plan_is_timed_from_the_plan(tmp_path, caplog):
-    # Evaluations (a large validation split) dwarf the steps; the probe runs two of them, the
-    # first one traced, and no other comes before the last step. Timed from the first step,
-    # the ETA would count them in the rate of every step to come.
-    caplog.set_level(logging.INFO, logger="absl")
-    config = _budgeted(tmp_path, "40s", eval_every_epochs=10 ** 4)
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, synthetic_train_size=4096, validation_size=2048))
-    wall_started = time.time()
-    train_and_evaluate(config)
-    planned = [i for i, r in enumerate(caplog.records) if "time budget: ~" in r.getMessage()]
-    progress = [r for r in caplog.records[planned[0]:] if "ETA " in r.getMessage()]
-    assert len(progress) > 3
-    for record in progress:
-        # The margin of the test above: other tests on the same cores slow the run.
-        assert record.created + _eta_seconds(record.getMessage()) <= wall_started + 40 * 1.25, \
-            (record.created - wall_started, record.getMessage())
-
-
 def test_a_run_without_a_budget_does_not_speak_of_one(tmp_path, caplog):
     # Its first compiled call runs a whole log interval, so the first line has no rate yet.
     caplog.set_level(logging.INFO, logger="absl")
@@ -215,17 +153,144 @@ def test_a_run_without_a_budget_does_not_speak_of_one(tmp_path, caplog):
     assert not any("budget" in line for line in lines), lines
 
 
-@pytest.mark.slow  # real time budgets of 20-45 s
-def test_the_probe_plans_without_waiting_for_a_boundary(tmp_path):
-    # Logs, checkpoints and evaluations far beyond what 20 s hold: the probe must plan after
-    # its own time, not at the first of them (before, this run never planned: it trained
-    # until stop_at_step with the schedule's placeholder length).
-    config = _budgeted(tmp_path, "20s", stop_at_step=2000)
-    config = dataclasses.replace(config, runtime=dataclasses.replace(
-        config.runtime, log_every_steps=10 ** 6, checkpoint_every_steps=10 ** 6,
-        eval_every_epochs=10 ** 4))
-    result = train_and_evaluate(config)
-    plan = json.loads((tmp_path / budget.PLAN_FILENAME).read_text())
-    assert 0 < plan["planned_at_step"] < plan["total_steps"]
-    assert plan["planned_after_seconds"] < 20
-    assert result["step"] == min(plan["total_steps"], 2000)
+
+# 100 s, so the probe lasts its minimum (2 s); an evaluation every 50 steps, a save every 25;
+# a log line, where the plan may be refit, every step.
+STEP_PLAN = config_lib.StepPlan(steps_per_epoch=50, total_steps=config_lib.UNPLANNED_STEPS,
+                                warmup_steps=0, decay_steps=(), eval_every_steps=50)
+RUNTIME = config_lib.RuntimeConfig(checkpoint_every_steps=25, log_every_steps=1)
+
+
+def _time_budget(schedule="cosine", agree=None, runtime=RUNTIME, **optim):
+    return budget.TimeBudget(
+        config_lib.OptimConfig(time_budget="100s", schedule=schedule, **optim), runtime,
+        STEP_PLAN, started_at=0.0, evaluates=True, agree=agree)
+
+
+# The probe's pace with the evaluations and checkpoints it planned for.
+STEADY = 2.1 / 13 + 0.2 / 50 + 0.1 / 25
+
+
+def _probed(time_budget) -> int:
+    """Runs the probe of the test below; returns the planned last step (planned at step 14,
+    7.3 s into the budget, at 2.1 s / 13 steps)."""
+    # The first call traces the step (4 s), and the first evaluation traces it (0.8 s).
+    assert time_budget.after(1, 5.0, Timings(1, 4.0, evaluation_seconds=0.8,
+                                             save_seconds=0.1)) is None
+    assert time_budget.after(2, 5.5, Timings(1, 0.3, evaluation_seconds=0.2)) is None
+    assert time_budget.after(8, 6.4, Timings(6, 0.9)) is None
+    return time_budget.after(14, 7.3, Timings(6, 0.9))
+
+
+def test_the_probe_times_the_calls_after_the_traced_one_then_plans():
+    time_budget = _time_budget()
+    assert time_budget.probe_seconds == 2.0
+    # Nothing timed yet: one step, and an evaluation and a checkpoint to time.
+    assert time_budget.longest_call() == 1
+    assert time_budget.wants_evaluation() and time_budget.wants_save()
+    assert time_budget.after(1, 5.0, Timings(1, 4.0, evaluation_seconds=0.8,
+                                             save_seconds=0.1)) is None
+    # The traced call took 4 s: half a step fits the 2 s probe, so one step; the first
+    # evaluation traced it, so another.
+    assert time_budget.longest_call() == 1
+    assert time_budget.wants_evaluation() and not time_budget.wants_save()
+    assert time_budget.after(2, 5.5, Timings(1, 0.3, evaluation_seconds=0.2)) is None
+    # 0.3 s a step: calls of up to 6 steps, the probe's 2 s.
+    assert time_budget.longest_call() == 6 and not time_budget.wants_evaluation()
+    assert time_budget.after(8, 6.4, Timings(6, 0.9)) is None  # 1.4 s into the probe
+    assert not time_budget.planned
+    total = time_budget.after(14, 7.3, Timings(6, 0.9))  # 2.3 s: the probe is over
+    # The traced call and the traced evaluation are left out: 2.1 s over 13 steps, 0.2 s per
+    # evaluation, 0.1 s per checkpoint.
+    expected = budget.plan(100.0, 7.3, 14, 2.1 / 13, 0.2, 50, 0.1, 25, 50)
+    assert total == expected.total_steps == time_budget.plan.total_steps
+    assert time_budget.plan == expected
+    assert time_budget.longest_call() is None
+    assert not time_budget.wants_evaluation() and not time_budget.wants_save()
+
+
+def test_the_probe_waits_for_its_time_and_for_a_second_evaluation():
+    time_budget = _time_budget()
+    time_budget.after(1, 5.0, Timings(1, 4.0, evaluation_seconds=0.8, save_seconds=0.1))
+    # Past the probe's 2 s, but only the traced evaluation was timed.
+    assert time_budget.after(20, 9.0, Timings(19, 3.0)) is None
+    assert time_budget.wants_evaluation()
+    assert time_budget.after(21, 9.5, Timings(1, 0.2, evaluation_seconds=0.3)) is not None
+
+
+@pytest.mark.parametrize("seconds_per_step, change", [(0.5, "shorter"), (0.125, "longer"),
+                                                      (STEADY, None)])
+def test_the_plan_follows_the_pace_since_planning(seconds_per_step, change):
+    time_budget = _time_budget()
+    planned = _probed(time_budget)
+    assert planned > 300
+    # Before max(20 steps, an evaluation interval) since planning, the pace is not trusted.
+    assert time_budget.after(63, 7.3 + 49 * 5.0, Timings(49, 49 * 5.0)) is None
+    now = 7.3 + 50 * seconds_per_step
+    total = time_budget.after(64, now, Timings(1, seconds_per_step))
+    assert time_budget.steps_per_second == pytest.approx(1 / seconds_per_step)
+    if change is None:  # the pace the plan was made for: it holds
+        assert total is None and time_budget.plan.total_steps == planned
+    elif change == "shorter":  # 97 s usable, 32.3 s gone at 2 steps/s
+        assert total == 64 + int((97 - now) / 0.5) == 193
+    else:  # the final evaluation and checkpoint (0.3 s) set aside once more
+        assert total == 64 + int((97 - now - 0.3) / 0.125) == 729 > planned
+    if change:
+        assert time_budget.plan.total_steps == total
+        assert time_budget.plan.planned_at_step == 14  # the pace is still timed from the plan
+
+
+def test_the_plan_is_refit_at_log_lines_only():
+    time_budget = _time_budget(runtime=dataclasses.replace(RUNTIME, log_every_steps=10))
+    planned = _probed(time_budget)
+    now = 7.3 + 55 * 0.5  # 55 steps since planning, each three times as slow as planned
+    assert time_budget.after(69, now, Timings(55, 27.5)) is None
+    assert time_budget.after(71, now + 1.0, Timings(2, 1.0)) is None
+    assert time_budget.after(80, now + 5.5, Timings(9, 4.5)) < planned
+
+
+def test_a_longer_multistep_plan_keeps_the_decay_it_has_passed():
+    time_budget = _time_budget(schedule="multistep", decay_fractions=(0.5, 0.75))
+    planned = _probed(time_budget)
+    step = planned // 2 + 10  # past the first decay
+    total = time_budget.after(step, 7.3 + (step - 14) * 0.01, Timings(1, 0.01))
+    assert planned < total == budget.longest_plan_keeping_decays(step, planned, (0.5, 0.75))
+    assert int(0.5 * total) < step
+
+
+def test_every_worker_asks_the_chief_at_the_same_points_and_follows_its_answers():
+    # Two workers on their own clocks: this one's probe is not over at 5.6 s, the chief's is.
+    asked, answers = [], iter([1, 1, 500])  # a call's length, the probe is over, its plan
+
+    def chief(value):
+        asked.append(value)
+        return next(answers)
+
+    worker = _time_budget(agree=chief)
+    worker.after(1, 5.0, Timings(1, 4.0, evaluation_seconds=0.8, save_seconds=0.1))
+    worker.longest_call()
+    assert worker.after(2, 5.6, Timings(1, 0.3, evaluation_seconds=0.2)) == 500
+    assert worker.plan.total_steps == 500 and worker.longest_call() is None
+    # Asked for the call's length, whether the probe is over (not here: 0), and the plan (its
+    # own, from its own timings, is another).
+    assert asked[:2] == [1, 0] and len(asked) == 3 and asked[2] != 500
+
+    # A whole run: the chief on a fast clock, a worker on a slow one that gets the chief's
+    # answers; the worker asks at the same points and ends each step where the chief does.
+    def run(seconds_per_step, agree):
+        time_budget, now, ends = _time_budget(agree=agree), 5.0, []
+        time_budget.after(1, now, Timings(1, 4.0, evaluation_seconds=0.8, save_seconds=0.1))
+        for step in range(2, 300):
+            time_budget.longest_call()
+            now += seconds_per_step
+            time_budget.after(step, now, Timings(1, seconds_per_step,
+                                                 evaluation_seconds=0.2 if step == 2 else None))
+            ends.append(time_budget.plan and time_budget.plan.total_steps)
+        return ends
+
+    chiefs_answers = []
+    chiefs_ends = run(0.1, lambda value: chiefs_answers.append(value) or value)
+    answers = iter(chiefs_answers)
+    assert run(0.3, lambda value: next(answers)) == chiefs_ends
+    assert next(answers, None) is None  # every answer was asked for
+    assert len(set(chiefs_ends)) > 2  # planned (not at once), then refit
