@@ -134,7 +134,12 @@ def test_eval_report_has_every_section_for_ranet_and_a_baseline(model_dirs, tmp_
     # The point at VGG16's accuracy is timed too, unless it is one of the others.
     equal = report["at_equal_accuracy"]["tf"]["vgg16"]["ranet_point"]["path"]
     assert set(ranet["latency_ms"]) == {"adaptive", "budget@2", "budget@3", "full",
-                                        "keras_predict", equal}
+                                        "keras_predict", "exit_1", "exit_2", "exit_3", equal}
+    # Every adaptive path: where its timed images left, and what that costs up to there.
+    for path in ("adaptive", "budget@2", "budget@3", equal):
+        timed = ranet["latency_ms"][path]
+        assert sum(timed["exit_fractions"]) == pytest.approx(1.0)
+        assert timed["overhead"] == pytest.approx(timed["mean"] / timed["expected_ms"])
     assert set(vgg["latency_ms"]) == {"full", "keras_predict"}
     for view in (ranet, vgg):
         for stats in view["latency_ms"].values():
@@ -159,11 +164,13 @@ def test_eval_measures_every_runtime_side_by_side(model_dirs, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["runtimes"] == ["tf", "litert", "litert_int8"]
     (ranet,) = report["models"]
+    anytime = {"exit_1", "exit_2", "exit_3"}
     assert set(ranet["runtimes"]["tf"]["latency_ms"]) == {"adaptive", "budget@3", "full",
-                                                          "keras_predict"}
+                                                          "keras_predict", *anytime}
     for runtime in ("litert", "litert_int8"):
         entry = ranet["runtimes"][runtime]
-        assert set(entry["latency_ms"]) == {"adaptive", "budget@3", "full"}
+        assert set(entry["latency_ms"]) == {"adaptive", "budget@3", "full", *anytime}
+        assert "overhead" in entry["latency_ms"]["adaptive"]
         assert [e["exit"] for e in entry["exits"]] == [1, 2, 3]
         assert entry["default"]["thresholds"][-1] == "-inf"
         assert sum(1 for point in entry["budgeted"] if point["point"]["kind"] == "budget") == 1
@@ -231,8 +238,8 @@ def test_export_litert_writes_stage_files_and_a_manifest(model_dirs, tmp_path):
                      "--format=litert", "--litert_precision=fp32", "--budget_mflops=2,3")
     assert sorted(os.listdir(export_dir)) == ["fp32", "manifest.json"]
     assert sorted(os.listdir(export_dir / "fp32")) == [
-        "all_exits.tflite", "all_exits_batch32.tflite",
-        *[f"stage{k}.tflite" for k in (1, 2, 3)]]
+        "all_exits.tflite", "all_exits_batch32.tflite", "exits_1_to_1.tflite",
+        "exits_1_to_2.tflite", *[f"stage{k}.tflite" for k in (1, 2, 3)]]
     assert json.loads((export_dir / "manifest.json").read_text()) == manifest
     assert set(manifest["precisions"]["fp32"]["thresholds"]["budgets"]) == {"2", "3"}
 

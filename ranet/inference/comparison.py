@@ -23,8 +23,8 @@ from ranet import devices
 from ranet.config import flag, require
 from ranet.data import report_images
 from ranet.data.report_images import EvaluationImages
-from ranet.inference import adaptive, equal_accuracy, evaluation, latency
-from ranet.inference.points import PointId
+from ranet.inference import adaptive, calibration, equal_accuracy, evaluation, latency, points
+from ranet.inference.points import Kind, PointId
 from ranet.inference.serving import litert, litert_runtime
 from ranet.training import model_dir as model_dir_lib
 from ranet.training.model_dir import CHECKPOINT_CHOICES, LoadedModel
@@ -127,10 +127,13 @@ def litert_threads(options: ComparisonOptions) -> litert_runtime.Threads:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelResult:
     """One model on one runtime: its evaluation, the batch-1 statistics of each timed path,
-    and images/s of each path at each batch size measured."""
+    images/s of each path at each batch size measured, and the overhead of each adaptive
+    path."""
     evaluation: evaluation.ModelEvaluation
     latency: Dict[PointId, latency.LatencyStats]
     throughput: Dict[int, Dict[PointId, float]]
+    # Each timed adaptive path's cost beyond the exits its timed images left at.
+    overhead: Dict[PointId, latency.ExitOverhead] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -255,7 +258,7 @@ def compare(options: ComparisonOptions,
         # Every path takes raw pixels as float32, as a served request does.
         pixels = images.report_pixels.astype(np.float32)
         timed = pixels[:options.latency_images]
-        batch1 = {}
+        batch1, timed_thresholds = {}, {}
         for runtime, by_model in runtimes.items():
             for name, result in by_model.items():
                 thresholds = dict(result.evaluation.timed_points)
@@ -263,6 +266,7 @@ def compare(options: ComparisonOptions,
                     thresholds.update({c.path: list(c.point.thresholds)
                                        for c in chosen[runtime].values()})
                 batch1[runtime, name] = result.batch1(thresholds)
+                timed_thresholds[runtime, name] = thresholds
         stats = {}
         for block in options.latency_block:
             logging.info("timing %d paths on %d images one by one, interleaved, %d in a row",
@@ -280,18 +284,44 @@ def compare(options: ComparisonOptions,
                 for batch_size in batch_sizes:
                     logging.info("%s on %s: throughput at batch %d", name, runtime, batch_size)
                     sample = pixels[:max(options.throughput_images, batch_size)]
+                    # The anytime paths are timed at batch 1 only.
                     throughput[runtime][name][batch_size] = {
                         path: latency.measure_throughput(fn, sample, batch_size)
-                        for path, fn in result.batched(
-                            result.evaluation.timed_points).items()}
+                        for path, fn in result.batched(result.evaluation.timed_points).items()
+                        if path.kind != Kind.UP_TO_EXIT}
+
+    def model_result(runtime, name, block):
+        evaluation_ = runtimes[runtime][name].evaluation
+        timed_stats = stats[block][runtime, name]
+        return ModelResult(evaluation_, timed_stats, throughput[runtime][name], overheads(
+            evaluation_, timed_stats, timed_thresholds[runtime, name], len(timed)))
+
     return [Comparison(
         options=options, images=images, models=models,
-        results={runtime: {m.name: ModelResult(by_model[m.name].evaluation,
-                                               stats[block][runtime, m.name],
-                                               throughput[runtime][m.name]) for m in models}
-                 for runtime, by_model in runtimes.items()},
+        results={runtime: {m.name: model_result(runtime, m.name, block) for m in models}
+                 for runtime in runtimes},
         adaptive_model=adaptive_model, latency_block=block, at_equal_accuracy=chosen)
         for block in options.latency_block]
+
+
+def overheads(evaluation_: evaluation.ModelEvaluation,
+              timed: Dict[PointId, latency.LatencyStats],
+              thresholds: Dict[PointId, Sequence[float]],
+              num_timed: int) -> Dict[PointId, latency.ExitOverhead]:
+    """The overhead of each timed adaptive path: the exits its timed images (the first
+    ``num_timed`` reported ones) left at, from this runtime's own confidences, against the
+    times of the network up to each exit."""
+    num_exits = len(evaluation_.cost.exits)
+    up_to = [timed.get(points.up_to_exit(k)) for k in range(1, num_exits + 1)]
+    if num_exits == 1 or None in up_to:
+        return {}
+    confidences = evaluation_.report_confidences[:, :num_timed]
+    result = {}
+    for point, values in thresholds.items():
+        exits = calibration.exit_indices(confidences, values)
+        fractions = np.bincount(exits, minlength=num_exits) / len(exits)
+        result[point] = latency.exit_overhead(timed[point], fractions, up_to)
+    return result
 
 
 def _equal_accuracy(runtimes: Dict[str, Dict[str, _Runtime]], models: Sequence[LoadedModel],

@@ -71,10 +71,12 @@ class ModelEvaluation:
                 if point.kind in (Kind.DEFAULT, Kind.BUDGET)}
 
     def accuracy_of(self, point: PointId) -> Optional[float]:
-        """The reported accuracy of a path: the last exit's for the full pass, the point's for
-        an operating point it holds; None otherwise."""
+        """The reported accuracy of a path: the last exit's for the full pass, exit k's for the
+        network up to exit k, the point's for an operating point it holds; None otherwise."""
         if point == points.FULL:
             return self.exit_accuracy[-1]
+        if point.kind == Kind.UP_TO_EXIT:
+            return self.exit_accuracy[point.value - 1]
         result = self.points.get(point)
         return None if result is None else result.point.accuracy
 

@@ -53,6 +53,37 @@ class LatencyStats:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExitOverhead:
+    """What an adaptive path's machinery costs beyond the exits it computes.
+
+    ``exit_fractions``: the share of the timed images that left at each exit;
+    ``expected_ms``: sum_k exit_fractions[k] x mean time of the network up to exit k (in one
+    call), what early exit would cost if the hand-offs between stages were free;
+    ``overhead``: the path's mean over ``expected_ms`` (1: free hand-offs).
+    """
+    exit_fractions: Tuple[float, ...]
+    expected_ms: float
+    overhead: float
+
+    def to_json(self) -> dict:
+        return {"exit_fractions": list(self.exit_fractions), "expected_ms": self.expected_ms,
+                "overhead": self.overhead}
+
+
+def exit_overhead(path: LatencyStats, exit_fractions: Sequence[float],
+                  up_to_exit: Sequence[LatencyStats]) -> ExitOverhead:
+    """``ExitOverhead`` of an adaptive ``path`` whose timed images left at the exits in
+    ``exit_fractions`` [K], from the times of the network up to each exit (``up_to_exit``
+    [K], the ``points.up_to_exit(k)`` paths timed beside it)."""
+    fractions = np.asarray(exit_fractions, np.float64)
+    if fractions.shape != (len(up_to_exit),) or not np.isclose(fractions.sum(), 1.0):
+        raise ValueError("exit_fractions must be one share per exit, summing to 1. Received: "
+                         f"exit_fractions={fractions.tolist()}, {len(up_to_exit)} exits")
+    expected = float(fractions @ np.array([stats.mean for stats in up_to_exit]))
+    return ExitOverhead(tuple(float(f) for f in fractions), expected, path.mean / expected)
+
+
 def summarize(seconds: Sequence[float]) -> LatencyStats:
     """Per-call times in SECONDS -> ``LatencyStats`` in MILLISECONDS.
 
@@ -75,23 +106,31 @@ def _to_host(outputs):
 
 
 def _every_exit_classes(model: StagedClassifier, batch_size: Optional[int],
-                        jit_compile: bool = False, normalization: Optional[Normalization] = None):
-    """A compiled full forward pass: images [B, H, W, 3] -> int32 [K, B], every exit's class.
+                        jit_compile: bool = False, normalization: Optional[Normalization] = None,
+                        num_exits: Optional[int] = None):
+    """A compiled forward pass: images [B, H, W, 3] -> int32 [k, B], the class of every exit
+    up to ``num_exits`` (default: all of them).
 
     Fetching every exit's class keeps every exit head in the graph (an unfetched
-    head would be pruned away) while handing back only K integers per image.
+    head would be pruned away) while handing back only k integers per image.
     ``jit_compile`` and ``normalization`` should match the predictor's, so that full and
     adaptive differ only in which stages run.
     """
+    num_exits = num_exits or model.num_exits
+
     @tf.function(input_signature=[tf.TensorSpec([batch_size, *model.image_shape], tf.float32)],
                  jit_compile=jit_compile)
     def every_exit_classes(images):
         if normalization is not None:
             images = normalize(images, *normalization)
         return tf.stack([tf.argmax(logits, axis=-1, output_type=tf.int32)
-                         for logits in model(images, training=False)])
+                         for logits in model.exits_up_to(images, num_exits, training=False)])
 
     return every_exit_classes
+
+
+def _on_host(compiled) -> PathCallable:
+    return lambda images: compiled(images).numpy()
 
 
 def _threshold_tensors(model: StagedClassifier, predictor: Optional[AdaptivePredictor],
@@ -146,13 +185,20 @@ def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor]
             path, as a served request is (build the predictor with the same object).
 
     Returns:
-        ``{points.FULL: every stage in one compiled graph, <each operating point>: compiled
-        early exit (tf.cond chain), points.KERAS_PREDICT: model.predict(x) as the seed
-        timed it}``. Each returns numpy arrays, only once they are on the host.
+        ``{points.FULL: every stage in one compiled graph, points.up_to_exit(k): the stages
+        up to exit k in one compiled graph (a model with several exits, k = 1..K),
+        <each operating point>: compiled early exit (tf.cond chain), points.KERAS_PREDICT:
+        model.predict(x) as the seed timed it}``. Each returns numpy arrays, only once they
+        are on the host.
     """
-    full = _every_exit_classes(model, batch_size=1, jit_compile=jit_compile,
-                               normalization=normalization)
-    paths = {points.FULL: lambda images: full(images).numpy()}
+    def compiled(num_exits=None):
+        return _on_host(_every_exit_classes(model, batch_size=1, jit_compile=jit_compile,
+                                            normalization=normalization, num_exits=num_exits))
+
+    paths = {points.FULL: compiled()}
+    if model.num_exits > 1:
+        paths.update({points.up_to_exit(k): compiled(k)
+                      for k in range(1, model.num_exits + 1)})
     for point, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
         paths[point] = _adaptive_path(predictor.predict_one, tensor)
 
@@ -176,8 +222,8 @@ def batched_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor
     a batch dimension of None in their signature, so a partial last batch does
     not retrace. Arguments as ``batch1_paths``.
     """
-    full = _every_exit_classes(model, batch_size=None, normalization=normalization)
-    paths = {points.FULL: lambda images: full(images).numpy()}
+    paths = {points.FULL: _on_host(_every_exit_classes(model, batch_size=None,
+                                                       normalization=normalization))}
     for point, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
         paths[point] = _adaptive_path(predictor.predict_batch, tensor)
     return paths
@@ -187,15 +233,22 @@ def litert_paths(stages: LiteRTStages, thresholds: Optional[Thresholds] = None
                  ) -> Dict[PointId, PathCallable]:
     """The paths of a LiteRT export, each taking raw pixels [B, H, W, 3], one image at a time.
 
-    ``points.FULL`` runs every exit (the one-graph file, where the export has it) and returns every
-    exit's class (as the TF full path does);
-    each operating point is ``LiteRTPredictor.predict`` at its thresholds. Batches are looped
-    image by image: the stage files have a static batch of 1.
+    ``points.FULL`` runs every exit (the one-graph file, where the export has it) and returns
+    every exit's class (as the TF full path does); ``points.up_to_exit(k)`` exits 1..k (their
+    one-graph file; a model with several exits); each operating point is
+    ``LiteRTPredictor.predict`` at its thresholds. Batches are looped image by image: the
+    files have a static batch of 1.
     """
     def full(images):
         return np.array([stages.every_exit(image).argmax(-1) for image in images]).T
 
+    def up_to(k):
+        return lambda images: np.array([stages.exits_up_to(image, k).argmax(-1)
+                                        for image in images]).T
+
     paths = {points.FULL: full}
+    if stages.num_exits > 1:
+        paths.update({points.up_to_exit(k): up_to(k) for k in range(1, stages.num_exits + 1)})
     for point, values in (thresholds or {}).items():
         predictor = LiteRTPredictor(stages, values)
         paths[point] = lambda images, predictor=predictor: [predictor.predict(image)[:2]

@@ -1,7 +1,9 @@
 """What a timed path or an operating point is: one frozen type, named once, never parsed back.
 
 A ``PointId`` is the identity of a way to answer: the whole network in one call (``FULL``),
-the seed's ``Model.predict`` (``KERAS_PREDICT``), or early exit at an operating point (a q of
+the network up to exit k in one call (``up_to_exit(k)``: every exit up to k computed, the
+anytime curve in milliseconds), the seed's ``Model.predict`` (``KERAS_PREDICT``), or early
+exit at an operating point (a q of
 the reference sweep, the most accurate point within a budget, the default point, the seed's
 fixed threshold, every image to the last exit, the point chosen to equal another model's
 accuracy). Its ``path`` names it in latency tables, its ``key`` in report.json, its ``label``
@@ -20,6 +22,7 @@ import numpy as np
 class Kind(enum.Enum):
     """What a ``PointId`` is; the value is its name in report.json."""
     FULL = "full"
+    UP_TO_EXIT = "up_to_exit"
     KERAS_PREDICT = "keras_predict"
     DEFAULT = "default"
     SWEEP = "sweep"
@@ -59,6 +62,10 @@ class PointId:
                 raise ValueError(f"A {self.kind.value} point needs a number. "
                                  f"Received: value={self.value!r}")
             object.__setattr__(self, "value", float(self.value))
+        elif self.kind == Kind.UP_TO_EXIT:
+            if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
+                raise ValueError("An up-to-exit path needs the exit's 1-based index. "
+                                 f"Received: value={self.value!r}")
         elif self.kind == Kind.EQUAL:
             if not isinstance(self.value, str) or not self.value:
                 raise ValueError("An equal-accuracy point needs the name of the model it "
@@ -70,13 +77,15 @@ class PointId:
     @property
     def is_adaptive(self) -> bool:
         """Whether it answers by early exit at thresholds (every kind but the full paths)."""
-        return self.kind not in (Kind.FULL, Kind.KERAS_PREDICT)
+        return self.kind not in (Kind.FULL, Kind.UP_TO_EXIT, Kind.KERAS_PREDICT)
 
     @property
     def path(self) -> str:
         """Its name in latency tables and on the plots."""
         if self.kind in _PATH_NAME:
             return _PATH_NAME[self.kind]
+        if self.kind == Kind.UP_TO_EXIT:
+            return f"exit_{self.value}"
         text = self.value if self.kind == Kind.EQUAL else exact(self.value)
         return f"{_PATH_PREFIX[self.kind]}{text}"
 
@@ -97,6 +106,8 @@ class PointId:
             return f"fixed threshold {exact(self.value)}"
         if self.kind == Kind.EQUAL:
             return f"at {self.value}'s accuracy"
+        if self.kind == Kind.UP_TO_EXIT:
+            return f"up to exit {self.value}"
         return {Kind.FULL: "every exit", Kind.KERAS_PREDICT: "Model.predict",
                 Kind.DEFAULT: "default", Kind.LAST_EXIT: "last exit"}[self.kind]
 
@@ -105,6 +116,11 @@ FULL = PointId(Kind.FULL)
 KERAS_PREDICT = PointId(Kind.KERAS_PREDICT)
 DEFAULT = PointId(Kind.DEFAULT)
 LAST_EXIT = PointId(Kind.LAST_EXIT)
+
+
+def up_to_exit(k: int) -> PointId:
+    """The network up to exit k (1-based) in one call, every exit up to k computed."""
+    return PointId(Kind.UP_TO_EXIT, k)
 
 
 def sweep(q: float) -> PointId:

@@ -75,7 +75,9 @@ def _view(comparison: Comparison, result: ModelResult) -> dict:
         "exit_distribution": None if default is None else {
             "overall": list(default.point.exit_fractions),
             "per_class": [list(row) for row in default.point.exit_fractions_per_class]},
-        "latency_ms": {p.path: stats.to_json() for p, stats in result.latency.items()},
+        "latency_ms": {p.path: {**stats.to_json(), **(
+            result.overhead[p].to_json() if p in result.overhead else {})}
+            for p, stats in result.latency.items()},
         "throughput_ips": {p.path: ips for p, ips in _throughput(comparison, result).items()},
     }
 
@@ -181,26 +183,30 @@ def markdown(comparison: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _timed(comparison: Comparison) -> Iterator[Tuple[str, str, PointId, latency.LatencyStats,
-                                                      Optional[float]]]:
-    """(model, runtime, path, its statistics, its images/s) of every timed path."""
+def _timed(comparison: Comparison) -> Iterator[Tuple[str, str, PointId, ModelResult]]:
+    """(model, runtime, path, the model's result there) of every timed path."""
     for loaded in comparison.models:
         for runtime, result in _views(comparison, loaded.name).items():
-            throughput = _throughput(comparison, result)
-            for path, stats in result.latency.items():
-                yield loaded.name, runtime, path, stats, throughput.get(path)
+            for path in result.latency:
+                yield loaded.name, runtime, path, result
 
 
 def latency_table(comparison: Comparison, throughput: bool = True) -> List[str]:
-    """The markdown table of every timed path's batch-1 latency (ms) on every runtime, and
-    its images/s at the report's batch size unless ``throughput`` is False."""
+    """The markdown table of every timed path's batch-1 latency (ms) on every runtime; for
+    an adaptive path, the time its exits would take with free hand-offs (expected ms: the
+    share leaving at each exit times the time up to that exit) and its mean over that; and
+    images/s at the report's batch size unless ``throughput`` is False."""
     statistics = ("p50", "p90", "p99", "mean")
-    columns = statistics + (("images/s",) if throughput else ())
+    columns = statistics + ("expected ms", "overhead") + (("images/s",) if throughput else ())
     lines = ["| model | runtime | path | " + " | ".join(columns) + " |",
              "| --- | --- | --- |" + " ---: |" * len(columns)]
-    for name, runtime, path, stats, ips in _timed(comparison):
+    for name, runtime, path, result in _timed(comparison):
+        stats, overhead = result.latency[path], result.overhead.get(path)
         cells = [f"{getattr(stats, key):.2f}" for key in statistics]
+        cells += (["", ""] if overhead is None else
+                  [f"{overhead.expected_ms:.2f}", f"{overhead.overhead:.2f}x"])
         if throughput:
+            ips = _throughput(comparison, result).get(path)
             cells.append("" if ips is None else f"{ips:.0f}")
         lines.append(f"| {name} | {runtime} | {path.path} | " + " | ".join(cells) + " |")
     return lines
@@ -290,13 +296,19 @@ def plot(comparison: Comparison, report_dir: str) -> List[str]:
     for axes, runtime in zip(panels[0], runtimes):
         for loaded in comparison.models:
             timed = comparison.results[runtime][loaded.name].latency
-            points_ = sorted((stats.p50, 100 * accuracy) for path, stats in timed.items()
-                             if (accuracy := _path_accuracy(comparison, runtime, loaded.name,
-                                                            path)) is not None)
+
+            def curve(anytime: bool):
+                return sorted((stats.p50, 100 * accuracy) for path, stats in timed.items()
+                              if (path.kind == Kind.UP_TO_EXIT) == anytime and
+                              (accuracy := _path_accuracy(comparison, runtime, loaded.name,
+                                                          path)) is not None)
             if len(loaded.cost.exits) == 1:
-                axes.scatter(*zip(*points_), marker="s", s=60, label=loaded.name)
-            elif points_:
-                axes.plot(*zip(*points_), "o-", label=f"{loaded.name} (operating points)")
+                axes.scatter(*zip(*curve(False)), marker="s", s=60, label=loaded.name)
+                continue
+            for anytime, style, what in ((True, "o--", "anytime, up to exit k"),
+                                         (False, "o-", "operating points")):
+                if curve(anytime):
+                    axes.plot(*zip(*curve(anytime)), style, label=f"{loaded.name} ({what})")
         _style(axes, "batch-1 latency p50 (ms, log)", f"{runtime} ({device})")
     written.append(_save(plt, figure, os.path.join(report_dir, PLOT_LATENCY)))
     return written

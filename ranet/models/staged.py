@@ -158,10 +158,18 @@ class StagedClassifier(keras.Model):
         logits = outputs.pop(LOGITS)
         return logits, outputs
 
-    def call(self, images, training=False):
+    def exits_up_to(self, images, num_exits: int, training=False):
+        """The logits of exits 1..``num_exits``: the stages up to that exit, in order, each
+        on the features the earlier ones cached (what early exit computes to reach it)."""
+        if not 1 <= num_exits <= self.num_exits:
+            raise ValueError(f"num_exits must be in 1..{self.num_exits}. "
+                             f"Received: num_exits={num_exits}")
         features, all_logits = {IMAGES: images}, []
-        for k in range(self.num_exits):
+        for k in range(num_exits):
             logits, new_features = self.run_stage(k, features, training=training)
             all_logits.append(logits)
             features.update(new_features)
         return all_logits
+
+    def call(self, images, training=False):
+        return self.exits_up_to(images, self.num_exits, training=training)

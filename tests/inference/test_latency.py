@@ -19,6 +19,8 @@ from ranet.models import get_model
 NUM_IMAGES = 20
 # An operating point where no image leaves before the last exit.
 LAST = points.fixed(2.0)
+# The tiny RANet up to each of its 3 exits.
+ANYTIME = [points.up_to_exit(k) for k in (1, 2, 3)]
 
 
 class FakeClock:
@@ -137,11 +139,14 @@ def test_batch1_paths_answer_like_the_model(ranet, real_images):
     never = np.full(ranet.num_exits, np.inf, np.float32)
     paths = latency.batch1_paths(ranet, predictor,
                                  {DEFAULT: np.full(ranet.num_exits, -np.inf), LAST: never})
-    assert set(paths) == {FULL, DEFAULT, LAST, KERAS_PREDICT}
+    assert set(paths) == {FULL, DEFAULT, LAST, KERAS_PREDICT, *ANYTIME}
     for i in range(3):
         image = real_images[i:i + 1]
         expected = [np.argmax(logits.numpy(), axis=-1) for logits in ranet(image, training=False)]
         np.testing.assert_array_equal(paths[FULL](image), np.stack(expected))
+        for k in range(1, ranet.num_exits + 1):  # up to exit k: exits 1..k, as the full pass
+            np.testing.assert_array_equal(paths[points.up_to_exit(k)](image),
+                                          np.stack(expected[:k]))
         first = paths[DEFAULT](image)
         assert isinstance(first["classes"], np.ndarray)
         np.testing.assert_array_equal(first["classes"], expected[0])
@@ -210,7 +215,7 @@ def test_real_latency_end_to_end(ranet, vgg16, real_images):
              "vgg16": latency.batch1_paths(vgg16)}
     stats = latency.measure_latency(paths, real_images, warmup=2)
     assert {name: set(by_path) for name, by_path in stats.items()} == {
-        "ranet": {FULL, DEFAULT, KERAS_PREDICT}, "vgg16": {FULL, KERAS_PREDICT}}
+        "ranet": {FULL, DEFAULT, KERAS_PREDICT, *ANYTIME}, "vgg16": {FULL, KERAS_PREDICT}}
     for by_path in stats.values():
         for got in by_path.values():
             assert got.num_samples == NUM_IMAGES
@@ -245,3 +250,17 @@ def test_measure_latency_in_blocks_runs_each_path_on_consecutive_images():
     assert stats["vgg16"]["full"].mean == pytest.approx(12.0)
     with pytest.raises(ValueError, match="block must be >= 1"):
         latency.measure_latency(paths, _images(2), block=0)
+
+
+def test_the_overhead_of_an_adaptive_path_by_hand():
+    """A quarter of the images leave at exit 1 (1 ms up to there), the rest at exit 2 (3 ms):
+    free hand-offs would take 0.25 x 1 + 0.75 x 3 = 2.5 ms; the path's mean 2.75 is 1.1x."""
+    def stats(mean):
+        return latency.LatencyStats(p50=mean, p90=mean, p99=mean, mean=mean, num_samples=4)
+
+    overhead = latency.exit_overhead(stats(2.75), [0.25, 0.75], [stats(1.0), stats(3.0)])
+    assert overhead.exit_fractions == (0.25, 0.75)
+    assert overhead.expected_ms == pytest.approx(2.5)
+    assert overhead.overhead == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="one share per exit, summing to 1"):
+        latency.exit_overhead(stats(1.0), [0.5, 0.4], [stats(1.0), stats(3.0)])

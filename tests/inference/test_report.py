@@ -96,8 +96,8 @@ def test_an_exact_budget_keeps_its_path_and_its_accuracy_on_the_plot(tmp_path):
 def test_markdown_and_files(tmp_path):
     compared = _compared()
     text = report.markdown(compared)
-    assert "| ranet | tf | adaptive | 2.00 | 3.00 | 4.00 | 2.00 | 180 |" in text
-    assert "| ranet | litert_int8 | adaptive | 0.20 | 1.20 | 2.20 | 0.20 | 1500 |" in text
+    assert "| ranet | tf | adaptive | 2.00 | 3.00 | 4.00 | 2.00 |  |  | 180 |" in text
+    assert "| ranet | litert_int8 | adaptive | 0.20 | 1.20 | 2.20 | 0.20 |  |  | 1500 |" in text
     assert "| budget 20 M | 15.00 | 75.00% | 75.00% | 0.750, 0.250 | 0.600, -inf |" in text
     assert "## ranet: operating points (litert_int8)" in text
     assert "| exit | MMACs | tf | litert_int8 |" in text
@@ -107,6 +107,36 @@ def test_markdown_and_files(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(
         json.dumps(content))
     assert (tmp_path / "tensorboard" / "ranet").is_dir()
+
+
+def test_overhead_of_the_timed_images_by_hand():
+    """The default point (T1 = 0.9) sends image 0 out at exit 1 and images 1-3 to exit 2; with
+    1 ms up to exit 1 and 3 ms up to exit 2, free hand-offs would take 0.25 x 1 + 0.75 x 3 =
+    2.5 ms; the path's mean of 2.75 ms is 1.1x that, in report.json and report.md."""
+    compared = _compared(runtimes=("tf",))
+    result = compared.results["tf"]["ranet"]
+
+    def stats(mean):
+        return LatencyStats(p50=mean, p90=mean, p99=mean, mean=mean, num_samples=4)
+
+    timed = {points.up_to_exit(1): stats(1.0), points.up_to_exit(2): stats(3.0),
+             points.DEFAULT: stats(2.75)}
+    default = {points.DEFAULT: result.evaluation.default.point.thresholds}
+    overhead = comparison.overheads(result.evaluation, timed, default, num_timed=4)
+    assert overhead[points.DEFAULT].exit_fractions == (0.25, 0.75)
+    assert overhead[points.DEFAULT].expected_ms == pytest.approx(2.5)
+    assert overhead[points.DEFAULT].overhead == pytest.approx(1.1)
+    # Only the first two timed images: image 0 at exit 1, image 1 at exit 2.
+    halves = comparison.overheads(result.evaluation, timed, default, num_timed=2)
+    assert halves[points.DEFAULT].exit_fractions == (0.5, 0.5)
+    compared.results["tf"]["ranet"] = comparison.ModelResult(
+        result.evaluation, timed, result.throughput, overhead)
+    view = report.build(compared)["models"][0]["runtimes"]["tf"]["latency_ms"]
+    assert view["adaptive"]["expected_ms"] == pytest.approx(2.5)
+    assert view["adaptive"]["exit_fractions"] == [0.25, 0.75]
+    assert "overhead" not in view["exit_1"]
+    assert "| ranet | tf | adaptive | 2.75 | 2.75 | 2.75 | 2.75 | 2.50 | 1.10x |" in \
+        report.markdown(compared)
 
 
 def test_one_report_folder_per_latency_block():

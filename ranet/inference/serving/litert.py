@@ -89,13 +89,15 @@ def _stage_function(model: models.StagedClassifier, k: int, mean, std):
     return run, specs
 
 
-def _all_exits_function(model: models.StagedClassifier, mean, std, batch_size: int):
-    """Every stage in order, features cached as the stage files pass them; returns every
-    exit's logits. Takes raw pixels [batch_size, H, W, 3]."""
+def _all_exits_function(model: models.StagedClassifier, mean, std, batch_size: int,
+                        num_exits: Optional[int] = None):
+    """The stages up to exit ``num_exits`` (default: every one) in order, features cached as
+    the stage files pass them; returns those exits' logits. Takes raw pixels
+    [batch_size, H, W, 3]."""
     def run(inputs):
         features = {IMAGES: data.normalize(inputs[IMAGES], mean, std)}
         logits = {}
-        for k, stage in enumerate(model.stages):
+        for k, stage in enumerate(model.stages[:num_exits or model.num_exits]):
             outputs = stage({name: features[name] for name in model.stage_inputs[k]},
                             training=False)
             logits[litert_runtime.exit_logits_name(k)] = outputs[LOGITS]
@@ -172,10 +174,11 @@ def convert(model: models.StagedClassifier, mean, std, precision: str,
 
 
 def convert_all_exits(model: models.StagedClassifier, mean, std, precision: str,
-                      batch_size: int, pixels: Optional[np.ndarray] = None) -> StageGraph:
-    """Every exit of a serving-layout model in one graph at a static ``batch_size``; int8 is
-    calibrated on the raw ``pixels`` [N, H, W, 3] the stages were calibrated on (the same
-    activations, so the same ranges)."""
+                      batch_size: int, pixels: Optional[np.ndarray] = None,
+                      num_exits: Optional[int] = None) -> StageGraph:
+    """Every exit of a serving-layout model (or exits 1..``num_exits``) in one graph at a
+    static ``batch_size``; int8 is calibrated on the raw ``pixels`` [N, H, W, 3] the stages
+    were calibrated on (the same activations, so the same ranges)."""
     check_choice("litert_precision", precision, litert_runtime.PRECISIONS)
     representative = None
     if precision == "int8":
@@ -184,8 +187,8 @@ def convert_all_exits(model: models.StagedClassifier, mean, std, precision: str,
         rows = np.arange(-(-len(pixels) // batch_size) * batch_size) % len(pixels)
         representative = _representative({IMAGES: pixels[rows]}, batch_size)
     with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
-        return _convert(*_all_exits_function(model, mean, std, batch_size), precision,
-                        representative, scratch)
+        return _convert(*_all_exits_function(model, mean, std, batch_size, num_exits),
+                        precision, representative, scratch)
 
 
 def _representative(inputs: Dict[str, np.ndarray], batch_size: int = 1):
@@ -236,7 +239,7 @@ def write(directory: str, model: models.StagedClassifier, mean, std,
         The manifest written: ``metadata`` plus the format, the input, the stages' tensor
         names and each precision's files (thresholds come later: ``calibrated_thresholds``).
     """
-    graphs, all_exits = {}, {}
+    graphs, all_exits, up_to_exit = {}, {}, {}
     pixels = representative[0][IMAGES] if representative else None
     for precision in precisions:
         logging.info("converting %d stages to LiteRT (%s)", model.num_exits, precision)
@@ -247,6 +250,12 @@ def write(directory: str, model: models.StagedClassifier, mean, std,
                      " and ".join(map(str, batches)))
         all_exits[precision] = {batch: convert_all_exits(model, mean, std, precision, batch,
                                                          pixels) for batch in batches}
+        # Exits 1..k in one graph, k < K: the time to reach each exit, in one call.
+        logging.info("converting exits 1..k in one graph (%s, k < %d)", precision,
+                     model.num_exits)
+        up_to_exit[precision] = {k: convert_all_exits(model, mean, std, precision, 1, pixels,
+                                                      num_exits=k)
+                                 for k in range(1, model.num_exits)}
     names = {precision: [{"inputs": graph.inputs, "outputs": graph.outputs} for graph in stages]
              for precision, stages in graphs.items()}
     stage_names = names[precisions[0]]
@@ -263,12 +272,17 @@ def write(directory: str, model: models.StagedClassifier, mean, std,
             files.append(f"{precision}/stage{k}.tflite")
             with open(os.path.join(directory, files[-1]), "wb") as f:
                 f.write(graph.content)
-        manifest["precisions"][precision] = {"files": files, "all_exits": {}}
-        for batch, graph in all_exits[precision].items():
-            path = f"{precision}/{litert_runtime.all_exits_file(batch)}"
+        entry = manifest["precisions"][precision] = {"files": files, "all_exits": {},
+                                                      "up_to_exit": {}}
+        named = [("all_exits", str(batch), litert_runtime.all_exits_file(batch), graph)
+                 for batch, graph in all_exits[precision].items()]
+        named += [("up_to_exit", str(k), litert_runtime.up_to_exit_file(k), graph)
+                  for k, graph in up_to_exit[precision].items()]
+        for kind, key, name, graph in named:
+            path = f"{precision}/{name}"
             with open(os.path.join(directory, path), "wb") as f:
                 f.write(graph.content)
-            manifest["precisions"][precision]["all_exits"][str(batch)] = path
+            entry[kind][key] = path
     jsonio.write(os.path.join(directory, litert_runtime.MANIFEST), manifest)
     return manifest
 

@@ -92,6 +92,11 @@ def all_exits_file(batch_size: int) -> str:
     return "all_exits.tflite" if batch_size == 1 else f"all_exits_batch{batch_size}.tflite"
 
 
+def up_to_exit_file(k: int) -> str:
+    """The batch-1 file of exits 1..k (1-based) in one graph."""
+    return f"exits_1_to_{k}.tflite"
+
+
 def signature_names(content: bytes) -> Dict[str, List[str]]:
     """The input and output tensor names of a stage file's signature."""
     signature = Interpreter(model_content=content).get_signature_list()[SIGNATURE]
@@ -198,6 +203,9 @@ class LiteRTStages:
         self._all_exits_paths = {int(batch): os.path.join(export_dir, path) for batch, path
                                  in available[precision].get("all_exits", {}).items()}
         self._all_exits: Dict[int, AllExits] = {}
+        self._up_to_exit_paths = {int(k): os.path.join(export_dir, path) for k, path
+                                  in available[precision].get("up_to_exit", {}).items()}
+        self._up_to_exit: Dict[int, AllExits] = {}
         self._num_threads = num_threads
         inputs, outputs = [], []
         for interpreter in self.interpreters:
@@ -245,6 +253,25 @@ class LiteRTStages:
             self._all_exits[batch_size] = AllExits(self._all_exits_paths[batch_size],
                                                    self.num_exits, self._num_threads)
         return self._all_exits[batch_size]
+
+    def up_to_exit(self, k: int) -> Optional[AllExits]:
+        """The batch-1 file of exits 1..k in one graph (k = K: the every-exit file), loaded
+        once, if exported."""
+        if k == self.num_exits:
+            return self.all_exits(1)
+        if k not in self._up_to_exit_paths:
+            return None
+        if k not in self._up_to_exit:
+            self._up_to_exit[k] = AllExits(self._up_to_exit_paths[k], k, self._num_threads)
+        return self._up_to_exit[k]
+
+    def exits_up_to(self, image: np.ndarray, k: int) -> np.ndarray:
+        """The logits [k, C] of exits 1..k for one image: the one-graph file where the export
+        has it, else the stages in turn."""
+        one_graph = self.up_to_exit(k)
+        if one_graph is not None:
+            return one_graph.logits(image)[:, 0]
+        return np.stack([self.run_stage(j, image) for j in range(k)])
 
     def every_exit(self, image: np.ndarray) -> np.ndarray:
         """Every exit's logits [K, C] for one image: the batch-1 one-graph file where the
