@@ -157,6 +157,7 @@ def test_eval_report_has_every_section_for_ranet_and_a_baseline(model_dirs, tmp_
     assert os.listdir(tmp_path / "tensorboard" / "ranet")
 
 
+@pytest.mark.slow  # int8 conversions of every file
 def test_eval_measures_every_runtime_side_by_side(model_dirs, tmp_path):
     _call(eval_binary, f"--model_dir={model_dirs[0]}", "--split=test", "--budget_mflops=3",
           "--runtimes=tf,litert,litert_int8", f"--report_dir={tmp_path}", "--latency_images=6",

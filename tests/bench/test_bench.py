@@ -157,6 +157,7 @@ def test_profile_attributes_the_step_to_op_types(tmp_path, mode, fused_op):
     assert list(tmp_path.glob("trace/**/*.xplane.pb"))
 
 
+@pytest.mark.slow  # a benchmark
 def test_input_benchmark_generates_jpegs_and_times_both_modes(tmp_path, capsys):
     out = tmp_path / "input.json"
     returned = _call(input_bench, "--images=64", "--shards=2", "--batch_size=8", "--batches=2",

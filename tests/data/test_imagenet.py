@@ -94,6 +94,7 @@ def test_eval_pass_is_in_order_resized_and_centre_cropped(tmp_path):
     assert images.std(axis=(1, 2, 3)).max() < 2.0
 
 
+@pytest.mark.slow  # ImageNet-sized images through the training pipeline
 def test_training_batches_are_shaped_normalised_and_deterministic(tmp_path):
     index = imagenet.index_records(imagenet.shard_files(str(write_shards(tmp_path / "d")), "train"))
     keep = np.ones(len(index), bool)
@@ -138,6 +139,7 @@ def test_too_few_shards_for_the_pipelines_is_an_error(tmp_path):
                                pipeline_id=1, num_pipelines=2)
 
 
+@pytest.mark.slow  # ImageNet-sized images through the training pipeline
 def test_deterministic_pipelines_each_take_their_rows_of_one_global_batch(tmp_path):
     index = imagenet.index_records(imagenet.shard_files(str(write_shards(tmp_path / "d")), "train"))
     keep = np.ones(len(index), bool)

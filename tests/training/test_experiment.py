@@ -35,6 +35,7 @@ def _restore_variables(directory, checkpoint_name, precision="fp32"):
             [(v.path, v.numpy()) for v in sgd.variables], int(step.numpy()))
 
 
+@pytest.mark.slow  # three trainings
 def test_resume_continues_at_the_next_step_with_optimizer_state(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_and_evaluate(_experiment(straight, steps=40, deterministic=True))
