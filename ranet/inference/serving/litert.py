@@ -8,6 +8,7 @@
     <export_dir>/int8/stage<k>.tflite     full-integer post-training quantisation
     <export_dir>/<precision>/all_exits.tflite           every exit in one graph, batch 1
     <export_dir>/<precision>/all_exits_batch<N>.tflite  the same at a static batch of N
+    <export_dir>/<precision>/exits_1_to_<k>.tflite      exits 1..k in one graph, batch 1
 
 Stage k reads the features it needs (stage 1: raw RGB pixels, float32 [1, H, W, 3] in 0..255,
 normalised inside) and returns its exit's logits and the features later stages read, all
@@ -15,7 +16,8 @@ float32 with a static batch of 1. Only builtin ops: no Flex or Select-TF. A base
 stage. The all-exits files take the raw pixels and return every exit's logits
 (``exit<k>_logits``): where every exit is needed (the ``full`` path, calibration, accuracy
 over a split) one graph costs less than the stage files chained (a model of several
-stages), and a batch of N far less again per image. ``litert_runtime`` runs the files with
+stages), and a batch of N far less again per image; exits 1..k in one graph time the network
+up to exit k, the cost early exit has to beat. ``litert_runtime`` runs the files with
 nothing but ``ai-edge-litert`` and numpy.
 
 How the graphs are made: the model is rebuilt in the serving layout (``models.layers``: no
