@@ -37,9 +37,10 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path, capsy
     def paths(runtime, model):
         return set(views[model][runtime]["latency_ms"]) - {"equal@vgg16"}
 
-    assert paths("tf", "ranet") == {"full", "adaptive", "keras_predict"}
+    anytime = {"exit_1", "exit_2", "exit_3"}
+    assert paths("tf", "ranet") == {"full", "adaptive", "keras_predict", *anytime}
     assert paths("tf", "vgg16") == {"full", "keras_predict"}
-    assert paths("litert_int8", "ranet") == {"full", "adaptive"}
+    assert paths("litert_int8", "ranet") == {"full", "adaptive", *anytime}
     # The TensorFlow path at other threads and precision, timed by a child process.
     settings = {"default", "one_thread_bfloat16"}
     assert set(result["tf_settings_p50_ms"]) == settings == set(result["tf_settings_accuracy"])
