@@ -58,7 +58,9 @@ def test_resume_continues_at_the_next_step_with_optimizer_state(tmp_path):
         np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+# float16 convolutions are slow on a CPU (14 s): the loss-scaled case runs in the slow tier.
+@pytest.mark.parametrize("precision", [pytest.param("mixed_float16", marks=pytest.mark.slow),
+                                       "mixed_bfloat16"])
 def test_mixed_precision_trains_with_float32_logits(tmp_path, precision):
     # float16 convolutions are slow on a CPU: 10 steps.
     result = train_and_evaluate(_experiment(tmp_path, steps=10, precision=precision))
@@ -87,6 +89,7 @@ def test_event_files_hold_every_scalar(tmp_path):
     assert config_lib.load(str(tmp_path)).model == TINY_RANET
 
 
+@pytest.mark.slow  # two trainings or more
 def test_best_checkpoint_is_kept_beside_the_latest(tmp_path):
     train_and_evaluate(_experiment(tmp_path, steps=64, checkpoint_every_steps=32,
                                            keep_checkpoints=1))

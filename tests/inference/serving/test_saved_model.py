@@ -192,6 +192,7 @@ def test_a_failed_save_keeps_the_old_export(model_dir, tmp_path, monkeypatch):
     assert sorted(os.listdir(export_dir)) == ["old.txt"]
 
 
+@pytest.mark.slow  # a MobileNetV2 SavedModel; the RANet ones stay fast
 def test_a_baseline_serves_its_one_exit(tmp_path, splits, raw_images):
     # MobileNetV2 (depthwise convolutions, ReLU6): every image answers at its only exit.
     model = write_model_dir(tmp_path / "run", ModelConfig(name="mobilenet_v2", num_classes=10))
