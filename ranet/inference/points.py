@@ -13,7 +13,6 @@ stays 1681.234 from the flag to the manifest, the plot and the runtime's lookup.
 
 import dataclasses
 import enum
-import math
 from typing import Optional, Union
 
 import numpy as np
@@ -151,6 +150,6 @@ def find_budget(text: str, budgets) -> float:
     except ValueError:
         raise KeyError(text) from None
     for value in budgets:
-        if math.isclose(float(value), wanted, rel_tol=0, abs_tol=0):
+        if float(value) == wanted:
             return float(value)
     raise KeyError(text)
