@@ -107,7 +107,8 @@ def test_model_dir_of_another_model_is_refused(tmp_path):
 
 def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, caplog):
     source = write_model_dir(tmp_path / "source")
-    caplog.set_level(logging.INFO)
+    # absl's own logger: its level is whatever an earlier test left, unless set here.
+    caplog.set_level(logging.INFO, logger="absl")
     # A learning rate of ~0: what the run ends with is what it started from.
     result = train_and_evaluate(_experiment(tmp_path / "tuned", steps=10, lr=1e-12,
                                             init_from=str(tmp_path / "source")))
