@@ -239,14 +239,11 @@ def litert_paths(stages: LiteRTStages, thresholds: Optional[Thresholds] = None
     ``LiteRTPredictor.predict`` at its thresholds. Batches are looped image by image: the
     files have a static batch of 1.
     """
-    def full(images):
-        return np.array([stages.every_exit(image).argmax(-1) for image in images]).T
-
     def up_to(k):
         return lambda images: np.array([stages.exits_up_to(image, k).argmax(-1)
                                         for image in images]).T
 
-    paths = {points.FULL: full}
+    paths = {points.FULL: up_to(stages.num_exits)}
     if stages.num_exits > 1:
         paths.update({points.up_to_exit(k): up_to(k) for k in range(1, stages.num_exits + 1)})
     for point, values in (thresholds or {}).items():

@@ -274,12 +274,9 @@ class LiteRTStages:
         return np.stack([self.run_stage(j, image) for j in range(k)])
 
     def every_exit(self, image: np.ndarray) -> np.ndarray:
-        """Every exit's logits [K, C] for one image: the batch-1 one-graph file where the
-        export has it (one stage: its stage file), else the stages in turn."""
-        one_graph = self.all_exits(1)
-        if one_graph is not None:
-            return one_graph.logits(image)[:, 0]
-        return np.stack([self.run_stage(k, image) for k in range(self.num_exits)])
+        """Every exit's logits [K, C] for one image: ``exits_up_to`` the last exit (the
+        batch-1 one-graph file where the export has it; one stage: its stage file)."""
+        return self.exits_up_to(image, self.num_exits)
 
     def all_exit_logits(self, images: np.ndarray) -> np.ndarray:
         """Logits of every exit for every image, float32 [K, N, C]: the batched one-graph
