@@ -6,8 +6,8 @@ Every object round-trips through JSON, so that a model directory records the exa
 configuration it was trained with (``<model_dir>/config.json``). Durations (epochs, warm-up,
 evaluation intervals, decay points) become steps in one place: ``plan_steps``.
 
-Model-specific rules (RANet's architecture arguments) are checked by the model's own module,
-through ``ranet.models.validate``.
+Model-specific rules (RANet's and MSDNet's architecture arguments) are checked by the model's
+own module, through ``ranet.models.validate``.
 """
 
 import dataclasses
@@ -19,12 +19,13 @@ from ranet import jsonio
 from ranet.errors import MissingPathError, UsageError
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
-MODELS = ("ranet", "vgg16", "resnet50", "mobilenet_v2")
+MODELS = ("ranet", "msdnet", "vgg16", "resnet50", "mobilenet_v2")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 ALL_REDUCE = ("auto", "ring", "nccl")
 SCHEDULES = ("multistep", "cosine", "linear")
-STEP_MODES = ("even", "lg")
+STEP_MODES = ("even", "lg", "lin_grow")
+PRUNE_RULES = ("max", "min")
 CONV_PADDINGS = ("pytorch", "same")
 TRAINABLE = ("all", "classifiers")
 CONFIG_FILENAME = "config.json"
@@ -178,30 +179,46 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture. The RANet fields mirror the reference's arguments (names spelled out)."""
+    """Architecture. The RANet and MSDNet fields mirror their references' arguments (names
+    spelled out, reference argument in brackets); the two share the fields they share there.
+    The defaults are RANet's CIFAR ones: an MSDNet takes its preset (flags/msdnet_*.cfg)."""
     name: str = flag("ranet", "Which architecture.", name="model", choices=MODELS)
     num_classes: int = 10                    # from the dataset
     image_size: int = 32                     # from the dataset
     # From the dataset: the reference's ImageNet stem (7x7/2 conv, max-pool) and exit heads.
     imagenet: bool = False
-    # RANet (reference argument in brackets); checked by ranet.models.ranet.validate.
+    # Checked by ranet.models.ranet.validate and ranet.models.msdnet.validate.
     scale_list: tuple = flag(                                         # --scale-list
         (1, 2, 3), "RANet: scale of each flow, low to high resolution.", kind="ints")
-    growth_rate: int = flag(6, "RANet: base growth rate.")            # --growthRate
+    growth_rate: int = flag(6, "RANet, MSDNet: base growth rate.")    # --growthRate
     growth_factors: tuple = flag(                                     # --grFactor
-        (4, 2, 1), "RANet: growth factor of each flow.", kind="ints")
+        (4, 2, 1), "RANet: growth factor of each flow, low to high resolution. MSDNet: of "
+        "each scale, fine to coarse (e.g. 1-2-4; one scale per entry).", kind="ints")
     bottleneck_factors: tuple = flag(                                 # --bnFactor
-        (4, 2, 1), "RANet: bottleneck factor of each flow.", kind="ints")
-    base_channels: int = flag(16, "RANet: stem channels (x factor).")  # --nChannels
-    num_blocks: int = flag(2, "RANet: blocks (and exits) of the first flow.")  # --nBlocks
+        (4, 2, 1), "RANet, MSDNet: bottleneck factor of each flow or scale, in "
+        "--growth_factors' order.", kind="ints")
+    base_channels: int = flag(                                        # --nChannels
+        16, "RANet, MSDNet: stem channels (x growth factor).")
+    num_blocks: int = flag(                                           # --nBlocks
+        2, "RANet: blocks (and exits) of the first flow. MSDNet: blocks, one exit each.")
     block_step: int = flag(                                           # --block-step
         2, "RANet: extra blocks (and exits) of each further flow.")
-    step: int = flag(4, "RANet: dense layers per block.")             # --step
+    step: int = flag(                                                 # --step
+        4, "RANet: dense layers per block. MSDNet: layers of each block after the first "
+        "(even), or the slope of their growth (lin_grow: step x i + 1 in block i + 1).")
     step_mode: str = flag(                                            # --stepmode
-        "even", "RANet: 'even' (same layers per block) or 'lg' (growing).", choices=STEP_MODES)
+        "even", "RANet: 'even' (same layers per block) or 'lg' (growing). MSDNet: 'even' or "
+        "'lin_grow'.", choices=STEP_MODES)
+    base_layers: int = flag(4, "MSDNet: layers of the first block.")  # --base
+    prune: str = flag(                                                # --prune
+        "max", "MSDNet: where the finest scales are dropped: max (evenly through the "
+        "network, a transition after each drop) or min (at its end).", choices=PRUNE_RULES)
+    bottleneck: bool = flag(                                          # --bottleneck
+        True, "MSDNet: a 1x1 bottleneck convolution before each 3x3.")
     compress_factor: float = flag(                                    # --compress-factor
         0.25, "RANet: share of channels from the lower-resolution flow.")
-    reduction: float = flag(0.5, "RANet: transition compression.")    # --reduction
+    reduction: float = flag(                                          # --reduction
+        0.5, "RANet, MSDNet: transition compression (MSDNet: 0 leaves the transitions out).")
     pretrained: Optional[str] = flag(
         None, "ResNet50 only: start from Keras' ImageNet weights (needs a network once).",
         choices=("none", "imagenet"), unset="none")

@@ -1,7 +1,10 @@
-"""Imports a checkpoint trained by the reference RANet as a ranet model directory.
+"""Imports a checkpoint trained by a reference (RANet-pytorch or MSDNet-PyTorch) as a ranet
+model directory.
 
     python -m ranet.import_reference --checkpoint=model_best.pth.tar \\
         --flagfile=flags/ranet_cifar10.cfg --model_dir=runs/reference_cifar10
+    python -m ranet.import_reference --checkpoint=msdnet-step=7-block=5.pth.tar \\
+        --preset=msdnet_imagenet_step7 --model_dir=runs/msdnet_imagenet_step7
 
 The architecture flags must be those the checkpoint was trained with (a preset or flagfile
 states them); the reference's ``--data`` is ``--dataset`` here. PyTorch is not needed. The

@@ -22,6 +22,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE = cli.preset_config("ranet_smoke")
 TINY_RANET, SYNTHETIC_DATA = SMOKE.model, SMOKE.data
 VGG16 = config_lib.ModelConfig(name="vgg16", num_classes=10)
+# The tiny MSDNet of the reference fixture (tests/fixtures/msdnet/tiny): 3 exits, 3 scales,
+# the finest dropped (with a transition) in its last block.
+TINY_MSDNET = config_lib.ModelConfig(
+    name="msdnet", num_classes=10, num_blocks=3, step_mode="even", step=1, base_layers=2,
+    base_channels=8, growth_rate=4, growth_factors=(1, 2, 4), bottleneck_factors=(1, 2, 4))
 
 # Two exits, four images, two classes, for operating points computed by hand. Exit 1 is sure
 # and right on image 0, sure and wrong on image 1; exit 2 is right on all four.

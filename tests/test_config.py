@@ -29,7 +29,7 @@ def test_a_missing_config_says_what_the_folder_is_not(tmp_path):
     (lambda: RuntimeConfig(strategy="ps"), r"strategy must be one of default, .*'ps'"),
     (lambda: RuntimeConfig(precision="fp16"), r"precision must be one of fp32, .*'fp16'"),
     (lambda: OptimConfig(schedule="step"), r"schedule must be one of multistep, cosine"),
-    (lambda: ModelConfig(name="vit"), r"model must be one of ranet, vgg16, resnet50"),
+    (lambda: ModelConfig(name="vit"), r"model must be one of ranet, msdnet, vgg16, resnet50"),
     (lambda: OptimConfig(time_budget="12 minutes"), r"time_budget takes a duration such as "
                                                     r"90s, 12m, 8h or 1h30m"),
     (lambda: OptimConfig(time_budget="1h", train_steps=10), r"--time_budget and --train_steps"),

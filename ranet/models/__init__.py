@@ -8,10 +8,10 @@ from typing import Callable, Dict, Optional
 
 from ranet.config import ModelConfig, check_choice
 from ranet.errors import UsageError
-from ranet.models import baselines, ranet
+from ranet.models import baselines, msdnet, ranet
 from ranet.models.layers import (conv_padding, gradient_equilibrium, serving_layout,
                                  synchronized_batch_norm)
-from ranet.models.staged import ExitInfo, StagedClassifier
+from ranet.models.staged import ExitInfo, StagedClassifier, freeze_trunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,8 @@ class ModelSpec:
 
 
 _REGISTRY: Dict[str, ModelSpec] = {
-    "ranet": ModelSpec(ranet.build_ranet, ranet.validate, ranet.freeze_trunk),
+    "ranet": ModelSpec(ranet.build_ranet, ranet.validate, freeze_trunk),
+    "msdnet": ModelSpec(msdnet.build_msdnet, msdnet.validate, freeze_trunk),
     "vgg16": ModelSpec(baselines.build_vgg16),
     "resnet50": ModelSpec(baselines.build_resnet50),
     "mobilenet_v2": ModelSpec(baselines.build_mobilenet_v2),

@@ -76,6 +76,55 @@ def conv_bn_relu(x, filters: int, kernel_size: int = 3, strides: int = 1, name: 
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
+def bottleneck_conv(x, filters: int, bottleneck_width: int, strides: int, name: str,
+                    bottleneck: bool = True):
+    """MSDNet's ConvBN, kept by RANet: 1x1 to min(C, width * filters), BN, ReLU (with
+    ``bottleneck``), then a 3x3 convolution, BN, ReLU."""
+    if bottleneck:
+        inner = min(x.shape[-1], bottleneck_width * filters)
+        x = conv_bn_relu(x, inner, kernel_size=1, name=f"{name}_1x1")
+    return conv_bn_relu(x, filters, kernel_size=3, strides=strides, name=f"{name}_3x3")
+
+
+_IMAGENET_STEM_KERNEL = 7
+
+
+def imagenet_stem(x, filters: int, name: str):
+    """MSDNet's ImageNet first layer, kept by RANet: 7x7/2 conv (with a bias), BN, ReLU,
+    3x3/2 max-pool.
+
+    The max-pool pads by 1 with zeros where PyTorch pads with -inf: after the ReLU every
+    value is >= 0, so the maxima are the same.
+    """
+    x = conv2d(x, filters, _IMAGENET_STEM_KERNEL, strides=2, use_bias=True, name=f"{name}_conv")
+    x = batch_norm(x, name=f"{name}_bn")
+    x = layers.ReLU(name=f"{name}_relu")(x)
+    x = layers.ZeroPadding2D(1, name=f"{name}_pool_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x)
+
+
+_HEAD_CHANNELS = 128  # MSDNet's CIFAR classifier width, kept by RANet.
+# Every layer of exit k's classifier, and no other, is named exit<k>_... (``freeze_trunk``
+# and the reference checkpoint mapping read it).
+EXIT_LAYER_PREFIX = "exit{index}_"
+
+
+def exit_classifier(x, num_classes: int, imagenet: bool, index: int):
+    """MSDNet's exit, kept by RANet: two stride-2 ConvBNReLU, 2x2 average pool, linear.
+
+    128 channels wide on CIFAR; on ImageNet as wide as the features it reads (the
+    references' _build_classifier_imagenet), which is why its heads hold most of the
+    parameters.
+    """
+    name = EXIT_LAYER_PREFIX.format(index=index)
+    width = x.shape[-1] if imagenet else _HEAD_CHANNELS
+    x = conv_bn_relu(x, width, 3, strides=2, name=f"{name}conv1")
+    x = conv_bn_relu(x, width, 3, strides=2, name=f"{name}conv2")
+    x = average_pool(x, 2, name=f"{name}pool")
+    x = layers.Flatten(name=f"{name}flatten")(x)
+    return classifier_dense(x, num_classes, name=f"{name}logits")
+
+
 # Set around a model build by ``synchronized_batch_norm`` (``ModelConfig.sync_batch_norm``),
 # so that every builder's batch norm layers follow it without threading a flag through them.
 _SYNC_BATCH_NORM = contextvars.ContextVar("sync_batch_norm", default=False)

@@ -19,19 +19,16 @@ Cross-stage features are named ``stem{f}`` (stem output for flow f),
 """
 
 import math
-import re
 
 from keras import layers
 
-from ranet.config import STEP_MODES, ModelConfig, check_choice, require
-from ranet.models.layers import (GradientRescale, average_pool, batch_norm, classifier_dense,
-                                 conv2d, conv_bn_relu, in_gradient_equilibrium, resize_to)
+from ranet.config import ModelConfig, check_choice, require
+from ranet.models.layers import (GradientRescale, bottleneck_conv, conv_bn_relu, exit_classifier,
+                                 imagenet_stem, in_gradient_equilibrium, resize_to)
 from ranet.models.staged import ExitInfo, StageBuilder, StagedClassifier
 
-_HEAD_CHANNELS = 128  # MSDNet's CIFAR classifier width, kept by RANet.
-_IMAGENET_STEM_KERNEL = 7
-# Every layer of exit k's classifier, and no other, is named exit<k>_...
-_CLASSIFIER_LAYER = re.compile(r"exit\d+_")
+STEP_MODES = ("even", "lg")
+
 
 
 def validate(config: ModelConfig) -> None:
@@ -67,16 +64,9 @@ def validate(config: ModelConfig) -> None:
             f"compress_factor={config.compress_factor}, reduction={config.reduction}")
 
 
-def _bottleneck_conv(x, filters: int, bottleneck_width: int, strides: int, name: str):
-    """The reference's ConvBN(bnAfter=True): 1x1 to min(C, width*filters), BN, ReLU, 3x3, BN, ReLU."""
-    inner = min(x.shape[-1], bottleneck_width * filters)
-    x = conv_bn_relu(x, inner, kernel_size=1, name=f"{name}_1x1")
-    return conv_bn_relu(x, filters, kernel_size=3, strides=strides, name=f"{name}_3x3")
-
-
 def _dense_layer(x, growth: int, bottleneck_width: int, name: str):
     """ConvNormal: append ``growth`` new channels to x."""
-    new = _bottleneck_conv(x, growth, bottleneck_width, strides=1, name=name)
+    new = bottleneck_conv(x, growth, bottleneck_width, strides=1, name=name)
     return layers.Concatenate(name=f"{name}_concat")([x, new])
 
 
@@ -84,10 +74,10 @@ def _fusion_layer(low, high, growth: int, bottleneck_width: int, low_bottleneck_
                   compress_factor: float, down: bool, name: str):
     """ConvUpNormal: grow the high-resolution path with a share from the low-resolution one."""
     from_low = math.floor(growth * compress_factor)
-    new = _bottleneck_conv(high, growth - from_low, bottleneck_width, strides=2 if down else 1,
+    new = bottleneck_conv(high, growth - from_low, bottleneck_width, strides=2 if down else 1,
                            name=f"{name}_normal")
     size = new.shape[1]
-    up = _bottleneck_conv(low, from_low, low_bottleneck_width, strides=1, name=f"{name}_up")
+    up = bottleneck_conv(low, from_low, low_bottleneck_width, strides=1, name=f"{name}_up")
     return layers.Concatenate(name=f"{name}_concat")([
         resize_to(high, size, name=f"{name}_identity_resize"),
         resize_to(up, size, name=f"{name}_up_resize"),
@@ -97,41 +87,6 @@ def _fusion_layer(low, high, growth: int, bottleneck_width: int, low_bottleneck_
 def _trans_flag(block: int, blocks_in_flow: int, scale: int) -> bool:
     """Whether 1-based block ``block`` ends with a transition (reference: _trans_flag)."""
     return any(block == math.floor((i + 1) * blocks_in_flow / scale) for i in range(scale - 1))
-
-
-def _classifier(x, num_classes: int, imagenet: bool, name: str):
-    """MSDNet's exit: two stride-2 ConvBNReLU, 2x2 average pool, linear.
-
-    128 channels wide on CIFAR; on ImageNet as wide as the features it reads (the reference's
-    _build_classifier_imagenet), which is why its heads hold most of the parameters.
-    """
-    width = x.shape[-1] if imagenet else _HEAD_CHANNELS
-    x = conv_bn_relu(x, width, 3, strides=2, name=f"{name}_conv1")
-    x = conv_bn_relu(x, width, 3, strides=2, name=f"{name}_conv2")
-    x = average_pool(x, 2, name=f"{name}_pool")
-    x = layers.Flatten(name=f"{name}_flatten")(x)
-    return classifier_dense(x, num_classes, name=f"{name}_logits")
-
-
-def freeze_trunk(model: StagedClassifier) -> None:
-    """Leaves only the exits' classifiers trainable; the trunk's batch norm then normalises
-    with its moving statistics (FusedBatchNormalization trains only when trainable)."""
-    for stage in model.stages:
-        for layer in stage.layers:
-            layer.trainable = bool(_CLASSIFIER_LAYER.match(layer.name))
-
-
-def _imagenet_stem(x, filters: int, name: str):
-    """The reference's ImageNet first layer: 7x7/2 conv (with a bias), BN, ReLU, 3x3/2 max-pool.
-
-    The max-pool pads by 1 with zeros where PyTorch pads with -inf: after the ReLU every
-    value is >= 0, so the maxima are the same.
-    """
-    x = conv2d(x, filters, _IMAGENET_STEM_KERNEL, strides=2, use_bias=True, name=f"{name}_conv")
-    x = batch_norm(x, name=f"{name}_bn")
-    x = layers.ReLU(name=f"{name}_relu")(x)
-    x = layers.ZeroPadding2D(1, name=f"{name}_pool_pad")(x)
-    return layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x)
 
 
 def _stem(builder: StageBuilder, config: ModelConfig) -> None:
@@ -144,7 +99,7 @@ def _stem(builder: StageBuilder, config: ModelConfig) -> None:
         strides = 1 if previous_scale in (None, scale) else 2
         filters = config.base_channels * config.growth_factors[flow]
         if previous_scale is None and config.imagenet:
-            x = _imagenet_stem(x, filters, name=f"stem{flow}")
+            x = imagenet_stem(x, filters, name=f"stem{flow}")
         else:
             x = conv_bn_relu(x, filters, 3, strides, name=f"stem{flow}")
         builder.put(f"stem{flow}", x)
@@ -222,8 +177,8 @@ def build_ranet(config: ModelConfig) -> StagedClassifier:
             builder.put(f"flow{flow}_x", x)
 
             if not fusing:
-                logits = _classifier(head, config.num_classes, config.imagenet,
-                                     name=f"exit{len(exits) + 1}")  # freeze_trunk reads the prefix
+                logits = exit_classifier(head, config.num_classes, config.imagenet,
+                                         index=len(exits) + 1)
                 exits.append(ExitInfo(index=len(exits) + 1, resolution=x.shape[1],
                                       channels=x.shape[-1]))
                 builder.end_stage(logits)

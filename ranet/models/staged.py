@@ -9,12 +9,13 @@ A baseline is the one-stage case.
 """
 
 import dataclasses
+import re
 from typing import Dict, List, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
-from ranet.models.layers import in_serving_layout
+from ranet.models.layers import EXIT_LAYER_PREFIX, in_serving_layout
 
 IMAGES = "images"
 LOGITS = "logits"
@@ -173,3 +174,14 @@ class StagedClassifier(keras.Model):
 
     def call(self, images, training=False):
         return self.exits_up_to(images, self.num_exits, training=training)
+
+
+_EXIT_LAYER = re.compile(EXIT_LAYER_PREFIX.format(index=r"\d+"))
+
+
+def freeze_trunk(model: StagedClassifier) -> None:
+    """Leaves only the exits' classifiers trainable; the trunk's batch norm then normalises
+    with its moving statistics (FusedBatchNormalization trains only when trainable)."""
+    for stage in model.stages:
+        for layer in stage.layers:
+            layer.trainable = bool(_EXIT_LAYER.match(layer.name))

@@ -1,4 +1,5 @@
-"""A checkpoint trained by the reference (yangle15/RANet-pytorch) as a ranet model directory.
+"""A checkpoint trained by a reference (yangle15/RANet-pytorch, kalviny/MSDNet-PyTorch) as a
+ranet model directory.
 
 ``import_checkpoint`` reads what the reference's ``main.py`` saves (``{"state_dict": ...,
 "epoch", "arch", "best_prec1", "optimizer"}``, keys prefixed ``module.`` by DataParallel),
@@ -19,14 +20,17 @@ from absl import logging
 
 from ranet import config as config_lib
 from ranet import devices, models
+from ranet.data import imagenet
 from ranet.errors import MissingPathError, UsageError
 from ranet.reference import mapping, torch_file
 from ranet.training import model_dir as model_dir_lib
 
-# transforms.Normalize constants of the reference's dataloader.py (pixel / 255 units).
+# transforms.Normalize constants of the references' dataloader.py (pixel / 255 units; the
+# same in both).
 REFERENCE_NORMALIZATION = {
     "cifar10": ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "imagenet": (imagenet.MEAN, imagenet.STD),
 }
 
 
@@ -65,9 +69,9 @@ def _check_destination(directory: str) -> None:
 
 def build_imported_model(config: config_lib.ExperimentConfig, state_dict) -> models.StagedClassifier:
     """The port's model of ``config`` with the reference ``state_dict``'s weights."""
-    if config.model.name != "ranet":
-        raise UsageError(f"only RANet checkpoints can be imported. Received: "
-                         f"--model={config.model.name}")
+    if config.model.name not in mapping.IMPORTABLE_MODELS:
+        raise UsageError(f"checkpoints of {', '.join(mapping.IMPORTABLE_MODELS)} can be "
+                         f"imported. Received: --model={config.model.name}")
     with devices.precision_policy("fp32"):
         model = models.get_model(config.model)
     for variable, value in mapping.assignments(model, state_dict, config.model):

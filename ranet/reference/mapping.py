@@ -1,7 +1,10 @@
-"""Which tensor of the reference RANet (yangle15/RANet-pytorch) fills which variable here.
+"""Which tensor of a reference checkpoint fills which variable here.
 
-The port names its layers after the reference's modules (``ranet.models.ranet``), so the
-mapping is a rule on names, one per kind of layer, not a table:
+The ports name their layers after the references' modules (``ranet.models.ranet``,
+``ranet.models.msdnet``), so the mapping is a rule on names, one per kind of layer, not a
+table.
+
+RANet (yangle15/RANet-pytorch):
 
 ==========================================  =================================================
 port layer                                  reference module
@@ -15,14 +18,24 @@ port layer                                  reference module
 ``flow{f}_block{b}_layer{j}_up_*``          ``scale_flows.{f}.{b-1}.layers.{j}.conv_up``
 ``flow{f}_block{b}_last``                   ``scale_flows.{f}.{b-1}.conv_last``
 ``flow{f}_block{b}_transition``             ``scale_flows.{f}.{b-1}.trans``
-``exit{k}_conv{1,2}``                       ``classifier.{k-1}.m.{0,1}``
-``exit{k}_logits``                          ``classifier.{k-1}.linear``
 ==========================================  =================================================
 
-Inside a ConvBN (bottleneck) the 1x1 convolution and its batch norm are ``net.0``/``net.1``
-and the 3x3 ones ``net.3``/``net.4``; a ConvBasic is ``net.0``/``net.1``. Layouts: PyTorch
-convolutions are OIHW, Keras' HWIO; a linear layer's weight is (out, in), a Dense kernel
-(in, out).
+MSDNet (kalviny/MSDNet-PyTorch), ``i`` = s minus the layer's first output scale:
+
+==================================================  =========================================
+port layer                                          reference module
+==================================================  =========================================
+``block1_layer0_scale{s}``                          ``blocks.0.0.layers.{s}`` (``.net`` but
+                                                    for the ImageNet 7x7 Sequential)
+``block{b}_layer{p}_scale{s}_{normal,down}_*``      ``blocks.{b-1}.{p}.layers.{i}.conv_*``
+``block{b}_layer{p}_scale{s}_transition``           ``blocks.{b-1}.{p}.m.{i}``
+==================================================  =========================================
+
+Both: ``exit{k}_conv{1,2}`` is ``classifier.{k-1}.m.{0,1}``, ``exit{k}_logits``
+``classifier.{k-1}.linear``. Inside a ConvBN (bottleneck) the 1x1 convolution and its batch
+norm are ``net.0``/``net.1`` and the 3x3 ones ``net.3``/``net.4`` (``net.0``/``net.1``
+without a bottleneck); a ConvBasic is ``net.0``/``net.1``. Layouts: PyTorch convolutions are
+OIHW, Keras' HWIO; a linear layer's weight is (out, in), a Dense kernel (in, out).
 """
 
 import dataclasses
@@ -33,6 +46,7 @@ import numpy as np
 
 from ranet.config import ModelConfig
 from ranet.errors import UsageError
+from ranet.models import msdnet
 from ranet.models.staged import StagedClassifier
 
 # Buffers the reference saves that have no counterpart: batch norm counts the batches it saw
@@ -43,7 +57,15 @@ DATA_PARALLEL_PREFIX = "module."
 _BOTTLENECK_INDEX = {"1x1": (0, 1), "3x3": (3, 4)}
 
 
-def _module_of(layer_base: str, config: ModelConfig) -> Tuple[str, int, int]:
+def _exit_module_of(layer_base: str) -> Tuple[str, int, int]:
+    match = re.fullmatch(r"exit(\d+)_conv([12])", layer_base)
+    if match:
+        exit_index, conv = match.groups()
+        return f"classifier.{int(exit_index) - 1}.m.{int(conv) - 1}.net", 0, 1
+    raise KeyError(layer_base)
+
+
+def _ranet_module_of(layer_base: str, config: ModelConfig) -> Tuple[str, int, int]:
     """(reference module, index of its conv, index of its batch norm) for a port conv_bn_relu."""
     match = re.fullmatch(r"stem(\d+)", layer_base)
     if match:
@@ -63,11 +85,36 @@ def _module_of(layer_base: str, config: ModelConfig) -> Tuple[str, int, int]:
         flow, block, kind = match.groups()
         module = "conv_last" if kind == "last" else "trans"
         return f"scale_flows.{flow}.{int(block) - 1}.{module}.net", 0, 1
-    match = re.fullmatch(r"exit(\d+)_conv([12])", layer_base)
+    return _exit_module_of(layer_base)
+
+
+def _msdnet_module_of(layer_base: str, config: ModelConfig) -> Tuple[str, int, int]:
+    """(reference module, index of its conv, index of its batch norm) for a port conv_bn_relu."""
+    match = re.fullmatch(r"block1_layer0_scale(\d+)", layer_base)
     if match:
-        exit_index, conv = match.groups()
-        return f"classifier.{int(exit_index) - 1}.m.{int(conv) - 1}.net", 0, 1
-    raise KeyError(layer_base)
+        scale = int(match.group(1))
+        if scale == 0 and config.imagenet:  # a Sequential of its own, not a ConvBasic
+            return "blocks.0.0.layers.0", 0, 1
+        return f"blocks.0.0.layers.{scale}.net", 0, 1
+    match = re.fullmatch(
+        r"block(\d+)_layer(\d+)_scale(\d+)_(?:(normal|down)_(1x1|3x3)|transition)", layer_base)
+    if not match:
+        return _exit_module_of(layer_base)
+    block, position, scale, path, kernel = match.groups()
+    block, position, scale = int(block), int(position), int(scale)
+    planned = {p.position: p for p in msdnet.layer_plan(config)[block - 1]}.get(position)
+    if planned is None or not planned.offset <= scale < planned.num_scales:
+        raise KeyError(layer_base)
+    module = f"blocks.{block - 1}.{position}"
+    branch = scale - planned.offset
+    if path is None:
+        return f"{module}.m.{branch}.net", 0, 1
+    conv, bn = _BOTTLENECK_INDEX[kernel] if config.bottleneck else (0, 1)
+    return f"{module}.layers.{branch}.conv_{path}.net", conv, bn
+
+
+_MODULE_OF = {"ranet": _ranet_module_of, "msdnet": _msdnet_module_of}
+IMPORTABLE_MODELS = tuple(_MODULE_OF)
 
 
 def _oihw_to_hwio(tensor: np.ndarray) -> np.ndarray:
@@ -98,7 +145,7 @@ def reference_source(variable_path: str, config: ModelConfig) -> Source:
         return {"kernel": Source(f"{prefix}.weight", _transposed),
                 "bias": Source(f"{prefix}.bias", _identity)}[weight]
     base, _, kind = layer.rpartition("_")
-    module, conv, bn = _module_of(base, config)
+    module, conv, bn = _MODULE_OF[config.name](base, config)
     if kind == "conv":
         return {"kernel": Source(f"{module}.{conv}.weight", _oihw_to_hwio),
                 "bias": Source(f"{module}.{conv}.bias", _identity)}[weight]

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import TINY_RANET
+from helpers import TINY_MSDNET, TINY_RANET
 from ranet import config as config_lib
 from ranet import models
 from ranet.config import ModelConfig
@@ -27,6 +27,7 @@ SCRIPT_RANET = dict(scale_list=(1, 2, 3, 3), growth_factors=(4, 2, 1, 1),
 # to the registry without an entry here fails test_every_registered_model_has_a_contract_config.
 CONTRACT_CONFIGS = {
     "ranet": (dataclasses.replace(TINY_RANET, num_classes=NUM_CLASSES), 3),
+    "msdnet": (dataclasses.replace(TINY_MSDNET, num_classes=NUM_CLASSES), 3),
     "vgg16": (ModelConfig(name="vgg16", num_classes=NUM_CLASSES), 1),
     "resnet50": (ModelConfig(name="resnet50", num_classes=NUM_CLASSES), 1),
     "mobilenet_v2": (ModelConfig(name="mobilenet_v2", num_classes=NUM_CLASSES), 1),
@@ -214,14 +215,14 @@ def test_invalid_ranet_configs_raise_helpful_errors(overrides, match):
 
 
 def test_unknown_model_name_lists_the_known_names():
-    with pytest.raises(ValueError, match=r"ranet, vgg16, resnet50.*Received: model='foo'"):
+    with pytest.raises(ValueError, match=r"ranet, msdnet, vgg16, resnet50.*Received: model='foo'"):
         ModelConfig(name="foo")
 
 
 def test_registry_rejects_an_unknown_name_listing_the_known_ones():
     config = ModelConfig(name="vgg16")
     object.__setattr__(config, "name", "foo")  # past the config's own check, to the registry's
-    with pytest.raises(ValueError, match=r"must be one of ranet, vgg16, resnet50.*'foo'"):
+    with pytest.raises(ValueError, match=r"must be one of ranet, msdnet, vgg16, resnet50.*'foo'"):
         get_model(config)
 
 
