@@ -132,7 +132,8 @@ def test_eval_report_has_every_section_for_ranet_and_a_baseline(model_dirs, tmp_
     fixed = next(b for b in ranet["budgeted"] if b["point"]["kind"] == "fixed_threshold")
     assert fixed["thresholds"] == [0.85, 0.85, "-inf"] and fixed["path"] == "threshold@0.85"
     # The point at VGG16's accuracy is timed too, unless it is one of the others.
-    equal = report["at_equal_accuracy"]["tf"]["vgg16"]["ranet_point"]["path"]
+    (matched,) = report["at_equal_accuracy"]["tf"]["ranet vs vgg16"]
+    equal = matched["points"]["ranet"]["path"]
     assert set(ranet["latency_ms"]) == {"adaptive", "budget@2", "budget@3", "full",
                                         "keras_predict", "exit_1", "exit_2", "exit_3", equal}
     # Every adaptive path: where its timed images left, and what that costs up to there.

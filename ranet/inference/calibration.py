@@ -100,6 +100,18 @@ def exit_indices(confidences, thresholds) -> np.ndarray:
     return np.argmax(leaves, axis=0)
 
 
+def exit_fractions(exits, num_exits: int) -> np.ndarray:
+    """The share of images leaving at each exit, from ``exit_indices``."""
+    return np.bincount(exits, minlength=num_exits) / len(exits)
+
+
+def expected_macs(exits, exit_macs) -> float:
+    """Mean multiply-adds per image of images leaving at ``exits``: sum_k share_k * macs_k,
+    the one formula every report and comparison uses, so that one point costs the same to
+    the bit wherever it is compared."""
+    return float(exit_fractions(exits, len(exit_macs)) @ np.asarray(exit_macs, np.float64))
+
+
 def thresholds_for_distribution(confidences, distribution) -> np.ndarray:
     """Thresholds that make floor(n * p_k) undecided images leave at each exit k < K.
 
@@ -164,15 +176,15 @@ def evaluate(confidences, predictions, labels, thresholds, exit_macs,
 
     exits = exit_indices(confidences, thresholds)
     correct = predictions[exits, np.arange(num_images)] == labels
-    exit_fractions = np.bincount(exits, minlength=num_exits) / num_images
+    fractions = exit_fractions(exits, num_exits)
     per_class = np.zeros((num_classes, num_exits))
     np.add.at(per_class, (labels, exits), 1.0)
     per_class /= np.maximum(per_class.sum(axis=1, keepdims=True), 1.0)
     return OperatingPoint(
         thresholds=tuple(float(t) for t in np.asarray(thresholds, dtype=np.float64)),
         accuracy=float(correct.mean()),
-        expected_macs=float(exit_fractions @ exit_macs),
-        exit_fractions=tuple(float(f) for f in exit_fractions),
+        expected_macs=expected_macs(exits, exit_macs),
+        exit_fractions=tuple(float(f) for f in fractions),
         exit_fractions_per_class=tuple(tuple(float(f) for f in row) for row in per_class))
 
 

@@ -23,7 +23,9 @@ from ranet import devices
 from ranet.config import flag, require
 from ranet.data import report_images
 from ranet.data.report_images import EvaluationImages
-from ranet.inference import adaptive, calibration, equal_accuracy, evaluation, latency, points
+from ranet.inference import (adaptive, calibration, equal_accuracy, equal_budget, evaluation,
+                             latency, points)
+from ranet.inference.equal_accuracy import Match, Pair
 from ranet.inference.points import Kind, PointId
 from ranet.inference.serving import litert, litert_runtime
 from ranet.training import model_dir as model_dir_lib
@@ -140,21 +142,30 @@ class ModelResult:
 class Comparison:
     """What was measured, with what: ``results[runtime][model name]``, runtimes in
     ``RUNTIMES``' order, models in the order of ``models``; ``at_equal_accuracy[runtime]
-    [baseline]``: the point of ``adaptive_model`` (the first model with several exits, None if
-    there is none) chosen against each one-exit model; ``latency_block``: how the latency was
-    timed. The renderers of ``report`` take it whole."""
+    [pair]``: for each point of ``pair.other``, the cheapest point of ``pair.model`` as
+    accurate, for every model with exits against each one-exit model (one match: the
+    baseline's pass, its point timed) and against each model with exits listed after it;
+    ``at_equal_budget[runtime][pair]``: for each point of the latter, the most accurate point
+    of ``pair.model`` at no more multiply-adds; ``latency_block``: how the latency was timed.
+    The renderers of ``report`` take it whole."""
     options: ComparisonOptions
     images: EvaluationImages
     models: List[LoadedModel]
     results: Dict[str, Dict[str, ModelResult]]
-    adaptive_model: Optional[str] = None
     latency_block: int = 1
-    at_equal_accuracy: Dict[str, Dict[str, equal_accuracy.Choice]] = dataclasses.field(
+    at_equal_accuracy: Dict[str, Dict[Pair, List[Match]]] = dataclasses.field(
+        default_factory=dict)
+    at_equal_budget: Dict[str, Dict[Pair, List[Match]]] = dataclasses.field(
         default_factory=dict)
 
     @property
     def runtimes(self) -> List[str]:
         return list(self.results)
+
+    @property
+    def adaptive_models(self) -> List[str]:
+        """The models with several exits, in the order of ``models``."""
+        return [loaded.name for loaded in self.models if len(loaded.cost.exits) > 1]
 
 
 PathsFor = Callable[[Dict[PointId, List[float]]], Dict[PointId, latency.PathCallable]]
@@ -254,19 +265,14 @@ def compare(options: ComparisonOptions,
                     _litert(loaded, images, options, precision,
                             os.path.join(scratch, str(index)), **evaluate))
 
-        adaptive_model, chosen = _equal_accuracy(runtimes, models, images)
+        at_equal_accuracy, at_equal_budget, timed_thresholds = match_models(
+            {runtime: {name: result.evaluation for name, result in by_model.items()}
+             for runtime, by_model in runtimes.items()}, images.report_labels)
         # Every path takes raw pixels as float32, as a served request does.
         pixels = images.report_pixels.astype(np.float32)
         timed = pixels[:options.latency_images]
-        batch1, timed_thresholds = {}, {}
-        for runtime, by_model in runtimes.items():
-            for name, result in by_model.items():
-                thresholds = dict(result.evaluation.timed_points)
-                if name == adaptive_model:
-                    thresholds.update({c.path: list(c.point.thresholds)
-                                       for c in chosen[runtime].values()})
-                batch1[runtime, name] = result.batch1(thresholds)
-                timed_thresholds[runtime, name] = thresholds
+        batch1 = {(runtime, name): runtimes[runtime][name].batch1(thresholds)
+                  for (runtime, name), thresholds in timed_thresholds.items()}
         stats = {}
         for block in options.latency_block:
             logging.info("timing %d paths on %d images one by one, interleaved, %d in a row",
@@ -300,7 +306,8 @@ def compare(options: ComparisonOptions,
         options=options, images=images, models=models,
         results={runtime: {m.name: model_result(runtime, m.name, block) for m in models}
                  for runtime in runtimes},
-        adaptive_model=adaptive_model, latency_block=block, at_equal_accuracy=chosen)
+        latency_block=block, at_equal_accuracy=at_equal_accuracy,
+        at_equal_budget=at_equal_budget)
         for block in options.latency_block]
 
 
@@ -319,24 +326,67 @@ def overheads(evaluation_: evaluation.ModelEvaluation,
     result = {}
     for point, values in thresholds.items():
         exits = calibration.exit_indices(confidences, values)
-        fractions = np.bincount(exits, minlength=num_exits) / len(exits)
-        result[point] = latency.exit_overhead(timed[point], fractions, up_to)
+        result[point] = latency.exit_overhead(
+            timed[point], calibration.exit_fractions(exits, num_exits), up_to)
     return result
 
 
-def _equal_accuracy(runtimes: Dict[str, Dict[str, _Runtime]], models: Sequence[LoadedModel],
-                    images: EvaluationImages):
-    """(name of the first model with several exits, {runtime: {baseline: Choice}}): its
-    point at each one-exit model's accuracy, on that runtime's own outputs."""
-    by_name = {runtime: {name: result.evaluation for name, result in by_model.items()}
-               for runtime, by_model in runtimes.items()}
-    adaptive_model = next((m.name for m in models if m.model.num_exits > 1), None)
-    if adaptive_model is None:
-        return None, {runtime: {} for runtime in runtimes}
+def match_models(evaluations: Dict[str, Dict[str, evaluation.ModelEvaluation]],
+                 labels: np.ndarray):
+    """Every pair of models matched on every runtime's own outputs (``evaluations[runtime]
+    [model]``, on the reported images, whose true classes are ``labels``), and what to time.
+
+    Returns (``Comparison.at_equal_accuracy``, ``Comparison.at_equal_budget``, the
+    thresholds to time by (runtime, model): each model's default and budget points, and its
+    points at each baseline's accuracy)."""
+    at_equal_accuracy = {runtime: _against_baselines(by_model, labels)
+                         for runtime, by_model in evaluations.items()}
+    at_equal_budget, timed = {}, {}
+    for runtime, by_model in evaluations.items():
+        for name, evaluation_ in by_model.items():
+            timed[runtime, name] = {**evaluation_.timed_points, **{
+                m.path: list(m.point.thresholds)
+                for pair, matches in at_equal_accuracy[runtime].items() if pair.model == name
+                for m in matches}}
+        between, at_equal_budget[runtime] = _between_adaptive_models(
+            by_model, labels, {name: timed[runtime, name] for name in by_model})
+        at_equal_accuracy[runtime].update(between)
+    return at_equal_accuracy, at_equal_budget, timed
+
+
+def _against_baselines(evaluations: Dict[str, evaluation.ModelEvaluation],
+                       labels: np.ndarray) -> Dict[Pair, List[Match]]:
+    """{pair: [match]}: the point of every model with exits at each one-exit model's
+    accuracy, on one runtime's outputs."""
+    baselines = [e for e in evaluations.values() if not e.is_adaptive]
     chosen = {}
-    for runtime, evaluations in by_name.items():
-        ranet = evaluations[adaptive_model]
-        baselines = [e for e in evaluations.values() if not e.is_adaptive]
-        chosen[runtime] = equal_accuracy.choices(ranet, baselines, images.report_labels,
-                                                 ranet.timed_points)
-    return adaptive_model, chosen
+    for model in (e for e in evaluations.values() if e.is_adaptive):
+        chosen.update(equal_accuracy.against_baselines(model, baselines, labels,
+                                                       model.timed_points))
+    return chosen
+
+
+def adaptive_pairs(names: Sequence[str]) -> List[Pair]:
+    """Each of ``names`` (the models with exits, in the order given) against each listed
+    after it."""
+    return [Pair(model, other) for index, model in enumerate(names)
+            for other in names[index + 1:]]
+
+
+def _between_adaptive_models(evaluations: Dict[str, evaluation.ModelEvaluation],
+                             labels: np.ndarray,
+                             timed_thresholds: Dict[str, Dict[PointId, Sequence[float]]]):
+    """({pair: [match]} at equal accuracy, {pair: [match]} at equal budget) on one runtime's
+    evaluations: for each pair of models with exits, at each distinct calibrated point of the
+    second, the first's points that answer the two questions. Nothing more is timed for
+    them: a point has a latency where its thresholds were timed anyway."""
+    accuracy, budget = {}, {}
+    for pair in adaptive_pairs([name for name, e in evaluations.items() if e.is_adaptive]):
+        model, other = evaluations[pair.model], evaluations[pair.other]
+        pool = equal_accuracy.candidates_of(model, labels)
+        targets = equal_accuracy.distinct(equal_accuracy.calibrated_candidates(other, labels))
+        paths = [equal_accuracy.timed_by_thresholds(timed_thresholds[name])
+                 for name in (pair.model, pair.other)]
+        accuracy[pair] = equal_accuracy.at_equal_accuracy(pair, pool, targets, *paths)
+        budget[pair] = equal_budget.at_equal_budget(pair, pool, targets, *paths)
+    return accuracy, budget

@@ -1,11 +1,15 @@
-"""RANet against each baseline at equal accuracy: the cheapest RANet operating point that
-scores at least the baseline's accuracy on the reported images, and how sure that is.
+"""One model's operating points against another's on the same images, and the first question
+asked of them: at equal accuracy, the cheapest point of the model that scores at least the
+other's accuracy on the reported images, and how sure that is.
 
-Every candidate point's thresholds were calibrated on the calibration split, as all of
-RANet's points are; only the choice among them reads the reported split, because the
-question is "as accurate as B there". Both models answer the same images, so the accuracy
-difference gets a paired interval: only the images one gets right and the other wrong move
-it. Pure numpy; ``comparison`` times the chosen points and ``report`` renders them.
+The other model is a baseline (one point: its one pass) or a model with exits of its own
+(each of its calibrated points in turn); ``equal_budget`` asks the paper's second question of
+the same pairs. Every candidate point's thresholds were calibrated on the calibration split,
+as all operating points are; only the choice among them reads the reported split, because
+the question is "as accurate as B there". Both models answer the same images, so the
+accuracy difference gets a paired interval: only the images one gets right and the other
+wrong move it. Pure numpy; ``comparison`` pairs the models and times the chosen points,
+``report`` renders them.
 """
 
 import dataclasses
@@ -20,6 +24,8 @@ from ranet.inference.points import PointId
 
 # Two-sided 95% quantile of the standard normal.
 Z_95 = 1.959963984540054
+
+Thresholds = Tuple[float, ...]
 
 
 def paired_difference_interval(correct_a, correct_b, z: float = Z_95) -> Tuple[float, float]:
@@ -46,11 +52,16 @@ def paired_difference_interval(correct_a, correct_b, z: float = Z_95) -> Tuple[f
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Candidate:
-    """One calibrated operating point of an early-exit model, scored image by image."""
-    point_id: PointId                 # a calibrated point's, or points.LAST_EXIT
-    thresholds: Tuple[float, ...]
+    """One operating point of a model, scored image by image on the reported images."""
+    point_id: PointId                 # a calibrated point's, points.LAST_EXIT or points.FULL
+    thresholds: Thresholds            # () for a one-exit model's pass
     expected_macs: float
     correct: np.ndarray               # [num_images] bool: right at the exit the image took
+
+    @property
+    def num_correct(self) -> int:
+        """Right answers: accuracies over the same images compare exactly as counts."""
+        return int(self.correct.sum())
 
     @property
     def accuracy(self) -> float:
@@ -60,117 +71,200 @@ class Candidate:
 def candidate(point_id: PointId, thresholds: Sequence[float], confidences: np.ndarray,
               predictions: np.ndarray, labels: np.ndarray,
               exit_macs: Sequence[int]) -> Candidate:
-    """Scores ``thresholds`` on every image: which exit each takes, what it costs, whether
-    the answer there is right."""
+    """Scores ``thresholds`` on every image: which exit each takes, what it costs (as the
+    report costs its points), whether the answer there is right."""
     exits = calibration.exit_indices(confidences, thresholds)
     correct = predictions[exits, np.arange(len(labels))] == labels
-    macs = float(np.mean(np.asarray(exit_macs, np.float64)[exits]))
-    return Candidate(point_id, tuple(float(t) for t in thresholds), macs, correct)
+    return Candidate(point_id, tuple(float(t) for t in thresholds),
+                     calibration.expected_macs(exits, exit_macs), correct)
+
+
+def one_pass(evaluation, labels: np.ndarray) -> Candidate:
+    """A one-exit model (a ``ModelEvaluation``) as the one point it has: its full pass."""
+    return Candidate(points.FULL, (), float(evaluation.cost.exits[-1].macs),
+                     evaluation.report_predictions[-1] == labels)
+
+
+def calibrated_candidates(evaluation, labels: np.ndarray) -> List[Candidate]:
+    """Every calibrated point of an early-exit ``ModelEvaluation`` (the sweep, the budgets,
+    the default and fixed points, in the recipe's order), scored on the reported images."""
+    exit_macs = [e.macs for e in evaluation.cost.exits]
+    return [candidate(point_id, result.point.thresholds, evaluation.report_confidences,
+                      evaluation.report_predictions, labels, exit_macs)
+            for point_id, result in evaluation.points.items()]
+
+
+def candidates_of(evaluation, labels: np.ndarray) -> List[Candidate]:
+    """The points a model may answer with when matched against another: every calibrated
+    point and the last exit alone.
+
+    The last exit alone is always a candidate, so that a model whose last exit beats the
+    other model always has a point that reaches it."""
+    last_exit = candidate(points.LAST_EXIT,
+                          calibration.last_exit_only(len(evaluation.cost.exits)),
+                          evaluation.report_confidences, evaluation.report_predictions, labels,
+                          [e.macs for e in evaluation.cost.exits])
+    return calibrated_candidates(evaluation, labels) + [last_exit]
+
+
+def distinct(candidates: Sequence[Candidate]) -> List[Candidate]:
+    """One candidate per set of thresholds, cheapest first (ties: in the order given).
+
+    Identical thresholds answer every image alike: listed twice, one operating point would
+    count as two budgets in a verdict. The first of the recipe's order keeps its name."""
+    unique = {}
+    for point in candidates:
+        unique.setdefault(point.thresholds, point)
+    return sorted(unique.values(), key=lambda point: point.expected_macs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Two models compared: the points of ``model`` chosen against those of ``other``."""
+    model: str
+    other: str
+
+    @property
+    def key(self) -> str:
+        """Its name in report.json and report.md."""
+        return f"{self.model} vs {self.other}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Choice:
-    """The RANet point chosen against one baseline, on one runtime."""
-    baseline: str
-    baseline_accuracy: float
-    baseline_macs: int
-    point: Candidate
-    reaches: bool                          # point.accuracy >= baseline_accuracy
-    difference_ci95: Tuple[float, float]   # RANet - baseline, paired
-    path: Optional[PointId] = None         # the latency path that times the point
+class Match:
+    """The point of ``pair.model`` chosen against one point of ``pair.other`` (``target``),
+    on one runtime's outputs."""
+    pair: Pair
+    target: Candidate
+    point: Optional[Candidate]            # None: the model has no point the question admits
+    path: Optional[PointId] = None        # the model's latency path that timed ``point``
+    target_path: Optional[PointId] = None
+    reason: Optional[str] = None          # why ``point`` is None
 
     @property
-    def macs_ratio(self) -> float:
-        """Baseline multiply-adds over RANet's expected ones: > 1 when RANet computes less."""
-        return self.baseline_macs / self.point.expected_macs
+    def reaches(self) -> bool:
+        """Whether the model's point is at least as accurate as the other's."""
+        return self.point is not None and self.point.num_correct >= self.target.num_correct
+
+    @property
+    def difference(self) -> Optional[float]:
+        """accuracy(model) - accuracy(other)."""
+        return None if self.point is None else self.point.accuracy - self.target.accuracy
+
+    @property
+    def difference_ci95(self) -> Optional[Tuple[float, float]]:
+        """The paired 95% interval of ``difference``."""
+        if self.point is None:
+            return None
+        return paired_difference_interval(self.point.correct, self.target.correct)
+
+    @property
+    def macs_ratio(self) -> Optional[float]:
+        """The other's multiply-adds over the model's: > 1 when the model computes less."""
+        return None if self.point is None else (self.target.expected_macs
+                                                / self.point.expected_macs)
 
 
-def choose(candidates: Sequence[Candidate], baseline: str, baseline_correct,
-           baseline_macs: int) -> Choice:
-    """The cheapest candidate at least as accurate as the baseline on these images (ties in
-    cost: the more accurate); when none is, the most accurate (ties: the cheaper).
+def timed_by_thresholds(timed_points: Dict[PointId, Sequence[float]]
+                        ) -> Dict[Thresholds, PointId]:
+    """The latency path that times each set of thresholds (``ModelEvaluation.timed_points``
+    or a comparison's timed thresholds of one model)."""
+    return {tuple(float(t) for t in values): point for point, values in timed_points.items()}
 
-    Accuracies are compared as counts of right answers over the same images, exactly.
-    """
-    if not candidates:
-        raise ValueError("choose needs at least one operating point (the last exit alone is "
-                         "always one).")
-    baseline_correct = np.asarray(baseline_correct, bool)
-    needed = int(baseline_correct.sum())
-    reaching = [c for c in candidates if int(c.correct.sum()) >= needed]
+
+def cheapest_as_accurate(pool: Sequence[Candidate], target: Candidate) -> Candidate:
+    """The cheapest candidate at least as accurate as ``target`` on the same images (ties in
+    cost: the more accurate); when none is, the most accurate (ties: the cheaper)."""
+    if not pool:
+        raise ValueError("cheapest_as_accurate needs at least one operating point (the last "
+                         "exit alone is always one).")
+    reaching = [c for c in pool if c.num_correct >= target.num_correct]
     if reaching:
-        point = min(reaching, key=lambda c: (c.expected_macs, -int(c.correct.sum())))
-    else:
-        point = max(candidates, key=lambda c: (int(c.correct.sum()), -c.expected_macs))
-    return Choice(baseline, float(np.mean(baseline_correct)), int(baseline_macs), point,
-                  bool(reaching), paired_difference_interval(point.correct, baseline_correct))
+        return min(reaching, key=lambda c: (c.expected_macs, -c.num_correct))
+    return max(pool, key=lambda c: (c.num_correct, -c.expected_macs))
 
 
-def latency_ratios(choice_p50_p90: Dict[str, float],
-                   baseline_p50_p90: Dict[str, float]) -> Dict[str, Optional[float]]:
-    """Baseline latency over RANet's, at p50 and p90: > 1 when RANet answers faster."""
-    return {f"latency_ratio_{q}": (baseline_p50_p90[q] / choice_p50_p90[q]
-                                   if choice_p50_p90.get(q) else None) for q in ("p50", "p90")}
+def match(pair: Pair, target: Candidate, point: Optional[Candidate],
+          paths: Dict[Thresholds, PointId], target_paths: Dict[Thresholds, PointId],
+          reason: Optional[str] = None) -> Match:
+    """A ``Match`` whose points carry the latency paths that timed them, where they were
+    timed; ``paths``, ``target_paths``: each model's ``timed_by_thresholds``."""
+    return Match(pair, target, point, None if point is None else paths.get(point.thresholds),
+                 target_paths.get(target.thresholds), reason)
 
 
-def to_json(choice: Choice, ranet_latency: Optional[Dict[str, float]],
-            baseline_latency: Optional[Dict[str, float]]) -> dict:
-    """The report.json entry of ``choice``; ``*_latency``: the timed paths' statistics (ms)."""
-    entry = {
-        "ranet_point": {"point": choice.point.point_id.key,
-                        "path": None if choice.path is None else choice.path.path,
-                        "thresholds": [jsonio.number(t) for t in choice.point.thresholds],
-                        "expected_macs": choice.point.expected_macs},
-        "reaches": choice.reaches,
-        "ranet_accuracy": choice.point.accuracy,
-        "baseline_accuracy": choice.baseline_accuracy,
-        "difference_ci95": list(choice.difference_ci95),
-        "gap_points": 100 * (choice.point.accuracy - choice.baseline_accuracy),
-        "macs_ratio": choice.macs_ratio,
-        "ranet_latency_ms": _p50_p90(ranet_latency),
-        "baseline_latency_ms": _p50_p90(baseline_latency),
+def at_equal_accuracy(pair: Pair, pool: Sequence[Candidate], targets: Sequence[Candidate],
+                      paths: Dict[Thresholds, PointId],
+                      target_paths: Dict[Thresholds, PointId]) -> List[Match]:
+    """For each of the other model's points (``targets``), the model's cheapest point in
+    ``pool`` as accurate; no point is timed for it, so only points already timed on both
+    sides have latencies."""
+    return [match(pair, target, cheapest_as_accurate(pool, target), paths, target_paths)
+            for target in targets]
+
+
+def against_baselines(evaluation, baselines: Sequence, labels: np.ndarray,
+                      timed_points: Dict[PointId, Sequence[float]]) -> Dict[Pair, List[Match]]:
+    """An early-exit model's point against each one-exit model (``ModelEvaluation``s of one
+    runtime), one match per baseline.
+
+    ``timed_points``: the model's operating points already timed, with their thresholds; a
+    chosen point with the same thresholds is timed through that path (or through the path
+    of the baseline that chose it first), any other through ``points.equal(B)``, which the
+    caller times.
+    """
+    pool = candidates_of(evaluation, labels)
+    paths = timed_by_thresholds(timed_points)
+    matched = {}
+    for baseline in baselines:
+        pair = Pair(evaluation.name, baseline.name)
+        target = one_pass(baseline, labels)
+        point = cheapest_as_accurate(pool, target)
+        path = paths.setdefault(point.thresholds, points.equal(baseline.name))
+        matched[pair] = [Match(pair, target, point, path, points.FULL)]
+    return matched
+
+
+def latency_ratios(model_stats: Optional[Dict[str, float]],
+                   other_stats: Optional[Dict[str, float]]) -> Dict[str, Optional[float]]:
+    """The other's latency over the model's, at p50 and p90: > 1 when the model answers
+    faster; None where either point was not timed."""
+    return {f"latency_ratio_{q}": (other_stats[q] / model_stats[q]
+                                   if model_stats and other_stats and model_stats[q] else None)
+            for q in ("p50", "p90")}
+
+
+def to_json(match: Match, model_latency: Optional[Dict[str, float]],
+            other_latency: Optional[Dict[str, float]]) -> dict:
+    """The report.json entry of ``match``, keyed by model name where it has a value per
+    model; ``*_latency``: the timed paths' statistics (ms), None where a point was not
+    timed. Every entry has the same keys, whichever question chose the point."""
+    model, other = match.pair.model, match.pair.other
+    interval = match.difference_ci95
+    return {
+        "macs": match.target.expected_macs,
+        "points": {model: _point_json(match.point, match.path),
+                   other: _point_json(match.target, match.target_path)},
+        "accuracy": {model: None if match.point is None else match.point.accuracy,
+                     other: match.target.accuracy},
+        "reaches": match.reaches,
+        "difference": match.difference,
+        "difference_ci95": None if interval is None else list(interval),
+        "macs_ratio": match.macs_ratio,
+        "latency_ms": {model: _p50_p90(model_latency), other: _p50_p90(other_latency)},
+        **latency_ratios(model_latency, other_latency),
+        "reason": match.reason,
     }
-    if ranet_latency and baseline_latency:
-        entry.update(latency_ratios(ranet_latency, baseline_latency))
-    else:
-        entry.update({"latency_ratio_p50": None, "latency_ratio_p90": None})
-    return entry
+
+
+def _point_json(point: Optional[Candidate], path: Optional[PointId]) -> Optional[dict]:
+    if point is None:
+        return None
+    return {"point": point.point_id.key, "label": point.point_id.label,
+            "path": None if path is None else path.path,
+            "thresholds": [jsonio.number(t) for t in point.thresholds],
+            "expected_macs": point.expected_macs}
 
 
 def _p50_p90(stats: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
     return None if stats is None else {"p50": stats["p50"], "p90": stats["p90"]}
-
-
-def candidates_of(evaluation, labels: np.ndarray) -> List[Candidate]:
-    """Every calibrated point of an early-exit ``ModelEvaluation`` (the sweep, the budgets,
-    the default and fixed points) and the last exit alone, scored on the reported images.
-
-    The last exit alone is always a candidate, so that a model whose last exit beats the
-    baseline always has a point that reaches it."""
-    exit_macs = [e.macs for e in evaluation.cost.exits]
-    pool = [(point_id, result.point.thresholds)
-            for point_id, result in evaluation.points.items()]
-    pool.append((points.LAST_EXIT, calibration.last_exit_only(len(exit_macs))))
-    return [candidate(point_id, thresholds, evaluation.report_confidences,
-                      evaluation.report_predictions, labels, exit_macs)
-            for point_id, thresholds in pool]
-
-
-def choices(ranet, baselines: Sequence, labels: np.ndarray,
-            timed_points: Dict[PointId, Sequence[float]]) -> Dict[str, Choice]:
-    """RANet's point against each baseline (``ModelEvaluation``s of one runtime).
-
-    ``timed_points``: RANet's operating points already timed, with their thresholds; a chosen
-    point with the same thresholds is timed through that path (or through the path of the
-    baseline that chose it first), any other through ``points.equal(B)``.
-    """
-    pool = candidates_of(ranet, labels)
-    by_thresholds = {tuple(float(t) for t in values): point
-                     for point, values in timed_points.items()}
-    chosen = {}
-    for baseline in baselines:
-        choice = choose(pool, baseline.name, baseline.report_predictions[0] == labels,
-                        baseline.cost.exits[-1].macs)
-        path = by_thresholds.setdefault(choice.point.thresholds, points.equal(baseline.name))
-        chosen[baseline.name] = dataclasses.replace(choice, path=path)
-    return chosen

@@ -13,8 +13,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import tensorflow as tf
 
 from ranet import devices, jsonio
-from ranet.inference import equal_accuracy, latency, points
+from ranet.inference import equal_accuracy, equal_budget, points
 from ranet.inference.comparison import Comparison, ModelResult, litert_threads
+from ranet.inference.equal_accuracy import Match, Pair
 from ranet.inference.evaluation import BudgetedResult
 from ranet.inference.points import Kind, PointId
 
@@ -22,6 +23,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_MACS = "accuracy_vs_macs.png"
 PLOT_LATENCY = "accuracy_vs_latency.png"
+PLOT_ANYTIME = "anytime.png"
+PLOT_BUDGETED = "budgeted_macs.png"
 
 
 def report_dirs(report_dir: str, latency_blocks) -> Dict[int, str]:
@@ -45,8 +48,11 @@ def build(comparison: Comparison) -> dict:
     environment = devices.device_info()
     return {
         "split": images.report_name, "calibration_split": images.calibration_name,
-        "adaptive_model": comparison.adaptive_model,
-        "at_equal_accuracy": _at_equal_accuracy(comparison),
+        "adaptive_models": comparison.adaptive_models,
+        "at_equal_accuracy": _pair_entries(comparison, comparison.at_equal_accuracy),
+        "at_equal_budget": _pair_entries(comparison, comparison.at_equal_budget),
+        "verdict": {runtime: {pair.key: verdict.to_json() for pair, verdict in by_pair.items()}
+                    for runtime, by_pair in _verdicts(comparison).items()},
         "num_images": len(images.report_labels), "device": environment["device"],
         "tensorflow": environment["tensorflow"], "environment": environment,
         "precision": options.precision, "xla": options.xla, "confidence": options.confidence,
@@ -82,21 +88,33 @@ def _view(comparison: Comparison, result: ModelResult) -> dict:
     }
 
 
-def _at_equal_accuracy(comparison: Comparison) -> Dict[str, Dict[str, dict]]:
-    """{runtime: {baseline: entry}}: the adaptive model's point at each baseline's accuracy,
-    timed; the ratios are baseline over RANet (> 1: RANet computes less, answers sooner)."""
-    at_equal = {}
-    for runtime, chosen in comparison.at_equal_accuracy.items():
-        timed = comparison.results[runtime]
-        at_equal[runtime] = {baseline: equal_accuracy.to_json(
-            choice, _stats(timed[comparison.adaptive_model].latency.get(choice.path)),
-            _stats(timed[baseline].latency.get(points.FULL)))
-            for baseline, choice in chosen.items()}
-    return at_equal
+def _pair_entries(comparison: Comparison, matched: Dict[str, Dict[Pair, List[Match]]]
+                  ) -> Dict[str, Dict[str, List[dict]]]:
+    """{runtime: {"A vs B": [entry]}}: one entry per point of B, with the latency of each
+    side's point where it was timed; ratios are B over A (> 1: A computes less, answers
+    sooner)."""
+    return {runtime: {pair.key: [_entry(comparison, runtime, m) for m in matches]
+                      for pair, matches in by_pair.items()}
+            for runtime, by_pair in matched.items()}
 
 
-def _stats(stats: Optional[latency.LatencyStats]) -> Optional[dict]:
+def _entry(comparison: Comparison, runtime: str, matched: Match) -> dict:
+    pair = matched.pair
+    return equal_accuracy.to_json(
+        matched, _path_stats(comparison, runtime, pair.model, matched.path),
+        _path_stats(comparison, runtime, pair.other, matched.target_path))
+
+
+def _path_stats(comparison: Comparison, runtime: str, model: str,
+                path: Optional[PointId]) -> Optional[dict]:
+    stats = None if path is None else comparison.results[runtime][model].latency.get(path)
     return None if stats is None else stats.to_json()
+
+
+def _verdicts(comparison: Comparison) -> Dict[str, Dict[Pair, equal_budget.Verdict]]:
+    return {runtime: {pair: equal_budget.verdict(runtime, pair, matches)
+                      for pair, matches in by_pair.items()}
+            for runtime, by_pair in comparison.at_equal_budget.items()}
 
 
 def _thresholds_text(values) -> str:
@@ -153,6 +171,7 @@ def markdown(comparison: Comparison) -> str:
     lines += ["", f"Throughput: TensorFlow at batch {options.batch_size}; LiteRT one image at "
                   "a time (its stage files have batch 1)."]
     lines += _equal_accuracy_section(comparison)
+    lines += _pair_sections(comparison)
     for loaded in comparison.models:
         views = _views(comparison, loaded.name)
         lines += ["", f"## {loaded.name}: anytime", "",
@@ -217,44 +236,102 @@ def _ratio(value: Optional[float]) -> str:
 
 
 def _equal_accuracy_section(comparison: Comparison) -> List[str]:
-    ranet = comparison.adaptive_model
-    at_equal = _at_equal_accuracy(comparison)
-    if ranet is None or not any(at_equal.values()):
+    adaptive = comparison.adaptive_models
+    rows = [(runtime, m) for runtime, by_pair in comparison.at_equal_accuracy.items()
+            for pair, matches in by_pair.items() if pair.other not in adaptive for m in matches]
+    if not rows:
         return []
     images = comparison.images
     lines = ["", "## At equal accuracy", "",
-             f"For each baseline, the cheapest operating point of {ranet} (calibrated on "
-             f"{images.calibration_name}) whose accuracy on {images.report_name} is at least "
-             "the baseline's there, on the same runtime; ratios are baseline / "
-             f"{ranet} (> 1: {ranet} computes less, answers sooner). The interval is the paired "
+             "For each baseline, the cheapest operating point of each model with exits "
+             f"(calibrated on {images.calibration_name}) whose accuracy on {images.report_name} "
+             "is at least the baseline's there, on the same runtime; ratios are baseline / "
+             "model (> 1: the model computes less, answers sooner). The interval is the paired "
              "95% interval of the accuracy difference over the same images.", "",
-             f"| runtime | baseline | baseline accuracy | {ranet} point | {ranet} accuracy | "
-             "difference (95% CI, points) | expected MMACs | MACs ratio | p50 ms (baseline / "
-             f"{ranet}) | p50 ratio | p90 ratio |",
-             "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+             "| runtime | model | baseline | baseline accuracy | point | accuracy | difference "
+             "(95% CI, points) | expected MMACs | MACs ratio | p50 ms (baseline / model) | "
+             "p50 ratio | p90 ratio |",
+             "| --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
     missed = []
-    for runtime, by_baseline in at_equal.items():
-        for baseline, entry in by_baseline.items():
-            choice = comparison.at_equal_accuracy[runtime][baseline]
-            low, high = entry["difference_ci95"]
-            p50 = ""
-            if entry["ranet_latency_ms"] and entry["baseline_latency_ms"]:
-                p50 = (f"{entry['baseline_latency_ms']['p50']:.2f} / "
-                       f"{entry['ranet_latency_ms']['p50']:.2f}")
-            lines.append(
-                f"| {runtime} | {baseline} | {100 * entry['baseline_accuracy']:.2f}% | "
-                f"{choice.point.point_id.label}"
-                f"{'' if entry['reaches'] else ' (most accurate; none reaches)'} "
-                f"| {100 * entry['ranet_accuracy']:.2f}% | {entry['gap_points']:+.2f} "
-                f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
-                f"{choice.point.expected_macs / 1e6:.2f} | {entry['macs_ratio']:.2f}x | {p50} | "
-                f"{_ratio(entry['latency_ratio_p50'])} | {_ratio(entry['latency_ratio_p90'])} |")
-            if not entry["reaches"]:
-                missed.append(f"- {runtime}, {baseline}: no {ranet} point reaches "
-                              f"{100 * entry['baseline_accuracy']:.2f}%; its most accurate is "
-                              f"{-entry['gap_points']:.2f} points below, where it answers "
-                              f"{_ratio(entry['latency_ratio_p50'])} as fast (p50).")
+    for runtime, matched in rows:
+        entry = _entry(comparison, runtime, matched)
+        model, baseline = matched.pair.model, matched.pair.other
+        point, target = matched.point, matched.target
+        latency_ms = entry["latency_ms"]
+        p50 = ""
+        if latency_ms[model] and latency_ms[baseline]:
+            p50 = f"{latency_ms[baseline]['p50']:.2f} / {latency_ms[model]['p50']:.2f}"
+        lines.append(
+            f"| {runtime} | {model} | {baseline} | {100 * target.accuracy:.2f}% | "
+            f"{point.point_id.label}"
+            f"{'' if matched.reaches else ' (most accurate; none reaches)'} "
+            f"| {100 * point.accuracy:.2f}% | {_difference(matched)} | "
+            f"{point.expected_macs / 1e6:.2f} | {matched.macs_ratio:.2f}x | {p50} | "
+            f"{_ratio(entry['latency_ratio_p50'])} | {_ratio(entry['latency_ratio_p90'])} |")
+        if not matched.reaches:
+            missed.append(f"- {runtime}, {matched.pair.key}: no {model} point reaches "
+                          f"{100 * target.accuracy:.2f}%; its most accurate is "
+                          f"{-100 * matched.difference:.2f} points below, where it answers "
+                          f"{_ratio(entry['latency_ratio_p50'])} as fast (p50).")
     return lines + ([""] + missed if missed else [])
+
+
+def _difference(matched: Match) -> str:
+    """accuracy(model) - accuracy(other) and its paired 95% interval, in points."""
+    low, high = matched.difference_ci95
+    return f"{100 * matched.difference:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def _pair_sections(comparison: Comparison) -> List[str]:
+    """Per pair of models with exits: the verdict at equal budget on every runtime, then
+    each runtime's table, one row per point of the second model."""
+    images = comparison.images
+    verdicts = _verdicts(comparison)
+    pairs = list(dict.fromkeys(pair for by_pair in comparison.at_equal_budget.values()
+                               for pair in by_pair))
+    lines = []
+    for pair in pairs:
+        model, other = pair.model, pair.other
+        lines += ["", f"## {pair.key}", "",
+                  f"At each operating point of {other} (calibrated on "
+                  f"{images.calibration_name}; its expected multiply-adds on "
+                  f"{images.report_name} are the budget): the most accurate point of {model} "
+                  "that costs no more (a point it has, never interpolated), with the paired "
+                  f"95% interval of accuracy({model}) - accuracy({other}); and the cheapest "
+                  f"point of {model} as accurate, with ratios {other} / {model} (> 1: "
+                  f"{model} computes less, answers sooner; latency only where both points "
+                  "were timed).", ""]
+        lines += [f"- {verdicts[runtime][pair].text}" for runtime in verdicts
+                  if pair in verdicts[runtime]]
+        for runtime in verdicts:
+            if pair in comparison.at_equal_budget[runtime]:
+                lines += ["", f"### {pair.key} ({runtime})", ""]
+                lines += _pair_rows(comparison, runtime, pair)
+    return lines
+
+
+def _pair_rows(comparison: Comparison, runtime: str, pair: Pair) -> List[str]:
+    model, other = pair.model, pair.other
+    rows = [f"| {other} point | MMACs | accuracy | {model} at no more MMACs | MMACs | accuracy "
+            f"| difference (95% CI, points) | {model} as accurate | MMACs | MACs ratio | "
+            "p50 ratio |",
+            "| --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    # Both lists hold one match per point of ``other``, in the same order.
+    for budget, accurate in zip(comparison.at_equal_budget[runtime][pair],
+                                comparison.at_equal_accuracy[runtime][pair], strict=True):
+        target, point = budget.target, budget.point
+        cells = [target.point_id.label, f"{target.expected_macs / 1e6:.2f}",
+                 f"{100 * target.accuracy:.2f}%"]
+        cells += (["none cheap enough", "", "", ""] if point is None else
+                  [point.point_id.label, f"{point.expected_macs / 1e6:.2f}",
+                   f"{100 * point.accuracy:.2f}%", _difference(budget)])
+        entry = _entry(comparison, runtime, accurate)
+        cells += [accurate.point.point_id.label
+                  + ("" if accurate.reaches else " (most accurate; none reaches)"),
+                  f"{accurate.point.expected_macs / 1e6:.2f}", f"{accurate.macs_ratio:.2f}x",
+                  _ratio(entry["latency_ratio_p50"])]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def _path_accuracy(comparison: Comparison, runtime: str, name: str,
@@ -262,40 +339,66 @@ def _path_accuracy(comparison: Comparison, runtime: str, name: str,
     """Accuracy of a timed path on the reported split (None: keras_predict, which is the full
     path timed the seed's way)."""
     if path.kind == Kind.EQUAL:
-        return comparison.at_equal_accuracy[runtime][path.value].point.accuracy
+        (matched,) = comparison.at_equal_accuracy[runtime][Pair(name, path.value)]
+        return matched.point.accuracy
     return comparison.results[runtime][name].evaluation.accuracy_of(path)
 
 
 def plot(comparison: Comparison, report_dir: str) -> List[str]:
-    """Accuracy vs multiply-adds and vs batch-1 latency; returns the files written."""
+    """Accuracy vs multiply-adds and vs batch-1 latency; with models with exits, each one's
+    anytime curve and its calibrated points against expected multiply-adds, per runtime.
+    Returns the files written."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    runtimes = comparison.runtimes
+    # One colour per model on every plot, so that a model is found by its colour.
+    colors = {loaded.name: f"C{index % 10}" for index, loaded in enumerate(comparison.models)}
+    figures = {PLOT_MACS: _accuracy_vs_macs, PLOT_LATENCY: _accuracy_vs_latency}
+    if comparison.adaptive_models:
+        figures.update({PLOT_ANYTIME: _anytime, PLOT_BUDGETED: _budgeted_macs})
     written = []
+    for name, draw in figures.items():
+        figure = draw(plt, comparison, colors)
+        written.append(_save(plt, figure, os.path.join(report_dir, name)))
+    return written
+
+
+def _accuracy_vs_macs(plt, comparison: Comparison, colors: Dict[str, str]):
+    runtime = comparison.runtimes[0]
     figure, axes = plt.subplots(figsize=(7, 5))
     for loaded in comparison.models:
-        evaluation = comparison.results[runtimes[0]][loaded.name].evaluation
+        evaluation = comparison.results[runtime][loaded.name].evaluation
         macs = [e.macs / 1e6 for e in loaded.cost.exits]
         accuracy = [100 * a for a in evaluation.exit_accuracy]
+        color = colors[loaded.name]
         if len(macs) == 1:
-            axes.scatter(macs, accuracy, marker="s", s=60, label=loaded.name)
+            axes.scatter(macs, accuracy, marker="s", s=60, color=color, label=loaded.name)
             continue
-        axes.plot(macs, accuracy, "o--", label=f"{loaded.name} anytime")
+        axes.plot(macs, accuracy, "o--", color=color, label=f"{loaded.name} anytime")
         sweep = sorted((r.point.expected_macs / 1e6, 100 * r.point.accuracy)
                        for r in evaluation.of_kind(Kind.SWEEP))
-        axes.plot(*zip(*sweep), "-", label=f"{loaded.name} budgeted")
+        axes.plot(*zip(*sweep), "-", color=color, label=f"{loaded.name} budgeted")
     _style(axes, "multiply-adds per image (millions, log)",
-           f"Accuracy vs computation ({comparison.images.report_name}, {runtimes[0]})")
-    written.append(_save(plt, figure, os.path.join(report_dir, PLOT_MACS)))
+           f"Accuracy vs computation ({comparison.images.report_name}, {runtime})")
+    return figure
 
-    device = devices.device_info()["device"]
+
+def _runtime_panels(plt, comparison: Comparison):
+    """One panel per runtime, side by side."""
+    runtimes = comparison.runtimes
     figure, panels = plt.subplots(1, len(runtimes), figsize=(6 * len(runtimes), 5),
                                   squeeze=False)
-    for axes, runtime in zip(panels[0], runtimes):
+    return figure, zip(panels[0], runtimes)
+
+
+def _accuracy_vs_latency(plt, comparison: Comparison, colors: Dict[str, str]):
+    device = devices.device_info()["device"]
+    figure, panels = _runtime_panels(plt, comparison)
+    for axes, runtime in panels:
         for loaded in comparison.models:
             timed = comparison.results[runtime][loaded.name].latency
+            color = colors[loaded.name]
 
             def curve(anytime: bool):
                 return sorted((stats.p50, 100 * accuracy) for path, stats in timed.items()
@@ -303,15 +406,53 @@ def plot(comparison: Comparison, report_dir: str) -> List[str]:
                               (accuracy := _path_accuracy(comparison, runtime, loaded.name,
                                                           path)) is not None)
             if len(loaded.cost.exits) == 1:
-                axes.scatter(*zip(*curve(False)), marker="s", s=60, label=loaded.name)
+                axes.scatter(*zip(*curve(False)), marker="s", s=60, color=color,
+                             label=loaded.name)
                 continue
             for anytime, style, what in ((True, "o--", "anytime, up to exit k"),
                                          (False, "o-", "operating points")):
                 if curve(anytime):
-                    axes.plot(*zip(*curve(anytime)), style, label=f"{loaded.name} ({what})")
+                    axes.plot(*zip(*curve(anytime)), style, color=color,
+                              label=f"{loaded.name} ({what})")
         _style(axes, "batch-1 latency p50 (ms, log)", f"{runtime} ({device})")
-    written.append(_save(plt, figure, os.path.join(report_dir, PLOT_LATENCY)))
-    return written
+    return figure
+
+
+def _anytime(plt, comparison: Comparison, colors: Dict[str, str]):
+    """Every exit's accuracy against the multiply-adds up to it, a line per model with
+    exits, a marker per exit: the paper's anytime prediction."""
+    figure, panels = _runtime_panels(plt, comparison)
+    for axes, runtime in panels:
+        for name in comparison.adaptive_models:
+            evaluation = comparison.results[runtime][name].evaluation
+            axes.plot([e.macs / 1e6 for e in evaluation.cost.exits],
+                      [100 * a for a in evaluation.exit_accuracy], "o-", color=colors[name],
+                      label=name)
+        _style(axes, "multiply-adds up to the exit (millions, log)",
+               f"Anytime prediction ({comparison.images.report_name}, {runtime})")
+    return figure
+
+
+def _budgeted_macs(plt, comparison: Comparison, colors: Dict[str, str]):
+    """Each model's calibrated points (accuracy on the reported images against their
+    expected multiply-adds there), a curve per model with exits, a one-exit model as its
+    one point: the paper's budgeted batch classification."""
+    figure, panels = _runtime_panels(plt, comparison)
+    for axes, runtime in panels:
+        for loaded in comparison.models:
+            evaluation = comparison.results[runtime][loaded.name].evaluation
+            color = colors[loaded.name]
+            if not evaluation.is_adaptive:
+                axes.scatter([loaded.cost.exits[-1].macs / 1e6],
+                             [100 * evaluation.exit_accuracy[-1]], marker="s", s=60,
+                             color=color, label=loaded.name)
+                continue
+            calibrated = sorted((r.point.expected_macs / 1e6, 100 * r.point.accuracy)
+                                for r in evaluation.points.values())
+            axes.plot(*zip(*calibrated), ".-", color=color, label=loaded.name)
+        _style(axes, "expected multiply-adds per image (millions, log)",
+               f"Budgeted batch ({comparison.images.report_name}, {runtime})")
+    return figure
 
 
 def _style(axes, xlabel: str, title: str) -> None:
@@ -335,7 +476,8 @@ def _save(plt, figure, path: str) -> str:
 
 def write_tensorboard(comparison: Comparison, log_dir: str) -> None:
     """Per model and runtime: anytime accuracy (step = exit), the budgeted sweep (step =
-    expected kMACs) and each timed path's p50."""
+    expected kMACs), each timed path's p50, and against each model with exits listed after
+    it, the accuracy difference at equal budget (step = that model's expected kMACs)."""
     for loaded in comparison.models:
         writer = tf.summary.create_file_writer(os.path.join(log_dir, loaded.name))
         with writer.as_default():
@@ -349,7 +491,18 @@ def write_tensorboard(comparison: Comparison, log_dir: str) -> None:
                 for path, stats in result.latency.items():
                     tf.summary.scalar(f"{runtime}/latency_p50_ms/{path.path}", stats.p50,
                                       step=0)
+                for pair, matches in comparison.at_equal_budget.get(runtime, {}).items():
+                    if pair.model == loaded.name:
+                        _equal_budget_scalars(runtime, pair, matches)
         writer.close()
+
+
+def _equal_budget_scalars(runtime: str, pair: Pair, matches: List[Match]) -> None:
+    for matched in matches:
+        if matched.point is not None:
+            tf.summary.scalar(f"{runtime}/at_equal_budget/{pair.other}/accuracy_difference",
+                              matched.difference,
+                              step=int(round(matched.target.expected_macs / 1e3)))
 
 
 def write(comparison: Comparison, report_dir: str) -> Tuple[dict, List[str]]:

@@ -30,7 +30,7 @@ def test_inference_benchmark_prints_and_writes_every_measurement(tmp_path, capsy
     result = json.loads(out.read_text())
     # report.json's content (ranet.eval), then the benchmark's own measurements.
     assert result["runtimes"] == ["tf", "litert", "litert_int8"]
-    assert result["adaptive_model"] == "ranet" and result["pytorch_full_ms"] == 23.4
+    assert result["adaptive_models"] == ["ranet"] and result["pytorch_full_ms"] == 23.4
     views = {model["name"]: model["runtimes"] for model in result["models"]}
 
     # RANet's point at VGG16's accuracy on each runtime is timed too, unless it is the default.

@@ -47,12 +47,13 @@ def test_the_contest_trains_resumes_and_reports(tmp_path):
     assert json.loads((reports[1] / "report.json").read_text())["latency_block"] == 2
     assert log.count("ranet: accuracy of every exit") == 1
     assert [m["name"] for m in report["models"]] == ["ranet", "vgg16"]
-    entry = report["at_equal_accuracy"]["tf"]["vgg16"]
-    assert entry["baseline_accuracy"] == \
-        report["models"][1]["runtimes"]["tf"]["exits"][0]["accuracy"]
+    (entry,) = report["at_equal_accuracy"]["tf"]["ranet vs vgg16"]
+    accuracy = entry["accuracy"]
+    assert accuracy["vgg16"] == report["models"][1]["runtimes"]["tf"]["exits"][0]["accuracy"]
     low, high = entry["difference_ci95"]
-    assert low <= entry["ranet_accuracy"] - entry["baseline_accuracy"] <= high
-    assert entry["ranet_point"]["path"] in report["models"][0]["runtimes"]["tf"]["latency_ms"]
+    assert low <= accuracy["ranet"] - accuracy["vgg16"] <= high
+    assert entry["points"]["ranet"]["path"] in \
+        report["models"][0]["runtimes"]["tf"]["latency_ms"]
     assert "## At equal accuracy" in (reports[0] / "report.md").read_text()
 
     # Again: nothing is trained or evaluated twice.

@@ -103,7 +103,8 @@ def test_markdown_and_files(tmp_path):
     assert "| exit | MMACs | tf | litert_int8 |" in text
     content, written = report.write(compared, str(tmp_path))
     assert {p.rsplit("/", 1)[1] for p in written} == {
-        "report.json", "report.md", "accuracy_vs_macs.png", "accuracy_vs_latency.png"}
+        "report.json", "report.md", "accuracy_vs_macs.png", "accuracy_vs_latency.png",
+        "anytime.png", "budgeted_macs.png"}
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(
         json.dumps(content))
     assert (tmp_path / "tensorboard" / "ranet").is_dir()
