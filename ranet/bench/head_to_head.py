@@ -7,9 +7,10 @@ trains every model of the contest for the same budget with its own ``*_cifar10_1
 preset, one after another, then runs ``ranet.eval`` on the test split, which evaluates every
 model once and times it once per latency block (1: cold caches, 10: warm), and leaves each
 block's report in ``<out>/report/latency_block<N>``:
-its ``at_equal_accuracy`` section says how much faster RANet answers at each baseline's
-accuracy. ``--epochs=E`` instead trains each model for E epochs of its converged recipe
-(``*_cifar10`` presets), the paper's contest on GPUs.
+its ``at_equal_accuracy`` section says how much faster each model with exits answers at each
+baseline's accuracy, and ``at_equal_budget`` sets models with exits against each other.
+``--epochs=E`` instead trains each model for E epochs of its converged recipe (``*_cifar10``
+presets), the paper's contest on GPUs.
 
 Resumable: every model trains in ``<out>/models/<model>`` and is marked trained when its
 run ends; running the same command again skips what is trained, resumes an interrupted
@@ -34,8 +35,8 @@ from ranet.errors import UsageError
 from ranet.inference import report
 from ranet.inference.comparison import RUNTIMES, ComparisonOptions
 
-# Model -> (preset for a time budget, preset for --epochs). The eval's at-equal-accuracy
-# section compares the model with several exits (RANet) to each of the others.
+# Model -> (preset for a time budget, preset for --epochs). The eval compares each model with
+# several exits to each of the others.
 CONTEST = {
     "ranet": ("ranet_cifar10_1h_cpu", "ranet_cifar10"),
     "vgg16": ("vgg16_cifar10_1h_cpu", "vgg16_cifar10"),

@@ -61,8 +61,8 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 def compared_path(evaluation: ModelEvaluation) -> Tuple[PointId, float]:
-    """The path a model is compared by, and its accuracy: RANet's adaptive path at its
-    default point, a baseline's full pass."""
+    """The path a model is compared by, and its accuracy: a model with exits, its adaptive
+    path at its default point; a baseline, its full pass."""
     if evaluation.is_adaptive:
         return points.DEFAULT, evaluation.default.point.accuracy
     return points.FULL, evaluation.exit_accuracy[-1]

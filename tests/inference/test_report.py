@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 
+from ranet import costs
 from ranet.inference import comparison, evaluation, points, report
 from ranet.inference.latency import LatencyStats
 from helpers import HAND_COST as COST
 from helpers import HAND_EXIT_1 as EXIT_1
 from helpers import HAND_EXIT_2 as EXIT_2
-from helpers import hand_images, loaded
+from helpers import HAND_LABELS, event_scalars, hand_images, loaded
 
 
 def _compared(runtimes=("tf", "litert_int8"), budget=20.0):
@@ -144,3 +145,115 @@ def test_one_report_folder_per_latency_block():
     assert report.report_dirs("/r", [1]) == {1: "/r"}
     assert report.report_dirs("/r", [1, 10]) == {1: "/r/latency_block1",
                                                  10: "/r/latency_block10"}
+
+
+# A second model with exits on the same four images: exit 1 (5 M) right on images 1 and 3,
+# exit 2 (25 M) on images 0, 1 and 2.
+MSDNET_EXITS = [[[0.3, 0.7], [0.1, 0.9], [0.95, 0.05], [0.6, 0.4]],
+                [[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.1, 0.9]]]
+MSDNET_COST = costs.ModelCost("msdnet", 1, [costs.ExitCost(1, 5_000_000, 1),
+                                            costs.ExitCost(2, 25_000_000, 1)])
+# Right on images 0, 1 and 3 at 40 M.
+VGG16_EXITS = [[[0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.9, 0.1]]]
+VGG16_COST = costs.ModelCost("vgg16", 1, [costs.ExitCost(1, 40_000_000, 1)])
+
+
+def _two_with_exits(runtimes=("tf", "litert_int8")):
+    """RANet, MSDNet and VGG16 matched as ``compare`` matches them, every path it would time
+    given a p50 (RANet's default point 2 ms, MSDNet's 3 ms)."""
+    images = hand_images()
+    models = {"ranet": (np.array([EXIT_1, EXIT_2]), COST),
+              "msdnet": (np.array(MSDNET_EXITS), MSDNET_COST),
+              "vgg16": (np.array(VGG16_EXITS), VGG16_COST)}
+    options = comparison.ComparisonOptions(model_dir=tuple(f"/runs/{m}" for m in models),
+                                           batch_size=16, runtimes=tuple(runtimes))
+    # int8 calibrates on other outputs (image 0's twice), so its thresholds differ.
+    calibration_images = {"tf": [0, 1, 2, 3], "litert_int8": [0, 0, 2, 3]}
+    evaluations = {runtime: {name: evaluation.evaluate_exits(
+        probabilities[:, calibration_images[runtime]], probabilities, cost, images, name=name,
+        model_dir=f"/runs/{name}", checkpoint="ckpt-1", budgets_mflops=(20,))
+        for name, (probabilities, cost) in models.items()} for runtime in options.runtimes}
+    at_equal_accuracy, at_equal_budget, timed = comparison.match_models(evaluations,
+                                                                        HAND_LABELS)
+    p50 = {"ranet": 2.0, "msdnet": 3.0, "vgg16": 4.0}
+
+    def stats(name, path):
+        value = p50[name] + (path != points.DEFAULT)
+        return LatencyStats(p50=value, p90=value, p99=value, mean=value, num_samples=4)
+    return comparison.Comparison(
+        options=options, images=images,
+        models=[loaded(name, evaluations["tf"][name]) for name in models],
+        results={runtime: {name: comparison.ModelResult(
+            evaluations[runtime][name],
+            {path: stats(name, path) for path in [points.FULL, *timed[runtime, name]]},
+            {16: {}}) for name in models} for runtime in options.runtimes},
+        at_equal_accuracy=at_equal_accuracy, at_equal_budget=at_equal_budget)
+
+
+def test_two_models_with_exits_are_matched_at_equal_budget(tmp_path):
+    compared = _two_with_exits()
+    content = report.build(compared)
+    assert content["adaptive_models"] == ["ranet", "msdnet"]
+    for runtime in ("tf", "litert_int8"):
+        # Each model with exits against the baseline, and the first against the second.
+        assert list(content["at_equal_accuracy"][runtime]) == [
+            "ranet vs vgg16", "msdnet vs vgg16", "ranet vs msdnet"]
+        assert list(content["at_equal_budget"][runtime]) == ["ranet vs msdnet"]
+        views = {m["name"]: m["runtimes"][runtime] for m in content["models"]}
+        # Both models' points at VGG16's accuracy are timed.
+        for name in ("ranet", "msdnet"):
+            (entry,) = content["at_equal_accuracy"][runtime][f"{name} vs vgg16"]
+            assert entry["points"][name]["path"] in views[name]["latency_ms"]
+        msdnet_points = {p["expected_macs"] for p in views["msdnet"]["budgeted"]} | {
+            views["msdnet"]["default"]["expected_macs"]}
+        budgets = content["at_equal_budget"][runtime]["ranet vs msdnet"]
+        # One entry per distinct point of MSDNet, at its cost as its own view gives it.
+        assert [e["macs"] for e in budgets] == sorted(msdnet_points)
+        for entry in budgets:
+            assert entry["points"]["msdnet"]["expected_macs"] == entry["macs"]
+            if entry["points"]["ranet"] is not None:
+                assert entry["points"]["ranet"]["expected_macs"] <= entry["macs"]
+
+    # On TensorFlow's outputs, by hand: MSDNet's points cost 5, 10, 15, 20 and 25 M; RANet's
+    # cheapest costs 15 M (T1 = 0.6: images 0, 1 and 2 leave at exit 1, image 1 wrong).
+    budgets = content["at_equal_budget"]["tf"]["ranet vs msdnet"]
+    assert [e["macs"] / 1e6 for e in budgets] == [5, 10, 15, 20, 25]
+    assert [e["reason"] for e in budgets[:2]] == [
+        "no ranet point costs at most 5.00 M multiply-adds; its cheapest costs 15.00 M",
+        "no ranet point costs at most 10.00 M multiply-adds; its cheapest costs 15.00 M"]
+    # At MSDNet's default (25 M, right on images 0-2), RANet's T1 = 0.9 (25 M) is right on
+    # all four: one image apart, d = 0.25, var = (1 - 4 x 0.0625) / 16. Both are the default
+    # points, timed: 3 ms / 2 ms.
+    top = budgets[-1]
+    assert top["accuracy"] == {"ranet": 1.0, "msdnet": 0.75}
+    assert top["points"]["ranet"]["thresholds"] == [0.9, "-inf"]
+    half = 1.959963984540054 * np.sqrt(0.75) / 4
+    assert top["difference_ci95"] == pytest.approx([0.25 - half, 0.25 + half])
+    assert top["points"]["ranet"]["path"] == top["points"]["msdnet"]["path"] == "adaptive"
+    assert top["latency_ratio_p50"] == 1.5
+    verdict = content["verdict"]["tf"]["ranet vs msdnet"]
+    assert verdict["text"] == ("ranet vs msdnet (tf): ranet leads at 0 of 5 budgets, msdnet "
+                               "at 0, 3 within the interval, 2 cheaper than any ranet point "
+                               "(5.0-10.0 MMACs)")
+    assert verdict["unmatched"] == [5e6, 10e6]
+
+    text = report.markdown(compared)
+    assert "| tf | ranet | vgg16 | 75.00% |" in text and "| tf | msdnet | vgg16 | 75.00% |" in text
+    assert "## ranet vs msdnet" in text and f"- {verdict['text']}" in text
+    assert "- ranet vs msdnet (litert_int8): " in text
+    assert "### ranet vs msdnet (litert_int8)" in text
+    assert ("| default | 25.00 | 75.00% | q=1.05 | 25.00 | 100.00% | +25.00 [-17.43, +67.43] "
+            "|") in text
+    assert "| budget 20 M | 5.00 | 50.00% | none cheap enough |" in text
+
+    _, written = report.write(compared, str(tmp_path))
+    assert {"anytime.png", "budgeted_macs.png"} <= {p.rsplit("/", 1)[1] for p in written}
+    scalars = event_scalars(tmp_path / "tensorboard", "ranet")
+    assert scalars["tf/at_equal_budget/msdnet/accuracy_difference"][25_000] == \
+        pytest.approx(0.25)
+
+
+def test_the_order_of_runtimes_changes_nothing_with_two_models_with_exits():
+    forward, backward = _two_with_exits(), _two_with_exits(("litert_int8", "tf"))
+    assert json.dumps(report.build(backward)) == json.dumps(report.build(forward))
+    assert report.markdown(backward) == report.markdown(forward)
