@@ -11,6 +11,7 @@ from ranet.config import ModelConfig
 from ranet.models import ExitInfo, StagedClassifier, get_model
 from ranet.models.layers import classifier_dense
 from ranet.models.staged import StageBuilder
+from tests.helpers import REPO_ROOT
 
 _SCRIPT = dict(scale_list=(1, 2, 3, 3), growth_factors=(4, 2, 1, 1), bottleneck_factors=(4, 2, 1, 1))
 
@@ -227,7 +228,6 @@ IMAGENET_REFERENCE = {
                                   for name in sorted(IMAGENET_REFERENCE)])
 def test_imagenet_configurations_match_the_reference_counter(name):
     import json
-    from tests.helpers import REPO_ROOT
     counts = json.loads((REPO_ROOT / "tests" / "fixtures" / "reference" /
                          "imagenet_counts.json").read_text())[name]
     keras.mixed_precision.set_global_policy("float32")
@@ -278,3 +278,71 @@ def test_cifar_mobilenet_v2_differs_from_the_imagenet_form_only_as_its_strides_s
 def test_imagenet_presets_are_the_counted_configurations(preset, reference):
     from ranet import cli
     assert cli.preset_config(preset).model == IMAGENET_REFERENCE[reference]
+
+
+# MSDNet: the counts of the reference's own counter (kalviny/MSDNet-PyTorch op_counter.py),
+# one configuration per process, made as tests/fixtures/msdnet/HOW_MADE.md says.
+MSDNET_COUNTS = REPO_ROOT / "tests" / "fixtures" / "msdnet" / "counts.json"
+# The reference's argument names (its args.py) and the flags here that mean the same.
+MSDNET_REFERENCE_FLAGS = {
+    "--data": "--dataset", "--nBlocks": "--num_blocks", "--stepmode": "--step_mode",
+    "--step": "--step", "--base": "--base_layers", "--nChannels": "--base_channels",
+    "--growthRate": "--growth_rate", "--grFactor": "--growth_factors",
+    "--bnFactor": "--bottleneck_factors", "--prune": "--prune", "--reduction": "--reduction",
+    "--bottleneck": "--bottleneck",
+}
+# Which preset is which counted configuration.
+MSDNET_PRESETS = {"msdnet_cifar10": "cifar10_paper", "msdnet_cifar100": "cifar100_paper",
+                  "msdnet_imagenet": "imagenet_step4", "msdnet_imagenet_step7": "imagenet_step7",
+                  "msdnet_cifar10_1h_cpu": "cifar10_paper"}
+
+
+# Its argparse defaults, where they differ from the defaults here (RANet's).
+MSDNET_REFERENCE_DEFAULTS = ["--nBlocks", "1", "--nChannels", "32", "--base", "4", "--step", "1",
+                             "--growthRate", "6", "--grFactor", "1-2-4", "--bnFactor", "1-2-4"]
+
+
+def msdnet_flags(reference_flags) -> list:
+    """The flags here for the reference's argument list (``--bottleneck ""`` is its False)."""
+    result = ["--model=msdnet"]
+    flags = MSDNET_REFERENCE_DEFAULTS + list(reference_flags)
+    for name, value in zip(flags[::2], flags[1::2]):
+        if name == "--arch":
+            continue
+        if name == "--bottleneck":
+            value = "true" if value else "false"  # its argparse type is bool(str)
+        result.append(f"{MSDNET_REFERENCE_FLAGS[name]}={value.lower()}")
+    return result
+
+
+def _msdnet_config(name: str) -> ModelConfig:
+    import json
+
+    from tests.reference.test_importing import config_from_flags
+    flags = json.loads(MSDNET_COUNTS.read_text())[name]["flags"]
+    return config_from_flags("/nonexistent", msdnet_flags(flags)).model
+
+
+# The 62 M-parameter ImageNet model takes ~10 s to build: in the slow tier.
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name == "imagenet_step7" else name
+    for name in ["cifar10_paper", "cifar100_paper", "imagenet_step4", "imagenet_step7",
+                 "cifar10_lin_grow", "cifar100_anytime", "cifar10_prune_min",
+                 "cifar10_no_bottleneck", "cifar10_reduction1"]])
+def test_msdnet_matches_the_reference_counter_exactly(name):
+    import json
+    counts = json.loads(MSDNET_COUNTS.read_text())[name]
+    keras.mixed_precision.set_global_policy("float32")
+    config = _msdnet_config(name)
+    cost = costs.count(get_model(config))
+    assert cost.model == "msdnet"
+    assert cost.params == counts["params"]
+    assert [e.macs for e in cost.exits] == counts["exit_macs"]
+    assert [e.params for e in cost.exits] == counts["exit_params"]
+
+
+@pytest.mark.parametrize("preset", sorted(MSDNET_PRESETS))
+def test_msdnet_presets_are_the_counted_configurations(preset):
+    from ranet import cli
+    model = cli.preset_config(preset).model
+    assert model == _msdnet_config(MSDNET_PRESETS[preset])

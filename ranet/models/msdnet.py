@@ -12,6 +12,11 @@ arithmetic and forward order exactly, so that parameter counts and multiply-adds
 * block b holds ``base_layers`` (b = 1) or ``step`` / ``step * (b-1) + 1`` layers and ends
   with exit b, which reads the coarsest scale. Every exit is a stage boundary.
 
+One departure, where the reference computes what nothing reads: its last layer also grows
+the scales finer than the coarsest, which no exit reads (only configurations whose last layer
+keeps several scales, none of the presets). The port leaves those branches out
+(``unread_branches``), the import skips their tensors, and its counts are lower by theirs.
+
 Layers are named after the reference's modules: ``block{b}_layer{p}`` is
 ``blocks.{b-1}.{p}`` (p counts the first layer and the transitions, as the reference's
 Sequential does), ``_scale{s}`` the branch of absolute scale s (0 = finest). Cross-stage
@@ -20,7 +25,7 @@ features are ``scale{s}``.
 
 import dataclasses
 import math
-from typing import List
+from typing import List, Tuple
 
 from keras import layers
 
@@ -107,6 +112,23 @@ def layer_plan(config: ModelConfig) -> List[List[PlannedLayer]]:
                 position += 1
         plan.append(planned_block)
     return plan
+
+
+def unread_branches(config: ModelConfig) -> List[Tuple[int, int, int]]:
+    """(block, position, scale) of the last block's branches whose output no exit reads."""
+    plan = layer_plan(config)
+    live, unread = {len(config.growth_factors) - 1}, []  # the last exit reads the coarsest
+    for planned in reversed(plan[-1]):
+        inputs = set()
+        for scale in range(planned.offset, planned.num_scales):
+            if scale not in live:
+                unread.append((len(plan), planned.position, scale))
+                continue
+            inputs.add(scale)  # the concatenation starts with it
+            if planned.kind == "layer" and (scale > planned.offset or planned.drops_a_scale):
+                inputs.add(scale - 1)  # the strided half of the growth reads the finer one
+        live = inputs
+    return sorted(unread)
 
 
 def _resolution_after_stride_2(size: int) -> int:

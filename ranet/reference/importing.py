@@ -76,6 +76,10 @@ def build_imported_model(config: config_lib.ExperimentConfig, state_dict) -> mod
         model = models.get_model(config.model)
     for variable, value in mapping.assignments(model, state_dict, config.model):
         variable.assign(value)
+    unread = mapping.unread_keys(mapping.strip_data_parallel(state_dict), config.model)
+    if unread:
+        logging.info("left out %d tensors of modules that no exit reads (%s ...)",
+                     len(unread), unread[0])
     return model
 
 

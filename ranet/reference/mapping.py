@@ -113,8 +113,27 @@ def _msdnet_module_of(layer_base: str, config: ModelConfig) -> Tuple[str, int, i
     return f"{module}.layers.{branch}.conv_{path}.net", conv, bn
 
 
+def _msdnet_unread_modules(config: ModelConfig) -> Tuple[str, ...]:
+    """The reference modules of ``msdnet.unread_branches``: computed there, read by no exit."""
+    plans = msdnet.layer_plan(config)
+    prefixes = []
+    for block, position, scale in msdnet.unread_branches(config):
+        planned = next(p for p in plans[block - 1] if p.position == position)
+        kind = "layers" if planned.kind == "layer" else "m"
+        prefixes.append(f"blocks.{block - 1}.{position}.{kind}.{scale - planned.offset}.")
+    return tuple(prefixes)
+
+
 _MODULE_OF = {"ranet": _ranet_module_of, "msdnet": _msdnet_module_of}
+# Modules of a reference checkpoint that the port does not build, because no exit reads them.
+_UNREAD_MODULES = {"ranet": lambda config: (), "msdnet": _msdnet_unread_modules}
 IMPORTABLE_MODELS = tuple(_MODULE_OF)
+
+
+def unread_keys(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -> List[str]:
+    """The tensors of ``state_dict`` (without ``module.``) of modules no exit reads."""
+    prefixes = _UNREAD_MODULES[config.name](config)
+    return sorted(key for key in state_dict if prefixes and key.startswith(prefixes))
 
 
 def _oihw_to_hwio(tensor: np.ndarray) -> np.ndarray:
@@ -172,8 +191,9 @@ def assignments(model: StagedClassifier, state_dict: Mapping[str, np.ndarray],
                 config: ModelConfig) -> List[Tuple[object, np.ndarray]]:
     """(variable, value) for every variable of ``model``, from the reference ``state_dict``.
 
-    Every reference tensor must be used exactly once (``IGNORED_SUFFIXES`` aside), every
-    variable filled, and shapes equal; otherwise ``MappingError`` lists every mismatch.
+    Every reference tensor must be used exactly once (``IGNORED_SUFFIXES`` and
+    ``unread_keys`` aside), every variable filled, and shapes equal; otherwise
+    ``MappingError`` lists every mismatch.
     """
     state_dict = strip_data_parallel(state_dict)
     problems, pairs, used = [], [], {}
@@ -197,8 +217,9 @@ def assignments(model: StagedClassifier, state_dict: Mapping[str, np.ndarray],
                             f"expected {tuple(variable.shape)})")
             continue
         pairs.append((variable, value.astype(np.float32)))
+    unread = set(unread_keys(state_dict, config))
     unused = sorted(key for key in state_dict
-                    if key not in used and not key.endswith(IGNORED_SUFFIXES))
+                    if key not in used and key not in unread and not key.endswith(IGNORED_SUFFIXES))
     problems += [f"{key} {tuple(np.shape(state_dict[key]))} is not used by any variable"
                  for key in unused]
     if problems:
