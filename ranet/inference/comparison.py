@@ -366,7 +366,7 @@ def _against_baselines(evaluations: Dict[str, evaluation.ModelEvaluation],
     return chosen
 
 
-def adaptive_pairs(names: Sequence[str]) -> List[Pair]:
+def _adaptive_pairs(names: Sequence[str]) -> List[Pair]:
     """Each of ``names`` (the models with exits, in the order given) against each listed
     after it."""
     return [Pair(model, other) for index, model in enumerate(names)
@@ -381,7 +381,7 @@ def _between_adaptive_models(evaluations: Dict[str, evaluation.ModelEvaluation],
     second, the first's points that answer the two questions. Nothing more is timed for
     them: a point has a latency where its thresholds were timed anyway."""
     accuracy, budget = {}, {}
-    for pair in adaptive_pairs([name for name, e in evaluations.items() if e.is_adaptive]):
+    for pair in _adaptive_pairs([name for name, e in evaluations.items() if e.is_adaptive]):
         model, other = evaluations[pair.model], evaluations[pair.other]
         pool = equal_accuracy.candidates_of(model, labels)
         targets = equal_accuracy.distinct(equal_accuracy.calibrated_candidates(other, labels))

@@ -287,8 +287,8 @@ def _pair_sections(comparison: Comparison) -> List[str]:
     each runtime's table, one row per point of the second model."""
     images = comparison.images
     verdicts = _verdicts(comparison)
-    pairs = list(dict.fromkeys(pair for by_pair in comparison.at_equal_budget.values()
-                               for pair in by_pair))
+    # Every runtime evaluates the same models, so holds the same pairs.
+    pairs = next(iter(verdicts.values()), {})
     lines = []
     for pair in pairs:
         model, other = pair.model, pair.other
@@ -301,12 +301,10 @@ def _pair_sections(comparison: Comparison) -> List[str]:
                   f"point of {model} as accurate, with ratios {other} / {model} (> 1: "
                   f"{model} computes less, answers sooner; latency only where both points "
                   "were timed).", ""]
-        lines += [f"- {verdicts[runtime][pair].text}" for runtime in verdicts
-                  if pair in verdicts[runtime]]
+        lines += [f"- {by_pair[pair].text}" for by_pair in verdicts.values()]
         for runtime in verdicts:
-            if pair in comparison.at_equal_budget[runtime]:
-                lines += ["", f"### {pair.key} ({runtime})", ""]
-                lines += _pair_rows(comparison, runtime, pair)
+            lines += ["", f"### {pair.key} ({runtime})", ""]
+            lines += _pair_rows(comparison, runtime, pair)
     return lines
 
 
