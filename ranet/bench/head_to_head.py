@@ -39,6 +39,7 @@ from ranet.inference.comparison import RUNTIMES, ComparisonOptions
 # several exits to each of the others.
 CONTEST = {
     "ranet": ("ranet_cifar10_1h_cpu", "ranet_cifar10"),
+    "msdnet": ("msdnet_cifar10_1h_cpu", "msdnet_cifar10"),
     "vgg16": ("vgg16_cifar10_1h_cpu", "vgg16_cifar10"),
     "resnet50": ("resnet50_cifar10_1h_cpu", "resnet50_cifar10"),
     "mobilenet_v2": ("mobilenet_v2_cifar10_1h_cpu", "mobilenet_v2_cifar10"),
