@@ -319,8 +319,9 @@ def _msdnet_config(name: str) -> ModelConfig:
     import json
 
     from tests.reference.test_importing import config_from_flags
-    flags = json.loads(MSDNET_COUNTS.read_text())[name]["flags"]
-    return config_from_flags("/nonexistent", msdnet_flags(flags)).model
+    counted = {**json.loads(MSDNET_COUNTS.read_text()),
+               **json.loads(MSDNET_COUNTS.with_name("counts_extra.json").read_text())}
+    return config_from_flags("/nonexistent", msdnet_flags(counted[name]["flags"])).model
 
 
 # The 62 M-parameter ImageNet model takes ~10 s to build: in the slow tier.
@@ -332,6 +333,16 @@ def _msdnet_config(name: str) -> ModelConfig:
 def test_msdnet_matches_the_reference_counter_exactly(name):
     import json
     counts = json.loads(MSDNET_COUNTS.read_text())[name]
+    _assert_msdnet_counts(name, counts)
+
+
+def test_msdnet_without_transitions_matches_the_reference_counter():
+    import json
+    counts = json.loads(MSDNET_COUNTS.with_name("counts_extra.json").read_text())
+    _assert_msdnet_counts("cifar10_reduction0", counts["cifar10_reduction0"])
+
+
+def _assert_msdnet_counts(name, counts):
     keras.mixed_precision.set_global_policy("float32")
     config = _msdnet_config(name)
     cost = costs.count(get_model(config))

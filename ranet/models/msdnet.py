@@ -166,10 +166,13 @@ def validate(config: ModelConfig) -> None:
     require(0 <= config.reduction <= 1,
             f"reduction must be in [0, 1] (0: no transitions). Received: {config.reduction}")
     coarsest = _coarsest_resolution(config)
-    require(_resolution_after_stride_2(_resolution_after_stride_2(coarsest)) >= 2,
-            f"image_size {config.image_size} is too small for {scales} scales: the coarsest "
-            f"is {coarsest}x{coarsest}, and each exit's two stride-2 convolutions and 2x2 "
-            "pool need at least 5x5. Use fewer scales (growth_factors entries).")
+    pooled = _resolution_after_stride_2(_resolution_after_stride_2(coarsest)) // 2
+    require(pooled == 1,
+            f"image_size {config.image_size} does not suit {scales} scales: the coarsest is "
+            f"{coarsest}x{coarsest}, and each exit's two stride-2 convolutions and 2x2 pool "
+            "must leave 1x1 (5x5 to 12x12), the one position its linear layer reads; the "
+            "reference fails otherwise. Use "
+            f"{'fewer' if pooled < 1 else 'more'} scales (growth_factors entries).")
     require(all(planned.channels >= 1 for block in layer_plan(config) for planned in block),
             f"reduction {config.reduction} leaves a transition without channels; raise it "
             "(or 0 for no transitions).")

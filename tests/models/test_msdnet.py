@@ -88,7 +88,9 @@ def test_gradient_equilibrium_changes_gradients_not_outputs():
     (dict(growth_rate=3, growth_factors=(1, 1, 2)),
      r"growth_rate x growth_factor must be even.*growth_rate=3"),
     (dict(growth_factors=(1, 2, 4, 4), bottleneck_factors=(1, 2, 4, 4)),
-     r"image_size 32 is too small for 4 scales: the coarsest is 4x4"),
+     r"image_size 32 does not suit 4 scales: the coarsest is 4x4.*Use fewer scales"),
+    (dict(imagenet=True, image_size=224, num_classes=1000),  # 3 scales: 14x14, heads 2x2
+     r"image_size 224 does not suit 3 scales: the coarsest is 14x14.*Use more scales"),
     (dict(bottleneck_factors=(1, 2)), r"one positive entry per scale"),
     (dict(reduction=1.5), r"reduction must be in \[0, 1\]"),
     (dict(base_layers=0), r"base_layers must be positive"),
