@@ -6,7 +6,8 @@
 trains every model of the contest for the same budget with its own ``*_cifar10_1h_cpu``
 preset, one after another, then runs ``ranet.eval`` on the test split, which evaluates every
 model once and times it once per latency block (1: cold caches, 10: warm), and leaves each
-block's report in ``<out>/report/latency_block<N>``:
+block's report in ``<out>/report/latency_block<N>``, beside ``training_curves.png`` (every
+model's validation accuracy against seconds of training, from its TensorBoard events):
 its ``at_equal_accuracy`` section says how much faster each model with exits answers at each
 baseline's accuracy, and ``at_equal_budget`` sets models with exits against each other.
 ``--epochs=E`` instead trains each model for E epochs of its converged recipe (``*_cifar10``
@@ -28,6 +29,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 from absl import flags, logging
 
 from ranet import cli, config as config_lib, jsonio
@@ -45,6 +47,7 @@ CONTEST = {
     "mobilenet_v2": ("mobilenet_v2_cifar10_1h_cpu", "mobilenet_v2_cifar10"),
 }
 SETTINGS_FILE = "head_to_head.json"
+CURVES_FILE = "training_curves"
 TRAINED_MARK = "head_to_head_trained.json"
 MODELS_SUBDIR = "models"
 REPORT_SUBDIR = "report"
@@ -222,6 +225,61 @@ def evaluate(out: str, options: ComparisonOptions) -> List[str]:
     return reports
 
 
+def validation_curves(model_dir: str) -> Dict[str, List[List[float]]]:
+    """{exit tag: [[seconds since the run's first event, accuracy], ...]} of a model's
+    validation events (a resumed run's pause counts as time)."""
+    import glob
+
+    import tensorflow as tf
+    events = [(event.wall_time, value)
+              for subdir in ("train", "validation")
+              for path in sorted(glob.glob(os.path.join(model_dir, subdir, "events.out.*")))
+              for event in map(tf.compat.v1.Event.FromString,
+                               tf.data.TFRecordDataset(path).as_numpy_iterator())
+              for value in (event.summary.value if subdir == "validation" else [None])]
+    if not events:
+        return {}
+    start = min(wall_time for wall_time, _ in events)
+    curves = {}
+    for wall_time, value in sorted(events, key=lambda e: e[0]):
+        if value is not None and value.tag.startswith("accuracy/exit_"):
+            accuracy = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") \
+                else value.simple_value
+            curves.setdefault(value.tag, []).append([wall_time - start, accuracy])
+    return curves
+
+
+def plot_training_curves(out: str, model_dirs: Dict[str, str]) -> List[str]:
+    """``<out>/report/training_curves.{png,json}``: each model's first and last exit on
+    validation against minutes of training, so that a reader sees where the curves cross."""
+    curves = {model: validation_curves(directory) for model, directory in model_dirs.items()}
+    curves = {model: c for model, c in curves.items() if c}
+    if not curves:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for index, (model, by_exit) in enumerate(curves.items()):
+        tags = sorted(by_exit, key=lambda tag: int(tag.rsplit("_", 1)[1]))
+        for tag, style in ((tags[-1], "-"), (tags[0], ":")) if len(tags) > 1 else ((tags[0], "-"),):
+            points = np.array(by_exit[tag])
+            label = model if len(tags) == 1 else f"{model} {tag.split('/')[1].replace('_', ' ')}"
+            axes.plot(points[:, 0] / 60, points[:, 1] * 100, style, marker=".",
+                      color=f"C{index % 10}", label=label)
+    axes.set_xlabel("minutes of training")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.set_title("Validation accuracy during training (first exit dotted)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    folder = os.path.join(out, REPORT_SUBDIR)
+    os.makedirs(folder, exist_ok=True)
+    png = os.path.join(folder, f"{CURVES_FILE}.png")
+    figure.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return [png, jsonio.write(os.path.join(folder, f"{CURVES_FILE}.json"), curves)]
+
+
 def main(values: flags.FlagValues) -> List[str]:
     if not values.out:
         raise UsageError("pass --out=/folder/of/the/contest")
@@ -230,7 +288,9 @@ def main(values: flags.FlagValues) -> List[str]:
                                     for m in contest.models])
     os.makedirs(values.out, exist_ok=True)
     _check_settings(values.out, contest)
-    train(values.out, contest, values.data_dir)
+    model_dirs = train(values.out, contest, values.data_dir)
+    for path in plot_training_curves(values.out, model_dirs):
+        logging.info("head_to_head: wrote %s", path)
     reports = evaluate(values.out, options)
     for report_dir in reports:
         logging.info("head_to_head: report in %s", os.path.join(report_dir, "report.md"))
