@@ -7,6 +7,7 @@ convolution at inference), float32 exit layers, and align-corners bilinear resiz
 
 import contextlib
 import contextvars
+import math
 from typing import Tuple
 
 import keras
@@ -24,13 +25,26 @@ _BN_EPSILON = 1e-5
 # the same in every process. A single module-level instance would have drawn its seed at
 # import (different in every process) and given every kernel of one shape the same values.
 def conv_initializer() -> keras.initializers.Initializer:
-    """normal(0, sqrt(2 / (k * k * out_channels))): the reference's conv initialisation."""
+    """normal(0, sqrt(2 / (k * k * out_channels))): the reference's conv initialisation;
+    PyTorch's default inside ``pytorch_default_initialization``."""
+    if _PYTORCH_DEFAULT_INIT.get():
+        return dense_initializer()
     return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
 
 
 def dense_initializer() -> keras.initializers.Initializer:
-    """PyTorch's nn.Linear default weight initialisation, uniform(+-1/sqrt(fan_in))."""
+    """PyTorch's default weight initialisation of nn.Linear and nn.Conv2d,
+    uniform(+-1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5))."""
     return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _bias_initializer(fan_in: int):
+    """Zeros, as the RANet reference leaves its biases; PyTorch's default,
+    uniform(+-1/sqrt(fan_in)), inside ``pytorch_default_initialization``."""
+    if not _PYTORCH_DEFAULT_INIT.get():
+        return "zeros"
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
 
 
 @contextlib.contextmanager
@@ -41,6 +55,21 @@ def _set_during(variable: contextvars.ContextVar, value):
         yield
     finally:
         variable.reset(token)
+
+
+# Set around a model build by ``pytorch_default_initialization``.
+_PYTORCH_DEFAULT_INIT = contextvars.ContextVar("pytorch_default_init", default=False)
+
+
+def pytorch_default_initialization():
+    """Convolutions and exit layers built inside start as PyTorch's defaults leave them:
+    weights and biases uniform(+-1/sqrt(fan_in)).
+
+    MSDNet-PyTorch trains from these: its ``_init_weights`` meant He-normal convolutions and
+    zero linear biases, but it visits only the direct children of its blocks and classifiers
+    (MSDNet layers and Sequentials, never a Conv2d or Linear), so it changes nothing.
+    """
+    return _set_during(_PYTORCH_DEFAULT_INIT, True)
 
 
 # Set around a model build by ``conv_padding`` (``ModelConfig.conv_padding``).
@@ -66,7 +95,9 @@ def conv2d(x, filters: int, kernel_size: int, strides: int = 1, use_bias: bool =
         x = layers.ZeroPadding2D((kernel_size - 1) // 2, name=f"{name}_pad")(x)
         padding = "valid"
     return layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
-                         use_bias=use_bias, kernel_initializer=conv_initializer(), name=name)(x)
+                         use_bias=use_bias, kernel_initializer=conv_initializer(),
+                         bias_initializer=_bias_initializer(x.shape[-1] * kernel_size ** 2),
+                         name=name)(x)
 
 
 def conv_bn_relu(x, filters: int, kernel_size: int = 3, strides: int = 1, name: str = ""):
@@ -268,7 +299,8 @@ def batch_norm(x, name: str):
 def classifier_dense(x, num_classes: int, name: str):
     """The exit's linear layer, always float32 so logits and softmax are float32."""
     return layers.Dense(num_classes, kernel_initializer=dense_initializer(),
-                        bias_initializer="zeros", dtype="float32", name=name)(x)
+                        bias_initializer=_bias_initializer(x.shape[-1]), dtype="float32",
+                        name=name)(x)
 
 
 @keras.saving.register_keras_serializable(package="ranet")

@@ -10,7 +10,9 @@ arithmetic and forward order exactly, so that parameter counts and multiply-adds
 * ``prune`` drops the finest scale on a schedule (``layer_plan``); under ``max`` a 1x1
   transition compresses every remaining scale after each drop (``reduction``);
 * block b holds ``base_layers`` (b = 1) or ``step`` / ``step * (b-1) + 1`` layers and ends
-  with exit b, which reads the coarsest scale. Every exit is a stage boundary.
+  with exit b, which reads the coarsest scale. Every exit is a stage boundary;
+* the initialisation is the one the reference really trains from: PyTorch's defaults
+  (``layers.pytorch_default_initialization`` says why).
 
 One departure, where the reference computes what nothing reads: its last layer also grows
 the scales finer than the coarsest, which no exit reads (only configurations whose last layer
@@ -31,7 +33,8 @@ from keras import layers
 
 from ranet.config import PRUNE_RULES, ModelConfig, check_choice, require
 from ranet.models.layers import (GradientRescale, bottleneck_conv, conv_bn_relu,
-                                 exit_classifier, imagenet_stem, in_gradient_equilibrium)
+                                 exit_classifier, imagenet_stem, in_gradient_equilibrium,
+                                 pytorch_default_initialization)
 from ranet.models.staged import ExitInfo, StageBuilder, StagedClassifier
 
 STEP_MODES = ("even", "lin_grow")
@@ -225,6 +228,12 @@ def _transition(features: List, planned: PlannedLayer, config: ModelConfig, name
 
 
 def build_msdnet(config: ModelConfig) -> StagedClassifier:
+    """The model, initialised as MSDNet-PyTorch's actually is (``pytorch_default_initialization``)."""
+    with pytorch_default_initialization():
+        return _build(config)
+
+
+def _build(config: ModelConfig) -> StagedClassifier:
     builder = StageBuilder(config.image_size)
     num_scales = len(config.growth_factors)
     exits = []

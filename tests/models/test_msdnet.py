@@ -104,3 +104,26 @@ def test_no_transitions_with_reduction_zero():
     plan = msdnet.layer_plan(dataclasses.replace(PAPER, reduction=0.0))
     assert not any(p.kind == "transition" for block in plan for p in block)
     get_model(dataclasses.replace(TINY_MSDNET, reduction=0.0))
+
+
+def test_initialised_as_the_reference_really_is_pytorch_defaults():
+    """MSDNet-PyTorch's _init_weights never reaches a Conv2d or Linear, so its weights and
+    biases keep PyTorch's defaults, uniform(+-1/sqrt(fan_in)); RANet's stay He-normal."""
+    model = get_model(TINY_MSDNET)
+    kernels = [v for v in model.trainable_variables if v.path.endswith("/kernel")]
+    for kernel in kernels:
+        values = np.asarray(kernel)
+        bound = 1 / np.sqrt(np.prod(values.shape[:-1]))
+        assert np.abs(values).max() <= bound, kernel.path
+        if values.size > 2000:  # enough values for the spread of a uniform distribution
+            assert abs(values.std() - bound / np.sqrt(3)) < 0.1 * bound / np.sqrt(3), kernel.path
+    bias = np.asarray(next(v for v in model.trainable_variables
+                           if v.path == "exit1_logits/bias"))
+    assert np.all(bias != 0) and np.abs(bias).max() <= 1 / np.sqrt(128)
+    ranet = get_model(dataclasses.replace(TINY_MSDNET, name="ranet", growth_factors=(4, 2, 1),
+                                          bottleneck_factors=(4, 2, 1)))
+    head = np.asarray(next(v for v in ranet.trainable_variables
+                           if v.path == "exit1_conv2_conv/kernel"))
+    assert abs(head.std() - np.sqrt(2 / (9 * 128))) < 0.05 * np.sqrt(2 / (9 * 128))
+    assert not np.any(np.asarray(next(v for v in ranet.trainable_variables
+                                      if v.path == "exit1_logits/bias")))
