@@ -10,7 +10,9 @@ stage of every image (in order, as early exit runs them),
 counts each stage file's operators, and fits ``p50 = a * ops + b * multiply-adds`` per
 precision over all stages: ``a`` is what one op costs whatever its size, ``1 / b`` the rate
 at which the arithmetic runs. That says how much of a model's time is per-op cost, which int8
-does not reduce, and how much is arithmetic, which it does.
+does not reduce, and how much is arithmetic, which it does. It also times every exit both
+ways, the stage files one after another and the one-graph file, image by image in turns:
+their ratio is what the hand-offs between stages cost.
 
 ``--between`` says what happens between two images, untimed, to take apart what a call
 that follows other work pays over a warm one (``ranet.eval``'s interleaved protocol):
@@ -93,6 +95,27 @@ def time_stages(stages: litert_runtime.LiteRTStages, images: np.ndarray,
     return [float(ms) for ms in 1e3 * np.median(seconds, axis=0)]
 
 
+def time_chain_and_one_graph(stages: litert_runtime.LiteRTStages, images: np.ndarray,
+                             warmup: int, between: Callable[[], None] = lambda: None):
+    """(p50 ms of every stage file run in order, p50 ms of the one-graph file that computes
+    the same exits), timed image by image, the two in turns (which goes first alternates)."""
+    def chain(image):
+        for k in range(stages.num_exits):
+            stages.run_stage(k, image)
+
+    paths = [chain, stages.every_exit]
+    seconds = np.empty((len(images), 2))
+    for row, image in enumerate(np.concatenate([images[:warmup], images])):
+        for turn in (row % 2, 1 - row % 2):
+            between()
+            started = time.perf_counter()
+            paths[turn](image)
+            if row >= warmup:
+                seconds[row - warmup, turn] = time.perf_counter() - started
+    chained, one_graph = 1e3 * np.median(seconds, axis=0)
+    return float(chained), float(one_graph)
+
+
 def fit_costs(ops: List[int], macs: List[float], ms: List[float]) -> Dict[str, Optional[float]]:
     """Least squares of ``ms = a * ops + b * macs`` over stages.
 
@@ -132,13 +155,17 @@ def main(values: flags.FlagValues) -> dict:
             for num_threads, (kind, between) in itertools.product(threads, betweens.items()):
                 stages = litert_runtime.LiteRTStages(export_dir, precision, num_threads)
                 ms = time_stages(stages, images, values.warmup, between)
+                chained, one_graph = time_chain_and_one_graph(stages, images, values.warmup,
+                                                              between)
                 results.append({
                     "model": manifest["model"], "export_dir": export_dir,
                     "precision": precision, "threads": num_threads, "between": kind,
                     "stages": [{"stage": k + 1, "ops": ops[k], "operators": counts[k],
                                 "macs": stage_macs[k], "p50_ms": ms[k]}
                                for k in range(len(files))],
-                    "fit": fit_costs(ops, stage_macs, ms) if len(files) > 1 else None})
+                    "fit": fit_costs(ops, stage_macs, ms) if len(files) > 1 else None,
+                    "chained_p50_ms": chained, "one_graph_p50_ms": one_graph,
+                    "chained_over_one_graph": chained / one_graph})
     _print(results)
     if values.json:
         jsonio.write(values.json, {"results": results})
@@ -162,6 +189,10 @@ def _print(results: List[dict]) -> None:
                     else "no time that grows with the multiply-adds")
             print(f"{result['model']:<10} {result['precision']:<5} {result['threads']:>3} "
                   f"{result['between']:<8} fit: {fit['us_per_op']:.1f} us per op + {rate}")
+        print(f"{result['model']:<10} {result['precision']:<5} {result['threads']:>3} "
+              f"{result['between']:<8} every exit: stage files in order "
+              f"{result['chained_p50_ms']:.3f} ms, one graph {result['one_graph_p50_ms']:.3f} "
+              f"ms ({result['chained_over_one_graph']:.2f}x)")
 
 
 def run() -> None:

@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from helpers import VGG16, write_model_dir
@@ -208,7 +209,32 @@ def test_stage_benchmark_times_and_counts_every_stage(tmp_path, capsys):
         assert stage["operators"]["CONV_2D"] > 0 and stage["ops"] >= stage["operators"]["CONV_2D"]
         assert stage["p50_ms"] > 0
     assert set(run["fit"]) == {"us_per_op", "gmacs_per_s"}
-    assert "us per op" in capsys.readouterr().out
+    assert run["chained_p50_ms"] > 0 and run["one_graph_p50_ms"] > 0
+    assert run["chained_over_one_graph"] == pytest.approx(
+        run["chained_p50_ms"] / run["one_graph_p50_ms"])
+    printed = capsys.readouterr().out
+    assert "us per op" in printed and "every exit: stage files in order" in printed
+
+
+def test_chain_and_one_graph_are_timed_in_turns_on_the_same_images():
+    class Stages:
+        num_exits, calls = 2, []
+
+        def run_stage(self, k, image):
+            self.calls.append(("stage", k, int(image[0])))
+
+        def every_exit(self, image):
+            self.calls.append(("one graph", int(image[0])))
+
+    stages = Stages()
+    chained, one_graph = litert_stages.time_chain_and_one_graph(
+        stages, np.arange(3).reshape(3, 1), warmup=1)
+    assert chained > 0 and one_graph > 0
+    # Image 0 (warm-up) chain first, image 0 one graph first, then the chain first again.
+    assert stages.calls == [("stage", 0, 0), ("stage", 1, 0), ("one graph", 0),
+                            ("one graph", 0), ("stage", 0, 0), ("stage", 1, 0),
+                            ("stage", 0, 1), ("stage", 1, 1), ("one graph", 1),
+                            ("one graph", 2), ("stage", 0, 2), ("stage", 1, 2)]
 
 
 def test_between_images_sleeps_or_reads_other_memory(monkeypatch):
