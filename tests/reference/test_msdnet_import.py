@@ -13,7 +13,7 @@ from ranet.data import imagenet
 from ranet.reference import importing, mapping, torch_file
 from ranet.training import model_dir as model_dir_lib
 from tests.helpers import REPO_ROOT
-from tests.reference.test_importing import config_from_flags
+from tests.reference.test_importing import assert_exits_match, config_from_flags
 from tests.test_costs import msdnet_flags
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "msdnet"
@@ -29,15 +29,7 @@ def _fixture(name: str, tmp_path):
 
 
 def _assert_logits_match(model, inputs, folder) -> None:
-    """Every exit within 1e-4 (1 + |logit|) of the reference's float32 logits, same argmax."""
-    reference = np.load(folder / "logits.npz")
-    outputs = model(inputs, training=False)
-    assert len(outputs) == len(reference.files) == model.num_exits
-    for k, logits in enumerate(outputs, start=1):
-        expected = reference[f"exit_{k}"]
-        error = np.abs(np.asarray(logits) - expected)
-        assert np.all(error <= 1e-4 * (1 + np.abs(expected))), (k, error.max())
-        np.testing.assert_array_equal(np.argmax(logits, 1), expected.argmax(1))
+    assert_exits_match(model(inputs, training=False), folder / "logits.npz", model.num_exits)
 
 
 def test_imported_model_directory_reproduces_the_reference_logits(tmp_path):
