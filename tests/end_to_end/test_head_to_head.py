@@ -72,5 +72,5 @@ def test_flag_errors_are_one_line(tmp_path):
     bad = python("-m", "ranet.bench.head_to_head", f"--out={tmp_path}", "--models=ranet,alexnet",
                  timeout=120)
     assert bad.returncode == 2
-    assert "error: --models takes distinct names among ranet, vgg16, resnet50, mobilenet_v2" \
+    assert "error: --models takes distinct names among ranet, msdnet, vgg16, resnet50, mobilenet_v2" \
         in bad.stderr and "Traceback" not in bad.stderr

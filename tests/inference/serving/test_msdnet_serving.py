@@ -21,7 +21,9 @@ NUM_EXITS = 3
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("msdnet")
-    return directory, write_model_dir(directory, TINY_MSDNET, logit_scale=6.0)
+    # PyTorch's initialisation leaves smaller logits than He-normal: sharpen them more, so
+    # that confidences spread rather than tie.
+    return directory, write_model_dir(directory, TINY_MSDNET, logit_scale=30.0)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +66,13 @@ def test_litert_stages_run_on_xnnpack_and_decide_as_tensorflow(model_dir, splits
     agreement = (stages["int8"].all_exit_logits(pixels).argmax(-1)
                  == stages["fp32"].all_exit_logits(pixels).argmax(-1)).mean(axis=1)
     assert np.all(agreement >= 0.9), agreement
+    # Thresholds calibrated on other images, so that no confidence compared equals one.
+    calibration_pixels = splits.test.images[48:240]
     probabilities = adaptive.all_exit_probabilities(
-        model, data.normalize(pixels, splits.mean, splits.std))
+        model, data.normalize(calibration_pixels, splits.mean, splits.std))
     for q in (0.5, 1.5):
         thresholds = calibration.thresholds_for_distribution(
             adaptive.confidence(probabilities), calibration.exit_distribution(q, NUM_EXITS))
         ties = _decisions_match_tensorflow(model, stages["fp32"], pixels, splits.mean,
                                            splits.std, thresholds)
-        assert ties <= 3, (q, ties)
+        assert ties <= 2, (q, ties)
