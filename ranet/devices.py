@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from ranet.config import dtype_policy
+from ranet.host import cpu_name
 
 
 def configure_host_devices(num_cpu_devices: int) -> None:
@@ -67,17 +68,6 @@ def precision_policy(precision: str):
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # Not Linux: fall back to what the platform module knows.
-    return platform.processor() or platform.machine()
 
 
 def device_info() -> dict:

@@ -19,6 +19,8 @@ manifest gives the files, the tensor names and the thresholds):
             return argmax(p), k + 1                   # the class and the exit it left at
 """
 
+import dataclasses
+import logging
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -26,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from ranet import jsonio
+from ranet import host, jsonio
 from ranet.errors import MissingPathError, UsageError
 from ranet.inference import points
 
@@ -92,6 +94,11 @@ def all_exits_file(batch_size: int) -> str:
     return "all_exits.tflite" if batch_size == 1 else f"all_exits_batch{batch_size}.tflite"
 
 
+def from_stage_file(s: int) -> str:
+    """The batch-1 file of stages s..K (1-based) in one graph."""
+    return f"from_stage{s}.tflite"
+
+
 def up_to_exit_file(k: int) -> str:
     """The batch-1 file of exits 1..k (1-based) in one graph."""
     return f"exits_1_to_{k}.tflite"
@@ -119,6 +126,15 @@ def confidence(probabilities: np.ndarray, kind: str) -> np.ndarray:
         return np.sum(probabilities * np.log(safe), axis=-1)
     raise ValueError(f"confidence must be one of {MAX_SOFTMAX}, {ENTROPY}. "
                      f"Received: confidence={kind!r}")
+
+
+def exit_fractions(probabilities: np.ndarray, thresholds: Sequence[float],
+                   kind: str) -> List[float]:
+    """The share of images leaving at each exit, for every exit's softmax [K, N, C]."""
+    sure = confidence(probabilities, kind) >= np.asarray(thresholds, np.float64)[:, None]
+    sure[-1] = True
+    counts = np.bincount(np.argmax(sure, axis=0), minlength=len(sure))
+    return [float(c) for c in counts / sure.shape[1]]
 
 
 def read_manifest(export_dir: str) -> dict:
@@ -207,30 +223,41 @@ class LiteRTStages:
                                   in available[precision].get("up_to_exit", {}).items()}
         self._up_to_exit: Dict[int, AllExits] = {}
         self._num_threads = num_threads
-        inputs, outputs = [], []
+        self._from_stage_paths = {int(first): os.path.join(export_dir, path) for first, path
+                                  in available[precision].get("from_stage", {}).items()}
+        self._from_stage: Dict[int, "_FromStage"] = {}
+        self._export_dir = export_dir
+        inputs, self._outputs = [], []
         for interpreter in self.interpreters:
             runner = interpreter.get_signature_runner(SIGNATURE)
             inputs.append({name: d["index"] for name, d in runner.get_input_details().items()})
-            outputs.append({name: d["index"] for name, d in runner.get_output_details().items()})
+            self._outputs.append({name: d["index"]
+                                  for name, d in runner.get_output_details().items()})
             del runner  # it holds the interpreter; allocate and invoke without it
             interpreter.allocate_tensors()
         self._image = self.interpreters[0].tensor(inputs[0][IMAGES])
         self._logits = [interpreter.tensor(out[LOGITS])
-                        for interpreter, out in zip(self.interpreters, outputs)]
-        # For each stage: (its input buffer, the output buffer of the stage that made it).
-        self._copies = []
-        for k, stage_inputs in enumerate(inputs):
-            copies = []
-            for name, index in stage_inputs.items():
-                if name == IMAGES:
-                    continue
-                producer = max((j for j in range(k) if name in outputs[j]), default=None)
-                if producer is None:
-                    raise UsageError(f"stage {k + 1} reads {name!r}, which no earlier stage "
-                                     f"outputs: {export_dir} is damaged; export it again.")
-                copies.append((self.interpreters[k].tensor(index),
-                               self.interpreters[producer].tensor(outputs[producer][name])))
-            self._copies.append(copies)
+                        for interpreter, out in zip(self.interpreters, self._outputs)]
+        self._copies = [self._feeds(self.interpreters[k], stage_inputs, k)
+                        for k, stage_inputs in enumerate(inputs)]
+        self._timings: Optional[RouteTimings] = None
+
+    def _feeds(self, interpreter: Interpreter, inputs: Dict[str, int], first: int):
+        """(input buffer, output buffer of the stage that made it) for each feature a file
+        that runs from stage ``first`` (0-based) reads: the last stage before it that
+        outputs the name. Features are copied as they are (float32, or int8 at the
+        producer's scale)."""
+        copies = []
+        for name, index in inputs.items():
+            if name == IMAGES:
+                continue
+            producer = max((j for j in range(first) if name in self._outputs[j]), default=None)
+            if producer is None:
+                raise UsageError(f"stage {first + 1} reads {name!r}, which no earlier stage "
+                                 f"outputs: {self._export_dir} is damaged; export it again.")
+            copies.append((interpreter.tensor(index),
+                           self.interpreters[producer].tensor(self._outputs[producer][name])))
+        return copies
 
     def run_stage(self, k: int, image: Optional[np.ndarray] = None) -> np.ndarray:
         """Runs stage k (0-based) on the features the earlier stages left; returns its logits.
@@ -265,6 +292,46 @@ class LiteRTStages:
             self._up_to_exit[k] = AllExits(self._up_to_exit_paths[k], k, self._num_threads)
         return self._up_to_exit[k]
 
+    def from_stage(self, first: int) -> Optional["_FromStage"]:
+        """The file that runs stages ``first``..K (1-based) in one call, fed by the stages
+        before it (loaded once): first = 1 is the batch-1 one-graph file; None where the
+        export has no such file (first = K: the last stage file is that route)."""
+        if first == 1:
+            path = self._all_exits_paths.get(1)
+        else:
+            path = self._from_stage_paths.get(first)
+        if path is None:
+            return None
+        if first not in self._from_stage:
+            self._from_stage[first] = _FromStage(self, path, first)
+        return self._from_stage[first]
+
+    def run_from(self, first: int, image: Optional[np.ndarray] = None) -> np.ndarray:
+        """The logits [K - first + 1, C] of exits first..K (1-based), stages before
+        ``first`` having run on this image (``run_stage``); first = 1 takes ``image``."""
+        if first == self.num_exits:
+            return self.run_stage(first - 1, image)[None]
+        return self.from_stage(first).run(image)
+
+    def route_timings(self) -> "RouteTimings":
+        """What each call of a route costs here: the manifest's timings where they were taken
+        on a host like this one (CPU model, cores, threads setting), else timed now, once."""
+        if self._timings is None:
+            recorded = self.manifest["precisions"][self.precision].get("routes", {})
+            if recorded.get("timings", {}).get("host") == this_host(self._num_threads):
+                self._timings = RouteTimings.from_json(recorded["timings"])
+            else:
+                logging.info("timing the routes of %s (%s) on this host", self._export_dir,
+                             self.precision)
+                self._timings = time_routes(self)
+        return self._timings
+
+    @property
+    def routes(self) -> List[int]:
+        """The switch stages this export can run: 1..K where each from-stage file exists."""
+        return [s for s in range(1, self.num_exits + 1)
+                if s == self.num_exits or self.from_stage(s) is not None]
+
     def exits_up_to(self, image: np.ndarray, k: int) -> np.ndarray:
         """The logits [k, C] of exits 1..k for one image: the one-graph file where the export
         has it, else the stages in turn."""
@@ -290,47 +357,183 @@ class LiteRTStages:
         return logits
 
 
+class _FromStage:
+    """Stages ``first``..K (1-based) of an export in one file, fed from the stage files'
+    output buffers (first = 1: from the pixels)."""
+
+    def __init__(self, stages: LiteRTStages, path: str, first: int):
+        self.interpreter, self.num_threads = _interpreter(path, stages._num_threads)
+        runner = self.interpreter.get_signature_runner(SIGNATURE)
+        inputs = {name: d["index"] for name, d in runner.get_input_details().items()}
+        outputs = {name: d["index"] for name, d in runner.get_output_details().items()}
+        del runner  # it holds the interpreter; allocate and invoke without it
+        self.interpreter.allocate_tensors()
+        self._image_shape = stages.image_shape
+        self._image = self.interpreter.tensor(inputs[IMAGES]) if IMAGES in inputs else None
+        self._copies = stages._feeds(self.interpreter, inputs, first - 1)
+        self._logits = [self.interpreter.tensor(outputs[exit_logits_name(k)])
+                        for k in range(first - 1, stages.num_exits)]
+
+    def run(self, image: Optional[np.ndarray] = None) -> np.ndarray:
+        if self._image is not None:
+            np.copyto(self._image(), np.reshape(image, self._image_shape), casting="unsafe")
+        for destination, source in self._copies:
+            np.copyto(destination(), source())
+        self.interpreter.invoke()
+        return np.stack([logits()[0] for logits in self._logits])
+
+
+# A route is the switch stage s: stages 1..s-1 run one file each, an image leaving at the first
+# sure exit; an image that reaches stage s runs stages s..K in one call and leaves at the
+# first sure exit among them. s = K is the stage-by-stage loop; s = 1 the one-graph file with
+# the answer picked afterwards. Every route gives the same answers (the files are cut from one
+# graph); which is fastest depends on where images leave and what each call costs here.
+_ROUTE_ROUNDS, _ROUTE_WARMUP = 31, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteTimings:
+    """Median milliseconds per image of each call a route makes, on one host.
+
+    Attributes:
+        host: what the times depend on: the CPU model, its cores, the threads setting.
+        stage_ms: each stage file, fed from the stages before it, and its softmax.
+        from_stage_ms: first (1-based, every route but K) -> the from-stage file and the
+            softmax of its exits.
+    """
+    host: dict
+    stage_ms: List[float]
+    from_stage_ms: Dict[int, float]
+
+    def to_json(self) -> dict:
+        return {"host": self.host, "stage_ms": self.stage_ms,
+                "from_stage_ms": {str(s): ms for s, ms in self.from_stage_ms.items()}}
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "RouteTimings":
+        return cls(entry["host"], [float(ms) for ms in entry["stage_ms"]],
+                   {int(s): float(ms) for s, ms in entry["from_stage_ms"].items()})
+
+
+def this_host(num_threads: Threads) -> dict:
+    """The facts route timings depend on, as ``RouteTimings.host`` records them."""
+    return {"cpu": host.cpu_name(), "cores": os.cpu_count(),
+            "threads": "default" if num_threads is None else num_threads}
+
+
+def time_routes(stages: LiteRTStages) -> RouteTimings:
+    """Times every call a route can make, in the order early exit makes them: each round runs
+    the stages in turn, then each from-stage file after the stages before it."""
+    image = np.zeros(stages.image_shape, np.float32)
+    firsts = [s for s in stages.routes if s != stages.num_exits]
+    stage_seconds = np.empty((_ROUTE_ROUNDS, stages.num_exits))
+    from_seconds = np.empty((_ROUTE_ROUNDS, len(firsts)))
+    for round_ in range(-_ROUTE_WARMUP, _ROUTE_ROUNDS):
+        for k in range(stages.num_exits):
+            started = time.perf_counter()
+            softmax(stages.run_stage(k, image))
+            stage_seconds[round_, k] = time.perf_counter() - started
+        for column, first in enumerate(firsts):
+            for k in range(first - 1):  # untimed: the features this file reads
+                stages.run_stage(k, image)
+            started = time.perf_counter()
+            softmax(stages.run_from(first, image))
+            from_seconds[round_, column] = time.perf_counter() - started
+    stage_ms = [float(ms) for ms in 1e3 * np.median(stage_seconds, axis=0)]
+    from_ms = 1e3 * np.median(from_seconds, axis=0)
+    return RouteTimings(this_host(stages._num_threads), stage_ms,
+                        {first: float(ms) for first, ms in zip(firsts, from_ms)})
+
+
+def expected_route_ms(exit_fractions: Sequence[float], timings: RouteTimings,
+                      first: int) -> float:
+    """The mean time per image of route ``first`` for images leaving at each exit (1..K) in
+    these fractions: stage k runs for the images not out before it, the from-stage file for
+    those that reach stage ``first``."""
+    fractions = np.asarray(exit_fractions, np.float64)
+    reach = np.cumsum(fractions[::-1])[::-1]  # reach[k]: the images that get to exit k + 1
+    num_exits = len(fractions)
+    last = (timings.stage_ms[num_exits - 1] if first == num_exits
+            else timings.from_stage_ms[first])
+    return float(np.dot(reach[:first - 1], timings.stage_ms[:first - 1]) + reach[first - 1] * last)
+
+
+def choose_route(exit_fractions: Sequence[float], timings: RouteTimings,
+                 routes: Sequence[int]) -> Tuple[int, Dict[int, float]]:
+    """(the route of ``routes`` with the least expected time, every route's expected ms)."""
+    expected = {first: expected_route_ms(exit_fractions, timings, first) for first in routes}
+    return min(expected, key=lambda first: (expected[first], -first)), expected
+
+
 class LiteRTPredictor:
-    """Early exit on ``LiteRTStages``: stage k runs only while no exit before it was sure.
+    """Early exit on ``LiteRTStages``: no stage runs once an exit before it was sure.
 
     Args:
         stages: the interpreters of one precision.
         thresholds: one per exit on the manifest's confidence scale, or the name of a set the
             manifest holds for this precision: "default", "fixed", or a budget in million
             multiply-adds ("20", "1681.234"), matched by its number.
+        exit_fractions: where images leave at these thresholds (validation images), to choose
+            the route from; a named set brings its own from the manifest.
+        route: the switch stage to run (1..K, see ``RouteTimings``); default: the fastest
+            route for ``exit_fractions`` on this host's ``stages.route_timings()``, or stage
+            by stage (K) where no fractions are known.
     """
 
-    def __init__(self, stages: LiteRTStages, thresholds: Union[str, Sequence[float]] = "default"):
+    def __init__(self, stages: LiteRTStages, thresholds: Union[str, Sequence[float]] = "default",
+                 exit_fractions: Optional[Sequence[float]] = None, route: Optional[int] = None):
         self.stages = stages
         self.confidence_kind = stages.manifest["confidence"]
         if isinstance(thresholds, str):
-            thresholds = self._named(thresholds)
+            thresholds, recorded = self._named(thresholds)
+            exit_fractions = recorded if exit_fractions is None else exit_fractions
         self.thresholds = [float(t) for t in thresholds]
         if len(self.thresholds) != stages.num_exits:
             raise ValueError(f"thresholds needs one value per exit ({stages.num_exits}). "
                              f"Received: thresholds={self.thresholds}")
+        self._threshold_array = np.asarray(self.thresholds)
+        self.expected_ms: Dict[int, float] = {}
+        if route is not None:
+            if route not in stages.routes:
+                raise UsageError(f"route must be one of {stages.routes} (the switch stages "
+                                 f"this export has files for). Received: route={route!r}")
+        elif exit_fractions is not None and len(stages.routes) > 1:
+            route, self.expected_ms = choose_route(exit_fractions, stages.route_timings(),
+                                                   stages.routes)
+        else:
+            route = stages.num_exits
+        self.route = route
 
-    def _named(self, name: str) -> List[float]:
-        sets = self.stages.manifest["precisions"][self.stages.precision]["thresholds"]
+    def _named(self, name: str) -> Tuple[List[float], Optional[List[float]]]:
+        """(thresholds, exit fractions on the validation images or None) of a named set."""
+        entry = self.stages.manifest["precisions"][self.stages.precision]
+        sets = entry["thresholds"]
+        recorded = entry.get("routes", {}).get("points", {})
         budgets = {float(budget): values for budget, values in sets["budgets"].items()}
         if name in sets and name != "budgets":
-            return sets[name]
+            return sets[name], recorded.get(name, {}).get("exit_fractions")
         try:
-            return budgets[points.find_budget(name, budgets)]
+            budget = points.find_budget(name, budgets)
         except KeyError:
             named = [k for k in sets if k != "budgets"] + list(sets["budgets"])
             raise UsageError(f"thresholds must be one of {', '.join(named)} (what the manifest "
                              f"holds; a budget by its number). Received: thresholds={name!r}"
                              ) from None
+        key = next(key for key in sets["budgets"] if float(key) == budget)
+        return budgets[budget], recorded.get("budgets", {}).get(key, {}).get("exit_fractions")
 
     def predict(self, image: np.ndarray) -> Tuple[int, int, np.ndarray]:
         """(class, exit (1-based), softmax of that exit) for one image of raw pixels."""
-        last = self.stages.num_exits - 1
-        for k in range(last + 1):
-            probabilities = softmax(self.stages.run_stage(k, image))
-            if k == last or confidence(probabilities, self.confidence_kind) >= self.thresholds[k]:
+        stages, first, kind = self.stages, self.route, self.confidence_kind
+        for k in range(first - 1):
+            probabilities = softmax(stages.run_stage(k, image))
+            if confidence(probabilities, kind) >= self.thresholds[k]:
                 return int(np.argmax(probabilities)), k + 1, probabilities
-        raise AssertionError("unreachable: the last exit takes every image")
+        probabilities = softmax(stages.run_from(first, image))
+        sure = confidence(probabilities, kind) >= self._threshold_array[first - 1:]
+        sure[-1] = True  # the last exit takes every image still undecided
+        j = int(np.argmax(sure))
+        return int(np.argmax(probabilities[j])), first + j, probabilities[j]
 
     def predict_batch(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """``predict`` over images [N, H, W, 3]: {"classes", "exits", "probabilities"}."""

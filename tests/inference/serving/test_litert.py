@@ -5,6 +5,8 @@ The model directory is made without training: the tiny 3-exit RANet with its exi
 sharpened so that confidences spread (``helpers.write_model_dir``).
 """
 
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -128,15 +130,134 @@ def test_every_exit_in_one_graph_answers_as_the_stage_files(exported, stages, sp
         one_by_one = np.stack([staged.every_exit(image) for image in pixels], axis=1)
         batched = staged.all_exit_logits(pixels)
         assert chained.shape == one_by_one.shape == batched.shape == (NUM_EXITS, 40, 10)
+        # Both cut from one graph: the same operators on the same tensors, int8 included.
+        np.testing.assert_array_equal(one_by_one, chained)
         if precision == "fp32":
-            np.testing.assert_allclose(one_by_one, chained, rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
             np.testing.assert_allclose(batched, chained, rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
         else:
-            # Quantised alone, the one graph's feature tensors keep no float boundary between
-            # stages: nearly every image gets the same class at every exit.
-            for other in (one_by_one, batched):
-                agreement = (other.argmax(-1) == chained.argmax(-1)).mean(axis=1)
-                assert np.all(agreement >= 0.9), (precision, agreement)
+            # The batch-32 file is quantised on its own: nearly every image gets the same
+            # class at every exit.
+            agreement = (batched.argmax(-1) == chained.argmax(-1)).mean(axis=1)
+            assert np.all(agreement >= 0.9), (precision, agreement)
+
+
+def test_int8_features_cross_stages_as_int8_at_their_producers_scale(exported, stages):
+    export_dir, manifest, _ = exported
+    int8 = stages["int8"]
+    assert manifest["precisions"]["int8"]["feature_dtype"] == "int8"
+    assert manifest["precisions"]["fp32"]["feature_dtype"] == "float32"
+    for k in range(1, NUM_EXITS):
+        for destination, source in int8._copies[k]:
+            assert destination().dtype == source().dtype == np.int8
+    signatures = [interpreter.get_signature_runner() for interpreter in int8.interpreters]
+    read = 0
+    for k in range(1, NUM_EXITS):
+        for name, entry in signatures[k].get_input_details().items():
+            producer = max(j for j in range(k) if name in int8._outputs[j])
+            made = signatures[producer].get_output_details()[name]
+            assert entry["dtype"] == made["dtype"] == np.int8, (k, name)
+            assert entry["quantization"] == made["quantization"], (k, name)
+            read += 1
+    assert read >= NUM_EXITS - 1
+
+
+def _routes_answer(predictor, pixels):
+    answers = [predictor.predict(image) for image in pixels]
+    return ([a[0] for a in answers], [a[1] for a in answers], np.stack([a[2] for a in answers]))
+
+
+def _every_route_answers_as_stage_by_stage(stages, pixels, thresholds):
+    reference = _routes_answer(litert_runtime.LiteRTPredictor(
+        stages, thresholds, route=stages.num_exits), pixels)
+    assert len(set(reference[1])) > 1, "the thresholds must spread the images over the exits"
+    for route in stages.routes:
+        answers = _routes_answer(litert_runtime.LiteRTPredictor(stages, thresholds, route=route),
+                                 pixels)
+        assert answers[:2] == reference[:2], route
+        np.testing.assert_array_equal(answers[2], reference[2])
+
+
+def test_every_route_gives_the_stage_by_stage_answers(exported, stages, splits):
+    pixels = splits.test.images[:48]
+    for precision, staged in stages.items():
+        assert staged.routes == list(range(1, NUM_EXITS + 1))
+        probabilities = litert_runtime.softmax(staged.all_exit_logits(pixels))
+        confidences = litert_runtime.confidence(probabilities, "max_softmax")
+        for q in (0.5, 1.5):
+            thresholds = calibration.thresholds_for_distribution(
+                confidences, calibration.exit_distribution(q, NUM_EXITS))
+            _every_route_answers_as_stage_by_stage(staged, pixels, thresholds)
+
+
+def test_every_route_gives_the_stage_by_stage_answers_on_real_images(exported, stages,
+                                                                     real_cifar10):
+    real = data.load_splits(DataConfig(dataset="cifar10", data_dir=str(real_cifar10),
+                                       validation_size=0))
+    pixels = real.train.images[:100]
+    for precision, staged in stages.items():
+        thresholds = exported[1]["precisions"][precision]["thresholds"]["default"]
+        _every_route_answers_as_stage_by_stage(staged, pixels, thresholds)
+
+
+def test_the_export_records_each_points_fastest_route_with_the_timings_that_chose_it(exported):
+    manifest = exported[1]
+    for precision in ("fp32", "int8"):
+        routes = manifest["precisions"][precision]["routes"]
+        timings = litert_runtime.RouteTimings.from_json(routes["timings"])
+        assert timings.host == litert_runtime.this_host(litert_runtime.AUTO_THREADS)
+        assert len(timings.stage_ms) == NUM_EXITS and set(timings.from_stage_ms) == {1, 2}
+        chosen = [routes["points"]["default"]] + list(routes["points"]["budgets"].values())
+        assert len(chosen) == 3
+        for point in chosen:
+            assert sum(point["exit_fractions"]) == pytest.approx(1.0)
+            expected = {int(s): ms for s, ms in point["expected_ms"].items()}
+            assert point["switch_stage"] == min(expected, key=expected.get)
+            for first, ms in expected.items():
+                assert ms == pytest.approx(litert_runtime.expected_route_ms(
+                    point["exit_fractions"], timings, first))
+
+
+def test_expected_route_time_is_the_hand_computed_sum():
+    timings = litert_runtime.RouteTimings({}, stage_ms=[1.0, 2.0, 3.0],
+                                          from_stage_ms={1: 4.5, 2: 4.0})
+    early = [0.5, 0.3, 0.2]   # reach: 1, 0.5, 0.2
+    assert litert_runtime.expected_route_ms(early, timings, 3) == pytest.approx(1 + 1 + 0.6)
+    assert litert_runtime.expected_route_ms(early, timings, 2) == pytest.approx(1 + 0.5 * 4)
+    assert litert_runtime.expected_route_ms(early, timings, 1) == pytest.approx(4.5)
+    assert litert_runtime.choose_route(early, timings, [1, 2, 3])[0] == 3
+    late = [0.0, 0.0, 1.0]    # everything to the end: 6, 5 or 4.5
+    assert litert_runtime.choose_route(late, timings, [1, 2, 3]) == (1, {
+        1: pytest.approx(4.5), 2: pytest.approx(5.0), 3: pytest.approx(6.0)})
+
+
+def test_a_route_is_rechosen_when_this_hosts_timings_say_so(exported, monkeypatch):
+    export_dir, manifest, _ = exported
+    fractions = manifest["precisions"]["int8"]["routes"]["points"]["default"]["exit_fractions"]
+    favour = {1: litert_runtime.RouteTimings({}, [5.0, 5.0, 5.0], {1: 0.1, 2: 9.0}),
+              3: litert_runtime.RouteTimings({}, [0.1, 0.1, 0.1], {1: 9.0, 2: 9.0})}
+
+    def recorded_as(route, host):
+        timings = dataclasses.replace(favour[route], host=host)
+        entry = copy.deepcopy(manifest)
+        entry["precisions"]["int8"]["routes"]["timings"] = timings.to_json()
+        return entry
+
+    here = litert_runtime.this_host(1)
+    elsewhere = {**here, "cpu": "another CPU"}
+    for recorded, host, timed_here, chosen in ((1, here, None, 1), (3, elsewhere, 1, 1),
+                                               (1, elsewhere, 3, 3)):
+        monkeypatch.setattr(litert_runtime, "read_manifest",
+                            lambda _, m=recorded_as(recorded, host): m)
+        calls = []
+        monkeypatch.setattr(litert_runtime, "time_routes",
+                            lambda stages, r=timed_here: calls.append(r) or dataclasses.replace(
+                                favour[r], host=here))
+        staged = litert_runtime.LiteRTStages(str(export_dir), "int8", num_threads=1)
+        predictor = litert_runtime.LiteRTPredictor(staged, "default")
+        assert predictor.route == chosen, (recorded, host)
+        assert calls == ([] if timed_here is None else [timed_here])
+        assert predictor.expected_ms == pytest.approx(litert_runtime.choose_route(
+            fractions, staged.route_timings(), staged.routes)[1])
 
 
 def test_auto_threads_keep_the_fastest_count_for_each_file(exported, monkeypatch):
