@@ -63,7 +63,8 @@ def parse_json(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise _bad(f"the body is not valid JSON ({error}). Send a JSON object with "
-                   "\"instances\" or \"inputs\".") from None
+                   "\"instances\" or \"inputs\" (pixels are finite numbers in 0..255: NaN "
+                   "and Infinity are not JSON).") from None
 
 
 def _has_bool(value: Any) -> bool:
