@@ -244,6 +244,7 @@ class Scheduler:
         self._condition = threading.Condition()
         self._arrivals = 0
         self._busy = 0
+        self._draining = False
         self._closing = False
         self._threads = [threading.Thread(target=self._work, args=(runner,), daemon=True,
                                           name=f"ranet-serve-worker-{i}")
@@ -276,6 +277,13 @@ class Scheduler:
                 self._arrivals += 1
             self._condition.notify()
 
+    def drain(self) -> None:
+        """Stops waiting for fuller batches: what is queued runs now (new jobs still come
+        in: requests accepted before a shutdown may still be reading their bodies)."""
+        with self._condition:
+            self._draining = True
+            self._condition.notify_all()
+
     def close(self, timeout: Optional[float] = None) -> None:
         """Refuses new jobs, answers every job accepted, then ends the workers."""
         with self._condition:
@@ -290,7 +298,8 @@ class Scheduler:
         for q, queue in enumerate(self._queues):
             if not queue:
                 continue
-            if q == 0 and not self._closing and len(queue) < self.options.max_batch_size:
+            if (q == 0 and not (self._draining or self._closing)
+                    and len(queue) < self.options.max_batch_size):
                 # Nothing else to run: the first stage waits for a fuller batch, a while.
                 waited = self._clock() - queue[0].job.submitted
                 remaining = self.options.batch_timeout_micros / 1e6 - waited

@@ -221,6 +221,12 @@ class Server:
                          self.options.worker_count(), self.options.max_batch_size)
         self.loaded = True
 
+    def drain(self) -> None:
+        """/ready turns 503 and the queued images run without waiting for fuller batches."""
+        self.draining = True
+        for model in self.models.values():
+            model.scheduler.drain()
+
     def close(self) -> None:
         """Ends every model's workers once the requests they hold are answered."""
         for model in self.models.values():
@@ -402,7 +408,7 @@ async def serve_until_stopped(options: ServerOptions,
             await loading
         logging.info("draining: answering the requests already accepted")
     finally:
-        server.draining = True
+        server.drain()
         await runner.cleanup()
         server.close()
     logging.info("stopped")
