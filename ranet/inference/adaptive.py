@@ -9,6 +9,7 @@ first exit whose confidence is >= that exit's threshold, and the last exit
 takes every image still undecided.
 """
 
+import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -153,11 +154,27 @@ class AdaptivePredictor(tf.Module):
         threshold_spec = tf.TensorSpec([self.num_exits], tf.float32)
         self.predict_batch = tf.function(
             self._predict_batch, input_signature=[self._feature_specs[IMAGES], threshold_spec])
-        one_image_spec = tf.TensorSpec([1, *model.image_shape], tf.float32)
+        self._one_image_signature = [tf.TensorSpec([1, *model.image_shape], tf.float32),
+                                     threshold_spec]
+        self._jit_compile = jit_compile
         # XLA fuses the many small ops of a stage, which dominate batch-1 latency; the
         # batched path gathers rows into data-dependent shapes, which XLA cannot compile.
         self.predict_one = tf.function(self._predict_one, jit_compile=jit_compile,
-                                       input_signature=[one_image_spec, threshold_spec])
+                                       input_signature=self._one_image_signature)
+        self._routes = {self.num_exits: self.predict_one}
+
+    def predict_one_by_route(self, first: int):
+        """``predict_one`` by route ``first`` (1..K): a ``tf.cond`` after each of stages
+        1..first-1, then stages first..K in one go and the first sure exit among them. The
+        same answers as ``predict_one`` (route K) for every route; which is fastest depends on
+        where images leave (``litert_runtime.choose_route``). Compiled once per route."""
+        if not 1 <= first <= self.num_exits:
+            raise ValueError(f"first must be a stage, 1..{self.num_exits}. Received: {first}")
+        if first not in self._routes:
+            self._routes[first] = tf.function(
+                functools.partial(self._predict_one, first=first),
+                jit_compile=self._jit_compile, input_signature=self._one_image_signature)
+        return self._routes[first]
 
     def reset_stage_counts(self) -> None:
         """Zeroes ``stage_calls`` and ``stage_rows``."""
@@ -237,16 +254,28 @@ class AdaptivePredictor(tf.Module):
                                             tf.concat(decided_exits, axis=0))
         return self._outputs(probabilities, exits)
 
-    def _predict_one(self, image, thresholds):
+    def _predict_one(self, image, thresholds, first: Optional[int] = None):
         image = self._inputs(image)
+        first = first or self.num_exits
 
         def from_stage(k, features):
+            if k == first - 1:
+                return the_rest(k, features)
             probabilities, confidences, live = self._run_stage(k, features)
-            if k == self.num_exits - 1:
-                return probabilities, tf.constant([k + 1], tf.int32)
             return tf.cond(confidences[0] >= thresholds[k],
                            lambda: (probabilities, tf.constant([k + 1], tf.int32)),
                            lambda: from_stage(k + 1, live))
+
+        def the_rest(k, features):
+            every, sure = [], []
+            for j in range(k, self.num_exits):
+                probabilities, confidences, features = self._run_stage(j, features)
+                every.append(probabilities[0])
+                # The last exit takes every image still undecided.
+                sure.append(tf.constant(True) if j == self.num_exits - 1
+                            else confidences[0] >= thresholds[j])
+            taken = tf.argmax(tf.cast(tf.stack(sure), tf.int32), output_type=tf.int32)
+            return tf.gather(tf.stack(every), taken)[None], (k + 1 + taken)[None]
 
         probabilities, exits = from_stage(0, {IMAGES: image})
         return self._outputs(probabilities, exits)

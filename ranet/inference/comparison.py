@@ -174,10 +174,13 @@ PathsFor = Callable[[Dict[PointId, List[float]]], Dict[PointId, latency.PathCall
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Runtime:
     """One model on one runtime: its evaluation, and its paths for given operating points
-    (thresholds by path name): batch-1 ones to time, batched ones for throughput."""
+    (thresholds by path name): batch-1 ones to time, by the given routes, batched ones for
+    throughput; what each step of a route costs here, to choose routes from."""
     evaluation: evaluation.ModelEvaluation
-    batch1: PathsFor
+    batch1: Callable[..., Dict[PointId, latency.PathCallable]]
     batched: PathsFor
+    route_timings: Callable[[], litert_runtime.RouteTimings]
+    routes: List[int]
 
 
 def _tensorflow(loaded: LoadedModel, images: EvaluationImages,
@@ -189,11 +192,13 @@ def _tensorflow(loaded: LoadedModel, images: EvaluationImages,
                                            jit_compile=options.xla, normalization=normalization)
     return _Runtime(
         result,
-        lambda thresholds: latency.batch1_paths(loaded.model, predictor, thresholds,
-                                                jit_compile=options.xla,
-                                                normalization=normalization),
+        lambda thresholds, routes: latency.batch1_paths(
+            loaded.model, predictor, thresholds, jit_compile=options.xla,
+            normalization=normalization, routes=routes),
         lambda thresholds: latency.batched_paths(loaded.model, predictor, thresholds,
-                                                 normalization=normalization))
+                                                 normalization=normalization),
+        lambda: latency.tensorflow_route_timings(predictor, images.report_pixels[0]),
+        list(range(1, loaded.model.num_exits + 1)))
 
 
 def litert_files(loaded: LoadedModel, images: EvaluationImages, options: ComparisonOptions,
@@ -228,7 +233,19 @@ def _litert(loaded: LoadedModel, images: EvaluationImages, options: ComparisonOp
         litert_runtime.softmax(stages.all_exit_logits(images.report_pixels)), loaded.cost,
         images, **evaluate)
     paths = functools.partial(latency.litert_paths, stages)
-    return _Runtime(result, paths, paths)
+    return _Runtime(result, paths, paths, stages.route_timings, stages.routes)
+
+
+def choose_routes(runtime: _Runtime, thresholds: Dict[PointId, Sequence[float]]
+                  ) -> Dict[PointId, int]:
+    """Each operating point's fastest route on this runtime, from where its thresholds send
+    the calibration images and what each step costs here."""
+    if not thresholds or len(runtime.routes) == 1:
+        return {}
+    timings = runtime.route_timings()
+    return {point: litert_runtime.choose_route(runtime.evaluation.calibration_fractions(values),
+                                               timings, runtime.routes)[0]
+            for point, values in thresholds.items()}
 
 
 def compare(options: ComparisonOptions,
@@ -271,7 +288,13 @@ def compare(options: ComparisonOptions,
         # Every path takes raw pixels as float32, as a served request does.
         pixels = images.report_pixels.astype(np.float32)
         timed = pixels[:options.latency_images]
-        batch1 = {(runtime, name): runtimes[runtime][name].batch1(thresholds)
+        routes = {}
+        for (runtime, name), thresholds in timed_thresholds.items():
+            logging.info("%s on %s: timing the routes' steps to choose each point's", name,
+                         runtime)
+            routes[runtime, name] = choose_routes(runtimes[runtime][name], thresholds)
+        batch1 = {(runtime, name): runtimes[runtime][name].batch1(thresholds,
+                                                                  routes[runtime, name])
                   for (runtime, name), thresholds in timed_thresholds.items()}
         stats = {}
         for block in options.latency_block:
@@ -300,7 +323,8 @@ def compare(options: ComparisonOptions,
         evaluation_ = runtimes[runtime][name].evaluation
         timed_stats = stats[block][runtime, name]
         return ModelResult(evaluation_, timed_stats, throughput[runtime][name], overheads(
-            evaluation_, timed_stats, timed_thresholds[runtime, name], len(timed)))
+            evaluation_, timed_stats, timed_thresholds[runtime, name], len(timed),
+            routes[runtime, name]))
 
     return [Comparison(
         options=options, images=images, models=models,
@@ -313,8 +337,8 @@ def compare(options: ComparisonOptions,
 
 def overheads(evaluation_: evaluation.ModelEvaluation,
               timed: Dict[PointId, latency.LatencyStats],
-              thresholds: Dict[PointId, Sequence[float]],
-              num_timed: int) -> Dict[PointId, latency.ExitOverhead]:
+              thresholds: Dict[PointId, Sequence[float]], num_timed: int,
+              routes: Optional[Dict[PointId, int]] = None) -> Dict[PointId, latency.ExitOverhead]:
     """The overhead of each timed adaptive path: the exits its timed images (the first
     ``num_timed`` reported ones) left at, from this runtime's own confidences, against the
     times of the network up to each exit."""
@@ -327,7 +351,8 @@ def overheads(evaluation_: evaluation.ModelEvaluation,
     for point, values in thresholds.items():
         exits = calibration.exit_indices(confidences, values)
         result[point] = latency.exit_overhead(
-            timed[point], calibration.exit_fractions(exits, num_exits), up_to)
+            timed[point], calibration.exit_fractions(exits, num_exits), up_to,
+            (routes or {}).get(point, num_exits))
     return result
 
 

@@ -50,6 +50,14 @@ class ModelEvaluation:
     # any other set of thresholds there (equal_accuracy).
     report_confidences: np.ndarray
     report_predictions: np.ndarray
+    # [K, N] on the calibration images: where any set of thresholds sends those images, what
+    # chooses an adaptive path's route (never the report images it is timed on).
+    calibration_confidences: Optional[np.ndarray] = None
+
+    def calibration_fractions(self, thresholds: Sequence[float]) -> List[float]:
+        """The share of the calibration images leaving at each exit at ``thresholds``."""
+        exits = calibration.exit_indices(self.calibration_confidences, thresholds)
+        return [float(f) for f in calibration.exit_fractions(exits, len(self.cost.exits))]
 
     @property
     def is_adaptive(self) -> bool:
@@ -115,16 +123,17 @@ def evaluate_exits(calibration_probabilities: np.ndarray, report_probabilities: 
         report_probabilities, confidence_kind)
     exit_accuracy = [float(np.mean(p == images.report_labels)) for p in report_predictions]
     calibrated = {}
+    calibration_confidences, calibration_predictions = _confidences_and_predictions(
+        calibration_probabilities, confidence_kind)
     if len(exit_macs) > 1:  # a baseline has no thresholds to choose
         calibrated = calibration.calibrate_points(
-            *_confidences_and_predictions(calibration_probabilities, confidence_kind),
-            images.calibration_labels, exit_macs, images.num_classes,
+            calibration_confidences, calibration_predictions, images.calibration_labels, exit_macs, images.num_classes,
             budgets_mflops=budgets_mflops, fixed=fixed_threshold, qs=qs)
     reported = {point_id: BudgetedResult(point_id, point.accuracy, calibration.evaluate(
         report_confidences, report_predictions, images.report_labels, point.thresholds,
         exit_macs, images.num_classes)) for point_id, point in calibrated.items()}
     return ModelEvaluation(name, model_dir, checkpoint, cost, exit_accuracy, reported,
-                           report_confidences, report_predictions)
+                           report_confidences, report_predictions, calibration_confidences)
 
 
 def evaluate_model(model: StagedClassifier, cost: ModelCost, images: EvaluationImages, *,

@@ -31,7 +31,7 @@ from ranet.data import normalize
 from ranet.inference import points
 from ranet.inference.adaptive import AdaptivePredictor
 from ranet.inference.points import PointId
-from ranet.inference.serving.litert_runtime import LiteRTPredictor, LiteRTStages
+from ranet.inference.serving.litert_runtime import LiteRTPredictor, LiteRTStages, RouteTimings
 from ranet.models.staged import StagedClassifier
 
 PathCallable = Callable[[np.ndarray], object]
@@ -65,14 +65,17 @@ class ExitOverhead:
     exit_fractions: Tuple[float, ...]
     expected_ms: float
     overhead: float
+    # The switch stage the path ran by (``litert_runtime.choose_route``; K: stage by stage).
+    route: Optional[int] = None
 
     def to_json(self) -> dict:
         return {"exit_fractions": list(self.exit_fractions), "expected_ms": self.expected_ms,
-                "overhead": self.overhead}
+                "overhead": self.overhead, "route": self.route}
 
 
 def exit_overhead(path: LatencyStats, exit_fractions: Sequence[float],
-                  up_to_exit: Sequence[LatencyStats]) -> ExitOverhead:
+                  up_to_exit: Sequence[LatencyStats], route: Optional[int] = None
+                  ) -> ExitOverhead:
     """``ExitOverhead`` of an adaptive ``path`` whose timed images left at the exits in
     ``exit_fractions`` [K], from the times of the network up to each exit (``up_to_exit``
     [K], the ``points.up_to_exit(k)`` paths timed beside it)."""
@@ -81,7 +84,8 @@ def exit_overhead(path: LatencyStats, exit_fractions: Sequence[float],
         raise ValueError("exit_fractions must be one share per exit, summing to 1. Received: "
                          f"exit_fractions={fractions.tolist()}, {len(up_to_exit)} exits")
     expected = float(fractions @ np.array([stats.mean for stats in up_to_exit]))
-    return ExitOverhead(tuple(float(f) for f in fractions), expected, path.mean / expected)
+    return ExitOverhead(tuple(float(f) for f in fractions), expected, path.mean / expected,
+                        route)
 
 
 def summarize(seconds: Sequence[float]) -> LatencyStats:
@@ -172,7 +176,8 @@ def _adaptive_path(predict: Callable, thresholds: tf.Tensor) -> PathCallable:
 
 def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor] = None,
                  thresholds: Optional[Thresholds] = None, jit_compile: bool = False,
-                 normalization: Optional[Normalization] = None) -> Dict[PointId, PathCallable]:
+                 normalization: Optional[Normalization] = None,
+                 routes: Optional[Mapping[PointId, int]] = None) -> Dict[PointId, PathCallable]:
     """The batch-1 latency paths of one model, each taking images [1, H, W, 3] float32.
 
     Args:
@@ -183,6 +188,8 @@ def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor]
         jit_compile: XLA-compile the full path (build the predictor with the same).
         normalization: ``(mean, std)``: the images are raw pixels, normalised inside every
             path, as a served request is (build the predictor with the same object).
+        routes: operating point -> the route it runs by (``predict_one_by_route``; default
+            and absent: stage by stage).
 
     Returns:
         ``{points.FULL: every stage in one compiled graph, points.up_to_exit(k): the stages
@@ -200,7 +207,8 @@ def batch1_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor]
         paths.update({points.up_to_exit(k): compiled(k)
                       for k in range(1, model.num_exits + 1)})
     for point, tensor in _threshold_tensors(model, predictor, thresholds, normalization).items():
-        paths[point] = _adaptive_path(predictor.predict_one, tensor)
+        route = (routes or {}).get(point, model.num_exits)
+        paths[point] = _adaptive_path(predictor.predict_one_by_route(route), tensor)
 
     def keras_predict(images):
         if normalization is not None:
@@ -229,15 +237,15 @@ def batched_paths(model: StagedClassifier, predictor: Optional[AdaptivePredictor
     return paths
 
 
-def litert_paths(stages: LiteRTStages, thresholds: Optional[Thresholds] = None
-                 ) -> Dict[PointId, PathCallable]:
+def litert_paths(stages: LiteRTStages, thresholds: Optional[Thresholds] = None,
+                 routes: Optional[Mapping[PointId, int]] = None) -> Dict[PointId, PathCallable]:
     """The paths of a LiteRT export, each taking raw pixels [B, H, W, 3], one image at a time.
 
     ``points.FULL`` runs every exit (the one-graph file, where the export has it) and returns
     every exit's class (as the TF full path does); ``points.up_to_exit(k)`` exits 1..k (their
     one-graph file; a model with several exits); each operating point is
-    ``LiteRTPredictor.predict`` at its thresholds. Batches are looped image by image: the
-    files have a static batch of 1.
+    ``LiteRTPredictor.predict`` at its thresholds, by its route in ``routes`` (absent:
+    stage by stage). Batches are looped image by image: the files have a static batch of 1.
     """
     def up_to(k):
         return lambda images: np.array([stages.exits_up_to(image, k).argmax(-1)
@@ -247,10 +255,45 @@ def litert_paths(stages: LiteRTStages, thresholds: Optional[Thresholds] = None
     if stages.num_exits > 1:
         paths.update({points.up_to_exit(k): up_to(k) for k in range(1, stages.num_exits + 1)})
     for point, values in (thresholds or {}).items():
-        predictor = LiteRTPredictor(stages, values)
+        predictor = LiteRTPredictor(stages, values, route=(routes or {}).get(point))
         paths[point] = lambda images, predictor=predictor: [predictor.predict(image)[:2]
                                                            for image in images]
     return paths
+
+
+def tensorflow_route_timings(predictor: AdaptivePredictor, image: np.ndarray,
+                             rounds: int = 15, warmup: int = 3) -> RouteTimings:
+    """What each step of a route costs ``predictor.predict_one_by_route`` here, in the form
+    ``litert_runtime.choose_route`` takes (``RouteTimings``).
+
+    Thresholds force where the image leaves: exit k by stage-by-stage early exit (the time to
+    leave at k), and no exit before the last by each route (the time of an image that reaches
+    the switch stage). Stage k's step is the difference between leaving at k and at k - 1;
+    route s's last step the time of reaching s less that of leaving at s - 1. Timed in rounds,
+    every setting once per round."""
+    num_exits = predictor.num_exits
+    never = np.full(num_exits, np.inf, np.float32)
+    settings = []
+    for k in range(num_exits):
+        leave_at_k = never.copy()
+        leave_at_k[k] = -np.inf
+        settings.append((predictor.predict_one, tf.constant(leave_at_k)))
+    settings += [(predictor.predict_one_by_route(first), tf.constant(never))
+                 for first in range(1, num_exits)]
+    image = tf.constant(np.reshape(image, (1, *predictor.model.image_shape)), tf.float32)
+    seconds = np.empty((rounds, len(settings)))
+    for round_ in range(-warmup, rounds):
+        for column, (predict, thresholds) in enumerate(settings):
+            started = time.perf_counter()
+            _to_host(predict(image, thresholds))
+            seconds[round_, column] = time.perf_counter() - started
+    ms = 1e3 * np.median(seconds, axis=0)
+    leave_at = ms[:num_exits]
+    reach = dict(zip(range(1, num_exits), ms[num_exits:]))
+    return RouteTimings({"runtime": "tensorflow"},
+                        [float(t) for t in np.diff(leave_at, prepend=0.0)],
+                        {first: float(t - (leave_at[first - 2] if first > 1 else 0.0))
+                         for first, t in reach.items()})
 
 
 def _check_images(images) -> np.ndarray:

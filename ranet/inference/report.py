@@ -213,17 +213,20 @@ def _timed(comparison: Comparison) -> Iterator[Tuple[str, str, PointId, ModelRes
 def latency_table(comparison: Comparison, throughput: bool = True) -> List[str]:
     """The markdown table of every timed path's batch-1 latency (ms) on every runtime; for
     an adaptive path, the time its exits would take with free hand-offs (expected ms: the
-    share leaving at each exit times the time up to that exit) and its mean over that; and
-    images/s at the report's batch size unless ``throughput`` is False."""
+    share leaving at each exit times the time up to that exit), its mean over that and the
+    route it ran by (the switch stage: stages one by one before it, the rest in one call);
+    and images/s at the report's batch size unless ``throughput`` is False."""
     statistics = ("p50", "p90", "p99", "mean")
-    columns = statistics + ("expected ms", "overhead") + (("images/s",) if throughput else ())
+    columns = statistics + ("expected ms", "overhead", "route") + (
+        ("images/s",) if throughput else ())
     lines = ["| model | runtime | path | " + " | ".join(columns) + " |",
              "| --- | --- | --- |" + " ---: |" * len(columns)]
     for name, runtime, path, result in _timed(comparison):
         stats, overhead = result.latency[path], result.overhead.get(path)
         cells = [f"{getattr(stats, key):.2f}" for key in statistics]
-        cells += (["", ""] if overhead is None else
-                  [f"{overhead.expected_ms:.2f}", f"{overhead.overhead:.2f}x"])
+        cells += (["", "", ""] if overhead is None else
+                  [f"{overhead.expected_ms:.2f}", f"{overhead.overhead:.2f}x",
+                   "" if overhead.route is None else f"s={overhead.route}"])
         if throughput:
             ips = _throughput(comparison, result).get(path)
             cells.append("" if ips is None else f"{ips:.0f}")

@@ -108,6 +108,54 @@ def test_predict_one_equals_simulate(predictor, images, probabilities, case):
     np.testing.assert_array_equal(counts["calls"], counts["rows"])
 
 
+@pytest.mark.parametrize("case", [CALIBRATED_QS[0], CALIBRATED_QS[-1], "none_leave_early"])
+def test_every_route_answers_as_stage_by_stage(model, images, probabilities, case):
+    predictor = adaptive.AdaptivePredictor(model)
+    thresholds = tf.constant(_thresholds(case, probabilities))
+    reference = [predictor.predict_one(images[i:i + 1], thresholds) for i in range(16)]
+    for first in range(1, predictor.num_exits):
+        route = predictor.predict_one_by_route(first)
+        for i, expected in enumerate(reference):
+            answer = route(images[i:i + 1], thresholds)
+            for key in ("classes", "exits"):
+                np.testing.assert_array_equal(answer[key], expected[key], err_msg=(first, i))
+            np.testing.assert_allclose(answer["probabilities"], expected["probabilities"],
+                                       rtol=1e-6, atol=1e-7)
+    assert predictor.predict_one_by_route(predictor.num_exits) is predictor.predict_one
+    with pytest.raises(ValueError, match="first must be a stage"):
+        predictor.predict_one_by_route(0)
+
+
+def test_tensorflow_route_timings_take_apart_the_steps(model, monkeypatch):
+    from ranet.inference import latency
+    predictor = adaptive.AdaptivePredictor(model)
+    # A clock that advances by the cost each call is made to have: leaving at exit k costs
+    # 1, 3, 6 ms (steps 1, 2, 3); reaching the end by route 1 costs 5, by route 2 costs 4.
+    costs = iter([1, 3, 6, 5, 4] * 2)
+    clock = {"now": 0.0, "cost": 0.0}
+
+    def perf_counter():
+        clock["now"] += clock["cost"]
+        clock["cost"] = 0.0
+        return clock["now"]
+
+    def timed(function):
+        def call(image, thresholds):
+            clock["cost"] = next(costs) / 1e3
+            return function(image, thresholds)
+        return call
+
+    predictor.predict_one = timed(predictor.predict_one)
+    predictor._routes = {first: timed(predictor.predict_one_by_route(first))
+                         for first in (1, 2)}
+    predictor.predict_one_by_route = lambda first: predictor._routes[first]
+    monkeypatch.setattr(latency.time, "perf_counter", perf_counter)
+    timings = latency.tensorflow_route_timings(predictor, np.zeros((32, 32, 3), np.float32),
+                                               rounds=1, warmup=1)
+    np.testing.assert_allclose(timings.stage_ms, [1.0, 2.0, 3.0])
+    assert timings.from_stage_ms == pytest.approx({1: 5.0, 2: 4.0 - 1.0})
+
+
 def test_entropy_confidence_agrees_with_simulate(model, images, probabilities):
     predictor = adaptive.AdaptivePredictor(model, confidence_kind=adaptive.ENTROPY)
     thresholds = _thresholds(1.0, probabilities, adaptive.ENTROPY)

@@ -97,8 +97,8 @@ def test_an_exact_budget_keeps_its_path_and_its_accuracy_on_the_plot(tmp_path):
 def test_markdown_and_files(tmp_path):
     compared = _compared()
     text = report.markdown(compared)
-    assert "| ranet | tf | adaptive | 2.00 | 3.00 | 4.00 | 2.00 |  |  | 180 |" in text
-    assert "| ranet | litert_int8 | adaptive | 0.20 | 1.20 | 2.20 | 0.20 |  |  | 1500 |" in text
+    assert "| ranet | tf | adaptive | 2.00 | 3.00 | 4.00 | 2.00 |  |  |  | 180 |" in text
+    assert "| ranet | litert_int8 | adaptive | 0.20 | 1.20 | 2.20 | 0.20 |  |  |  | 1500 |" in text
     assert "| budget 20 M | 15.00 | 75.00% | 75.00% | 0.750, 0.250 | 0.600, -inf |" in text
     assert "## ranet: operating points (litert_int8)" in text
     assert "| exit | MMACs | tf | litert_int8 |" in text
@@ -124,8 +124,10 @@ def test_overhead_of_the_timed_images_by_hand():
     timed = {points.up_to_exit(1): stats(1.0), points.up_to_exit(2): stats(3.0),
              points.DEFAULT: stats(2.75)}
     default = {points.DEFAULT: result.evaluation.default.point.thresholds}
-    overhead = comparison.overheads(result.evaluation, timed, default, num_timed=4)
+    overhead = comparison.overheads(result.evaluation, timed, default, num_timed=4,
+                                    routes={points.DEFAULT: 1})
     assert overhead[points.DEFAULT].exit_fractions == (0.25, 0.75)
+    assert overhead[points.DEFAULT].route == 1
     assert overhead[points.DEFAULT].expected_ms == pytest.approx(2.5)
     assert overhead[points.DEFAULT].overhead == pytest.approx(1.1)
     # Only the first two timed images: image 0 at exit 1, image 1 at exit 2.
@@ -137,7 +139,8 @@ def test_overhead_of_the_timed_images_by_hand():
     assert view["adaptive"]["expected_ms"] == pytest.approx(2.5)
     assert view["adaptive"]["exit_fractions"] == [0.25, 0.75]
     assert "overhead" not in view["exit_1"]
-    assert "| ranet | tf | adaptive | 2.75 | 2.75 | 2.75 | 2.75 | 2.50 | 1.10x |" in \
+    assert view["adaptive"]["route"] == 1
+    assert "| ranet | tf | adaptive | 2.75 | 2.75 | 2.75 | 2.75 | 2.50 | 1.10x | s=1 |" in \
         report.markdown(compared)
 
 
