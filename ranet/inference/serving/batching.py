@@ -110,14 +110,15 @@ class BatchedStages:
             fill: Callable[[str, np.ndarray], None]) -> Dict[str, np.ndarray]:
         """Runs stage k (0-based) on ``count`` images at the smallest batch size that holds
         them; ``fill(name, rows)`` writes input ``name``'s ``count`` rows. Returns each
-        output's ``count`` rows, copied out of the interpreter."""
+        output's ``count`` rows: views of the interpreter's buffers, valid until the next
+        call at this batch size."""
         batch = next(size for size in self.batch_sizes if size >= count)
         inputs, outputs = self._tensors[batch][k]
         for name, tensor in inputs.items():
             # Rows past count keep an earlier batch's values: no op mixes images.
             fill(name, tensor()[:count])
         self._interpreters[batch][k].invoke()
-        return {name: tensor()[:count].copy() for name, tensor in outputs.items()}
+        return {name: tensor()[:count] for name, tensor in outputs.items()}
 
 
 class Job:
@@ -185,22 +186,27 @@ class StageRunner:
                 _gather([item.features[name] for item in items], rows)
 
         outputs = self.stages.run(k, len(items), fill)
-        logits = outputs.pop(litert_runtime.LOGITS)
         last = k == self.num_queues - 1
         answers: List[Optional[Answer]] = []
         for i, item in enumerate(items):
             # Row by row, as LiteRTPredictor does, so that both decide on the same floats.
-            probabilities = litert_runtime.softmax(logits[i])
+            probabilities = litert_runtime.softmax(outputs[litert_runtime.LOGITS][i])
             if last or litert_runtime.confidence(probabilities, self.confidence_kind) >= \
                     self.thresholds[k]:
                 answers.append((int(np.argmax(probabilities)), k + 1, probabilities))
                 item.features.clear()
-                continue
-            answers.append(None)
-            kept = self._read_after[k]
+            else:
+                answers.append(None)
+        survivors = [i for i, answer in enumerate(answers) if answer is None]
+        if not survivors:
+            return answers
+        kept = self._read_after[k]
+        # Only the survivors' rows leave the interpreter: the next batch overwrites them.
+        features = {name: rows[survivors] for name, rows in outputs.items() if name in kept}
+        for position, i in enumerate(survivors):
+            item = items[i]
             item.features = {name: ref for name, ref in item.features.items() if name in kept}
-            item.features.update({name: (array, i) for name, array in outputs.items()
-                                  if name in kept})
+            item.features.update({name: (array, position) for name, array in features.items()})
         return answers
 
 
