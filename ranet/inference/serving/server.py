@@ -43,6 +43,10 @@ from ranet.errors import UsageError
 from ranet.inference.serving import batching, litert_runtime, rest
 
 VERSION = 1
+# --max_batch_size=0 batches a one-stage export (VGG16, MobileNetV2) this much: 17-26% less
+# CPU per image than one at a time. A staged one (RANet) runs faster unbatched: copying the
+# survivors' features between batches costs more than batching saves (docs/serving.md).
+ONE_STAGE_BATCH = 8
 THRESHOLD_NAMES = "default, fixed or a budget in million multiply-adds"
 # Request latency buckets, seconds: sub-millisecond answers to the default deadline.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -69,9 +73,10 @@ class ServerOptions:
                         "(0: one per core).", lower_bound=0)
     num_threads: int = flag(1, "XNNPACK threads per interpreter.", lower_bound=1)
     max_batch_size: int = flag(
-        1, "Most images one stage call runs (TF Serving's name). 1 runs each image through "
-        "its stages alone; measured fastest on a 2-core host (docs/serving.md).",
-        lower_bound=1)
+        0, "Most images one stage call runs (TF Serving's name); 1 runs each image through "
+        "its stages alone. 0: by the export, what won on a 2-core host (docs/serving.md): "
+        f"{ONE_STAGE_BATCH} for a one-stage model (a baseline), 1 for a staged one (RANet, "
+        "MSDNet).", lower_bound=0)
     batch_timeout_micros: int = flag(
         0, "How long the first stage waits for a fuller batch (TF Serving's name; 0: runs "
         "what is there).", lower_bound=0)
@@ -106,9 +111,15 @@ class ServerOptions:
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
 
-    def batching(self) -> batching.BatchingOptions:
-        return batching.BatchingOptions(self.max_batch_size, self.batch_timeout_micros,
+    def batching(self, num_stages: int) -> batching.BatchingOptions:
+        return batching.BatchingOptions(self.batch_size(num_stages), self.batch_timeout_micros,
                                         self.max_queue)
+
+    def batch_size(self, num_stages: int) -> int:
+        """``max_batch_size``, or for 0 what won for an export of ``num_stages``."""
+        if self.max_batch_size:
+            return self.max_batch_size
+        return ONE_STAGE_BATCH if num_stages == 1 else 1
 
 
 @dataclasses.dataclass
@@ -130,14 +141,15 @@ def _runners(export_dir: str, options: ServerOptions) -> Tuple[list, List[float]
         litert_runtime.LiteRTStages(export_dir, options.precision, options.num_threads),
         options.thresholds)
     manifest = reference.stages.manifest
-    if options.max_batch_size == 1:
+    batch_size = options.batch_size(len(manifest["stages"]))
+    if batch_size == 1:
         runners = [batching.ImageRunner(reference)] + [
             batching.ImageRunner(litert_runtime.LiteRTPredictor(
                 litert_runtime.LiteRTStages(export_dir, options.precision, options.num_threads),
                 reference.thresholds))
             for _ in range(options.worker_count() - 1)]
     else:
-        sizes = batching.allowed_batch_sizes(options.max_batch_size)
+        sizes = batching.allowed_batch_sizes(batch_size)
         runners = [batching.StageRunner(
             batching.BatchedStages(export_dir, options.precision, sizes, options.num_threads),
             reference.thresholds, reference.confidence_kind)
@@ -208,8 +220,9 @@ class Server:
                                         for name in self._names))
         for name, (runners, thresholds, manifest) in zip(self._names, loaded):
             batches = self.metrics.batches
+            batch_options = self.options.batching(len(manifest["stages"]))
             scheduler = batching.Scheduler(
-                runners, self.options.batching(), self.clock,
+                runners, batch_options, self.clock,
                 on_batch=lambda k, n, name=name: batches.labels(name, str(k + 1)).observe(n))
             self.models[name] = ServedModel(
                 name, tuple(manifest["input"]["shape"][1:]), manifest["num_classes"],
@@ -218,7 +231,7 @@ class Server:
                 lambda scheduler=scheduler: scheduler.queued)
             logging.info("loaded %s from %s (%s, thresholds %s, %d workers, batch <= %d)", name,
                          dirs[name], self.options.precision, thresholds,
-                         self.options.worker_count(), self.options.max_batch_size)
+                         self.options.worker_count(), batch_options.max_batch_size)
         self.loaded = True
 
     def drain(self) -> None:

@@ -7,16 +7,20 @@ import asyncio
 import base64
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from aiohttp.test_utils import TestClient, TestServer
 
+from helpers import VGG16, write_model_dir
 from ranet import cli, data, serve
 from ranet.errors import UsageError
 from ranet.inference import adaptive
-from ranet.inference.serving import litert_runtime, saved_model
+from ranet.inference.serving import litert, litert_runtime, saved_model
+from ranet.inference.serving import server as server_lib
+from ranet.inference.serving.exporting import ExportOptions
 from ranet.inference.serving.server import Server, ServerOptions
 
 NAME = "tiny"
@@ -380,3 +384,61 @@ def test_bad_flags_and_exports_are_usage_errors(served_export, tmp_path):
                                ({"model": (f"x={tmp_path}",)}, "not a LiteRT export")):
         with pytest.raises(UsageError, match=message):
             asyncio.run(load(**overrides))
+
+
+def test_max_batch_size_0_picks_by_the_number_of_stages():
+    options = ServerOptions(model=("a=/exports/a",))
+    assert (options.batch_size(1), options.batch_size(3)) == (server_lib.ONE_STAGE_BATCH, 1)
+    assert ServerOptions(model=("a=/exports/a",), max_batch_size=4).batch_size(1) == 4
+
+
+def _concurrent_answers(export, pixels, **overrides):
+    """Each image in a request of its own, all at once; (answers, first-stage calls)."""
+    async def body(client, server):
+        answers = await asyncio.gather(*(_post(client, {"instances": [_b64(image)]})
+                                         for image in pixels))
+        calls = server.metrics.registry.get_sample_value(
+            "ranet_serve_batch_images_count", {"model": NAME, "stage": "1"})
+        return answers, calls
+
+    return _run(export, body, batch_timeout_micros=50_000, **overrides)
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory, served_export):
+    root = tmp_path_factory.mktemp("served_int8")
+    litert.export(ExportOptions(
+        model_dir=str(served_export.export_dir.parent / "run"), export_dir=str(root / "export"),
+        format="litert", litert_precision=("int8",), representative_images=64))
+    return SimpleNamespace(export_dir=root / "export", splits=served_export.splits)
+
+
+@pytest.mark.slow  # an int8 conversion
+@pytest.mark.parametrize("max_batch_size", [1, 8])
+def test_int8_answers_equal_the_runtime_with_and_without_batching(int8_export, max_batch_size):
+    pixels = int8_export.splits.test.images[:40]
+    stages = litert_runtime.LiteRTStages(str(int8_export.export_dir), "int8")
+    expected = litert_runtime.LiteRTPredictor(stages, "default").predict_batch(pixels)
+    answers, calls = _concurrent_answers(int8_export, pixels, precision="int8",
+                                         max_batch_size=max_batch_size)
+    assert [status for status, _ in answers] == [200] * len(pixels)
+    _assert_rows_equal([answer["predictions"][0] for _, answer in answers], expected)
+    assert (calls < len(pixels)) == (max_batch_size > 1)
+
+
+@pytest.mark.slow  # VGG16's conversion
+def test_a_one_stage_baseline_batches_by_default(tmp_path):
+    write_model_dir(tmp_path / "run", VGG16)
+    litert.export(ExportOptions(model_dir=str(tmp_path / "run"),
+                                export_dir=str(tmp_path / "export"), format="litert",
+                                litert_precision=("fp32",)))
+    export = SimpleNamespace(export_dir=tmp_path / "export")
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), np.uint8)
+    expected = _expected(export, pixels)
+    answers, calls = _concurrent_answers(export, pixels)
+    assert [status for status, _ in answers] == [200] * len(pixels)
+    rows = [answer["predictions"][0] for _, answer in answers]
+    assert [row["classes"] for row in rows] == expected["classes"].tolist()
+    np.testing.assert_allclose(np.array([row["probabilities"] for row in rows]),
+                               expected["probabilities"], rtol=1e-5, atol=1e-6)
+    assert calls < len(pixels)
