@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import os
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import logging
@@ -172,7 +172,7 @@ PathsFor = Callable[[Dict[PointId, List[float]]], Dict[PointId, latency.PathCall
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Runtime:
+class EvaluatedRuntime:
     """One model on one runtime: its evaluation, and its paths for given operating points
     (thresholds by path name): batch-1 ones to time, by the given routes, batched ones for
     throughput; what each step of a route costs here, to choose routes from."""
@@ -184,13 +184,13 @@ class _Runtime:
 
 
 def _tensorflow(loaded: LoadedModel, images: EvaluationImages,
-                options: ComparisonOptions, **evaluate) -> _Runtime:
+                options: ComparisonOptions, **evaluate) -> EvaluatedRuntime:
     result = evaluation.evaluate_model(loaded.model, loaded.cost, images,
                                        batch_size=options.batch_size, **evaluate)
     normalization = images.normalization
     predictor = adaptive.AdaptivePredictor(loaded.model, confidence_kind=options.confidence,
                                            jit_compile=options.xla, normalization=normalization)
-    return _Runtime(
+    return EvaluatedRuntime(
         result,
         lambda thresholds, routes: latency.batch1_paths(
             loaded.model, predictor, thresholds, jit_compile=options.xla,
@@ -216,7 +216,7 @@ def litert_files(loaded: LoadedModel, images: EvaluationImages, options: Compari
 
 
 def _litert(loaded: LoadedModel, images: EvaluationImages, options: ComparisonOptions,
-            precision: str, directory: str, **evaluate) -> _Runtime:
+            precision: str, directory: str, **evaluate) -> EvaluatedRuntime:
     """Converts ``loaded`` to LiteRT files in ``directory`` (once for every precision
     ``options`` asks for) and evaluates this precision's."""
     if not os.path.isdir(directory):
@@ -233,10 +233,10 @@ def _litert(loaded: LoadedModel, images: EvaluationImages, options: ComparisonOp
         litert_runtime.softmax(stages.all_exit_logits(images.report_pixels)), loaded.cost,
         images, **evaluate)
     paths = functools.partial(latency.litert_paths, stages)
-    return _Runtime(result, paths, paths, stages.route_timings, stages.routes)
+    return EvaluatedRuntime(result, paths, paths, stages.route_timings, stages.routes)
 
 
-def choose_routes(runtime: _Runtime, thresholds: Dict[PointId, Sequence[float]]
+def choose_routes(runtime: EvaluatedRuntime, thresholds: Dict[PointId, Sequence[float]]
                   ) -> Dict[PointId, int]:
     """Each operating point's fastest route on this runtime, from where its thresholds send
     the calibration images and what each step costs here."""
@@ -248,15 +248,12 @@ def choose_routes(runtime: _Runtime, thresholds: Dict[PointId, Sequence[float]]
             for point, values in thresholds.items()}
 
 
-def compare(options: ComparisonOptions,
-            throughput_batch_sizes: Optional[Sequence[int]] = None) -> List[Comparison]:
-    """Evaluates and times every model of ``options`` on every runtime, on the same images.
-
-    Returns one ``Comparison`` per ``options.latency_block``: the models are evaluated and
-    their throughput measured once, their batch-1 latency once per block.
-    ``throughput_batch_sizes``: batch sizes of the throughput measurement (default: the
-    inference batch size). Thread pools are sized first, before TensorFlow runs an op.
-    """
+def evaluate_runtimes(options: ComparisonOptions, scratch: str
+                      ) -> Tuple[List[LoadedModel], EvaluationImages,
+                                 Dict[str, Dict[str, EvaluatedRuntime]]]:
+    """Loads every model of ``options`` and the images, and evaluates each model on each
+    runtime (LiteRT files written under ``scratch``): (models, images, runtimes[runtime]
+    [model name]). Thread pools are sized first, before TensorFlow runs an op."""
     devices.configure_threads(options.intra_op_threads, options.inter_op_threads)
     models = model_dir_lib.load_models(options.model_dir, options.checkpoint, options.precision)
     evaluation.check_budgets(models, options.budget_mflops)
@@ -266,22 +263,32 @@ def compare(options: ComparisonOptions,
     logging.info("calibrating on %s (%d images), reporting on %s (%d images)",
                  images.calibration_name, len(images.calibration_labels), images.report_name,
                  len(images.report_labels))
-
     runtimes = {runtime: {} for runtime in options.runtimes}
-    with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
-        for index, loaded in enumerate(models):
-            logging.info("%s: accuracy of every exit and operating points", loaded.name)
-            evaluate = dict(name=loaded.name, model_dir=loaded.model_dir,
-                            checkpoint=loaded.checkpoint, budgets_mflops=options.budget_mflops,
-                            fixed_threshold=options.threshold,
-                            confidence_kind=options.confidence)
-            for runtime in options.runtimes:
-                precision = RUNTIMES[runtime]
-                runtimes[runtime][loaded.name] = (
-                    _tensorflow(loaded, images, options, **evaluate) if precision is None else
-                    _litert(loaded, images, options, precision,
-                            os.path.join(scratch, str(index)), **evaluate))
+    for index, loaded in enumerate(models):
+        logging.info("%s: accuracy of every exit and operating points", loaded.name)
+        evaluate = dict(name=loaded.name, model_dir=loaded.model_dir,
+                        checkpoint=loaded.checkpoint, budgets_mflops=options.budget_mflops,
+                        fixed_threshold=options.threshold, confidence_kind=options.confidence)
+        for runtime in options.runtimes:
+            precision = RUNTIMES[runtime]
+            runtimes[runtime][loaded.name] = (
+                _tensorflow(loaded, images, options, **evaluate) if precision is None else
+                _litert(loaded, images, options, precision, os.path.join(scratch, str(index)),
+                        **evaluate))
+    return models, images, runtimes
 
+
+def compare(options: ComparisonOptions,
+            throughput_batch_sizes: Optional[Sequence[int]] = None) -> List[Comparison]:
+    """Evaluates and times every model of ``options`` on every runtime, on the same images.
+
+    Returns one ``Comparison`` per ``options.latency_block``: the models are evaluated and
+    their throughput measured once, their batch-1 latency once per block.
+    ``throughput_batch_sizes``: batch sizes of the throughput measurement (default: the
+    inference batch size). Thread pools are sized first, before TensorFlow runs an op.
+    """
+    with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
+        models, images, runtimes = evaluate_runtimes(options, scratch)
         at_equal_accuracy, at_equal_budget, timed_thresholds = match_models(
             {runtime: {name: result.evaluation for name, result in by_model.items()}
              for runtime, by_model in runtimes.items()}, images.report_labels)

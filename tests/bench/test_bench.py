@@ -9,7 +9,7 @@ import pytest
 from helpers import VGG16, write_model_dir
 from ranet import cli
 from ranet import export
-from ranet.bench import inference, input as input_bench, litert_stages, profile, train
+from ranet.bench import inference, input as input_bench, litert_stages, profile, routes, train
 from ranet.inference import comparison, latency
 from ranet.inference.points import DEFAULT, FULL
 
@@ -252,3 +252,25 @@ def test_stage_cost_fit_says_when_time_does_not_grow_with_arithmetic():
     # Time set by the ops alone, less where the arithmetic is larger: no positive MAC cost.
     fit = litert_stages.fit_costs([10, 20, 40], [9e6, 1e6, 2e6], [0.25, 0.60, 1.2])
     assert fit["gmacs_per_s"] is None and fit["us_per_op"] > 0
+
+
+def test_routes_benchmark_times_every_point_both_ways(tmp_path, capsys):
+    model_dir = tmp_path / "ranet"
+    write_model_dir(model_dir, logit_scale=6.0)
+    out = tmp_path / "routes.json"
+    rows = _call(routes, f"--model_dir={model_dir}", "--split=test", "--latency_images=4",
+                 "--warmup=1", "--runtimes=tf,litert_int8", "--budget_mflops=3",
+                 "--representative_images=16", f"--json={out}")
+    assert {(row["runtime"], row["point"]) for row in rows} == {
+        (runtime, point) for runtime in ("tf", "litert_int8") for point in ("adaptive", "budget@3")}
+    for row in rows:
+        assert 1 <= row["route"] <= 3
+        for way in (routes.STAGE_BY_STAGE, routes.ROUTE):
+            timed = row[way]
+            assert timed["num_samples"] == 4 and abs(sum(timed["exit_fractions"]) - 1) < 1e-9
+            assert timed["overhead"] == pytest.approx(timed["mean"] / timed["expected_ms"])
+        # Both ways leave the same images at the same exits: one expected time.
+        assert row[routes.ROUTE]["expected_ms"] == row[routes.STAGE_BY_STAGE]["expected_ms"]
+    written = json.loads(out.read_text())
+    assert written["results"] == json.loads(json.dumps(rows)) and written["cpu"]
+    assert "CPU:" in capsys.readouterr().out
