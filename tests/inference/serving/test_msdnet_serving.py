@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from helpers import SYNTHETIC_DATA, TINY_MSDNET, write_model_dir
-from inference.serving.test_litert import _decisions_match_tensorflow, _tf_logits
+from inference.serving.test_litert import (_decisions_match_tensorflow, _tf_logits,
+                                           _every_route_answers_as_stage_by_stage)
 from inference.serving.test_saved_model import _assert_same_answers, _in_process
 from ranet import data
 from ranet.inference import adaptive, calibration
@@ -76,3 +77,27 @@ def test_litert_stages_run_on_xnnpack_and_decide_as_tensorflow(model_dir, splits
         ties = _decisions_match_tensorflow(model, stages["fp32"], pixels, splits.mean,
                                            splits.std, thresholds)
         assert ties <= 2, (q, ties)
+        # Every route answers as stage by stage, on either precision's files.
+        for precision, staged in stages.items():
+            assert staged.routes == [1, 2, 3]
+            _every_route_answers_as_stage_by_stage(staged, pixels, thresholds)
+
+
+def test_every_tensorflow_route_answers_as_stage_by_stage(model_dir, splits):
+    _, model = model_dir
+    predictor = adaptive.AdaptivePredictor(model)
+    images = data.normalize(splits.test.images[:24], splits.mean, splits.std)
+    probabilities = adaptive.all_exit_probabilities(model, images)
+    thresholds = tf.constant(calibration.thresholds_for_distribution(
+        adaptive.confidence(probabilities), calibration.exit_distribution(1.0, NUM_EXITS)),
+        tf.float32)
+    reference = [predictor.predict_one(images[i:i + 1], thresholds) for i in range(24)]
+    assert len({int(r["exits"][0]) for r in reference}) > 1
+    for first in (1, 2):
+        route = predictor.predict_one_by_route(first)
+        for i, expected in enumerate(reference):
+            answer = route(images[i:i + 1], thresholds)
+            assert int(answer["exits"][0]) == int(expected["exits"][0]), (first, i)
+            assert int(answer["classes"][0]) == int(expected["classes"][0]), (first, i)
+            np.testing.assert_allclose(answer["probabilities"], expected["probabilities"],
+                                       rtol=1e-6, atol=1e-7)
