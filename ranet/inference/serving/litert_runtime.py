@@ -17,6 +17,12 @@ manifest gives the files, the tensor names and the thresholds):
         p = softmax(features["logits"])
         if k == last or confidence(p) >= thresholds[k]:   # max(p), or sum(p log p)
             return argmax(p), k + 1                   # the class and the exit it left at
+
+That loop is route K. Route s runs it for stages 1..s-1 only; an image still undecided then
+runs ``from_stage<s>.tflite`` (stages s..K in one call, fed the same way; s = 1 is
+``all_exits.tflite``) and leaves at the first sure exit among its outputs. Features are copied
+as they are: float32, or int8 at the producer's scale in an int8 export. The manifest names
+each point's fastest route on the export host (``routes``) and the step times that chose it.
 """
 
 import dataclasses
