@@ -117,9 +117,9 @@ def define_flags(values: flags.FlagValues) -> None:
                        "counted.", lower_bound=0, **define)
     flags.DEFINE_float("pause", 1.0, "Idle seconds between two rates, for the server to "
                        "drain.", lower_bound=0, **define)
-    flags.DEFINE_integer("connections", 256, "Most connections open at once; more than "
-                         "ever are in flight, so that no due request waits for one.",
-                         lower_bound=1, **define)
+    flags.DEFINE_integer("connections", 1024, "Most connections open at once; more than "
+                         "are ever in flight, so that no due request waits for one (the "
+                         "table says when all were busy).", lower_bound=1, **define)
     flags.DEFINE_float("timeout", 10.0, "Seconds a request may take before it counts as a "
                        "timeout.", lower_bound=0, **define)
     flags.DEFINE_enum("dataset", "cifar10", list(DATASETS), "Whose test images to send "
@@ -453,7 +453,7 @@ def highest_rate_meeting(results: Sequence[RateResult], slo_p99_ms: float,
 class LoadSettings:
     duration: float = 10.0
     warmup: float = 2.0
-    connections: int = 256
+    connections: int = 1024
     timeout: float = 10.0
     pause: float = 1.0
     seed: int = 0
@@ -712,6 +712,20 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def ensure_file_limit(connections: int) -> None:
+    """Raises the soft limit on open files to fit ``connections`` sockets, or says how."""
+    import resource
+
+    needed = connections + 64  # The interpreter's own files besides.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise UsageError(f"--connections={connections} needs {needed} open files and this "
+                             f"process may open {hard} (ulimit -Hn). Pass fewer --connections "
+                             "or raise the limit.")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def _parse_rates(values: flags.FlagValues) -> List[float]:
     rates = []
     if values.rate is not None:
@@ -751,6 +765,7 @@ def main(values: flags.FlagValues) -> dict:
                             connections=values.connections, timeout=values.timeout,
                             pause=values.pause, seed=values.seed)
 
+    ensure_file_limit(values.connections)
     target = Target(values.url, values.model)
     asyncio.run(check_reachable(target, settings))  # Before the data: that takes seconds.
     images, labels, source = load_test_images(values.dataset, values.data_dir,

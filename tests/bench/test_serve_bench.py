@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from helpers import python, tail
 from ranet import cli
 from ranet.bench import serve
 from ranet.errors import UsageError
@@ -395,6 +396,14 @@ def test_clear_errors_for_what_the_user_can_fix():
         with pytest.raises(UsageError, match="refused a first request.*HTTP 400.*bad input"):
             _call(f"--url={server.url}", "--model=stub", "--rate=10",
                   "--dataset=synthetic", "--images=10")
+
+
+def test_an_unreachable_server_ends_the_command_with_one_line_and_status_2():
+    process = python("-m", "ranet.bench.serve", "--model=m", "--rate=10",
+                     f"--url=http://127.0.0.1:{_closed_port()}", timeout=60)
+    assert process.returncode == 2, tail(process)
+    assert process.stderr.startswith("error: cannot reach http://127.0.0.1:"), tail(process)
+    assert "Traceback" not in process.stderr
 
 
 def test_the_stub_answers_like_tf_serving():
