@@ -168,7 +168,7 @@ class Metrics:
             "requests", "Predict requests answered, by model and HTTP status.",
             ["model", "code"], **common)
         self.latency = prometheus_client.Histogram(
-            "request_seconds", "Predict request latency, body read to answer sent.",
+            "request_seconds", "Predict request latency in the server: headers read to answer made.",
             ["model"], buckets=LATENCY_BUCKETS, **common)
         self.in_progress = prometheus_client.Gauge(
             "requests_in_progress", "Predict requests accepted and not yet answered.",

@@ -348,6 +348,24 @@ def test_every_request_gets_one_answer_and_overload_sheds_then_recovers(served_e
     assert in_progress == 0 and in_flight == 0
 
 
+def test_keep_alive_answers_are_not_held_for_a_delayed_ack(served_export):
+    """NOTES: http.server's two writes per response met Nagle's algorithm on keep-alive
+    connections and answered a 2 ms handler in ~45 ms. aiohttp sets TCP_NODELAY; a tiny
+    model's sequential answers on one connection come back far below that."""
+    request = json.dumps({"instances": [_b64(served_export.splits.test.images[0])]}).encode()
+
+    async def body(client, server):
+        loop, seconds = asyncio.get_running_loop(), []
+        for _ in range(40):
+            started = loop.time()
+            status, _ = await _post(client, request)
+            seconds.append(loop.time() - started)
+            assert status == 200
+        return seconds
+
+    assert np.median(_run(served_export, body, workers=1)[5:]) < 0.02
+
+
 def test_metrics_are_prometheus_text(served_export):
     pixels = served_export.splits.test.images[:24]
 
