@@ -208,21 +208,25 @@ def load_test_images(dataset: str, data_dir: Optional[str], test_size: int, imag
     from ranet import config as config_lib
     from ranet import data
 
-    if dataset != "synthetic" and not data_dir:
+    where = "its test split"
+    if dataset == "synthetic":
+        splits = data.load_splits(config_lib.DataConfig(
+            dataset=dataset, validation_size=0, synthetic_test_size=images or 512))
+    elif not data_dir:
         raise UsageError(f"--dataset={dataset} needs --data_dir (the folder holding "
                          "cifar-10-batches-py); --dataset=synthetic needs none")
-    config = (config_lib.DataConfig(dataset=dataset, data_dir=data_dir) if data_dir else
-              config_lib.DataConfig(dataset=dataset, validation_size=0,
-                                    synthetic_test_size=images or 512))
-    if dataset != "synthetic" and data.cifar.load(config)[1] is None:
-        config = dataclasses.replace(config, test_size=test_size)
-    splits = data.load_splits(config)
+    else:
+        config = config_lib.DataConfig(dataset=dataset, data_dir=data_dir)
+        try:  # Most folders here have no test file (the shared copy): try that first.
+            splits = data.load_splits(dataclasses.replace(config, test_size=test_size))
+            where = (f"no test file, {test_size} training images held out (--test_size, "
+                     f"split seed {config.split_seed + 1})")
+        except data.DataError:  # It has one (or something else is wrong: said again).
+            splits = data.load_splits(config)
     test = splits.test
     mask = data.sample_mask(test.labels, images, splits.num_classes, seed)
-    where = (f"{splits.source}: its test split" if not config.test_size else
-             f"{splits.source}: no test file, {config.test_size} training images held out "
-             f"(--test_size, split seed {config.split_seed + 1})")
-    return test.images[mask], test.labels[mask], f"{where}, {int(mask.sum())} images"
+    return (test.images[mask], test.labels[mask],
+            f"{splits.source}: {where}, {int(mask.sum())} images")
 
 
 # --------------------------------------------------------------------------------------------

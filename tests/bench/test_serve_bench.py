@@ -93,6 +93,19 @@ def _fixed(status=200, answer=serve.STUB_ANSWER, delay_s=0.0) -> Respond:
     return respond
 
 
+def test_the_images_are_the_test_split_ranet_eval_reports_on(real_cifar10):
+    from ranet import config, data
+
+    images, labels, where = serve.load_test_images("cifar10", str(real_cifar10), 10000, 0, 0)
+    expected = data.load_splits(config.DataConfig(data_dir=str(real_cifar10), test_size=10000))
+    np.testing.assert_array_equal(images, expected.test.images)
+    np.testing.assert_array_equal(labels, expected.test.labels)
+    assert images.dtype == np.uint8 and "10000 images" in where
+    sample, sample_labels, _ = serve.load_test_images("cifar10", str(real_cifar10), 10000, 500,
+                                                      0)
+    assert len(sample) == 500 and np.all(np.bincount(sample_labels) == 50)  # class-balanced
+
+
 def _tiny_workload(num_images=8, labels=None) -> serve.Workload:
     """2x2 images (the stubs need not parse 32x32 ones); pixel (0, 0) carries instructions."""
     images = np.zeros((num_images, 2, 2, 3), np.uint8)
