@@ -418,6 +418,10 @@ class RateSearch:
     def record(self, rate: float, met: bool) -> None:
         self.tried[rate] = met
 
+    def capacity(self) -> Optional[float]:
+        """The highest rate that met the objective below the lowest that did not."""
+        return self._highest_pass_lowest_fail()[0]
+
     def _highest_pass_lowest_fail(self):
         passed = [r for r, met in self.tried.items() if met]
         failed = [r for r, met in self.tried.items() if not met]
@@ -447,7 +451,7 @@ def highest_rate_meeting(results: Sequence[RateResult], slo_p99_ms: float,
     search = RateSearch(1.0, 2.0, 0, float("inf"))
     for result in results:
         search.record(result.rate, result.meets(slo_p99_ms, max_error_rate))
-    return search._highest_pass_lowest_fail()[0]
+    return search.capacity()
 
 
 # --------------------------------------------------------------------------------------------
