@@ -11,7 +11,7 @@ takes ``images`` float32 [N, H, W, 3], raw pixels in 0..255, and returns ``class
   ``{"outputs": {"classes": [...], "exits": [...], "probabilities": [[...], ...]}}``.
 
 An image is a nested list [H][W][3] of numbers, or ``{"b64": "..."}``: base64 of its H*W*3
-raw uint8 bytes (row-major, RGB), about 5x smaller and 20x cheaper to parse than numbers
+raw uint8 bytes (row-major, RGB), 4-5x smaller and 12-15x cheaper to take in than numbers
 (docs/serving.md has the figures). TF Serving would refuse b64 for a float input; it is this
 server's addition, and a client that never sends it never sees it.
 

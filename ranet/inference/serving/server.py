@@ -43,9 +43,10 @@ from ranet.errors import UsageError
 from ranet.inference.serving import batching, litert_runtime, rest
 
 VERSION = 1
-# --max_batch_size=0 batches a one-stage export (VGG16, MobileNetV2) this much: 17-26% less
-# CPU per image than one at a time. A staged one (RANet) runs faster unbatched: copying the
-# survivors' features between batches costs more than batching saves (docs/serving.md).
+# --max_batch_size=0 batches a one-stage export (VGG16, MobileNetV2) this much: 10-20% less
+# CPU per image than one at a time. A staged one (RANet) costs 13-20% more batched: its small
+# stages gain nothing from a batch, the batch-1 route runs the rest of the network in one
+# graph, and the survivors' features are copied between calls (docs/serving.md).
 ONE_STAGE_BATCH = 8
 THRESHOLD_NAMES = "default, fixed or a budget in million multiply-adds"
 # Request latency buckets, seconds: sub-millisecond answers to the default deadline.
