@@ -8,9 +8,12 @@ A ``Scheduler`` holds one queue per stage and a few worker threads, each with in
 of its own (LiteRT interpreters are not thread-safe; ``Interpreter.invoke`` releases the
 GIL, so threads overlap). A free worker takes the stage whose oldest image arrived first (an
 early request's survivors before a new request's first stage, so a request is not starved
-by newer ones), up to ``max_batch_size`` of its images, and runs them as one batch. The
-first stage may wait up to ``batch_timeout`` for a fuller batch (TF Serving's
-``batch_timeout_micros``; 0, its advice for CPUs, takes what is there).
+by newer ones), up to ``max_batch_size`` of its images, and runs them as one batch. A stage
+short of a full batch waits up to ``batch_timeout_micros`` (TF Serving's name) for more: new
+images at the first stage, the survivors of later batches at the others, which is how the
+survivors of several batches regroup. At 0 (TF Serving's advice for CPUs) a stage runs what
+it holds: the survivors of batches that ran at the same time (several workers) regroup, a
+lone batch's survivors go on at once.
 
 Stage files have a static batch of 1; ``BatchedStages`` resizes each to every allowed batch
 size (powers of two up to the largest, as TF Serving's ``allowed_batch_sizes``) and pads a
@@ -142,10 +145,11 @@ class Job:
 class Item:
     """One image of a job on its way through the stages, with the features later stages
     read: name -> (a batch's output array, this image's row in it)."""
-    __slots__ = ("job", "row", "arrival", "features")
+    __slots__ = ("job", "row", "arrival", "queued_at", "features")
 
-    def __init__(self, job: Job, row: int, arrival: int):
+    def __init__(self, job: Job, row: int, arrival: int, queued_at: float):
         self.job, self.row, self.arrival = job, row, arrival
+        self.queued_at = queued_at  # when it entered the queue it is in
         self.features: Dict[str, Tuple[np.ndarray, int]] = {}
 
 
@@ -221,9 +225,9 @@ def _gather(references: List[Tuple[np.ndarray, int]], rows: np.ndarray) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BatchingOptions:
-    """TF Serving's names: at most ``max_batch_size`` images per stage call; the first stage
-    waits up to ``batch_timeout_micros`` for a fuller batch; ``max_queue`` images may wait
-    for their first stage before a new request is refused."""
+    """TF Serving's names: at most ``max_batch_size`` images per stage call; a stage waits up
+    to ``batch_timeout_micros`` for a fuller batch; ``max_queue`` images may wait for their
+    first stage before a new request is refused."""
     max_batch_size: int = 1
     batch_timeout_micros: int = 0
     max_queue: int = 64
@@ -278,10 +282,20 @@ class Scheduler:
             if len(self._queues[0]) >= self.options.max_queue:
                 raise Overloaded(f"the queue is full ({self.options.max_queue} images wait); "
                                  "retry later")
+            now = self._clock()
             for row in range(len(job.images)):
-                self._queues[0].append(Item(job, row, self._arrivals))
+                self._queues[0].append(Item(job, row, self._arrivals, now))
                 self._arrivals += 1
             self._condition.notify()
+
+    def cancel(self, job: Job) -> bool:
+        """Gives up on ``job`` (its deadline passed): its images still queued are dropped and
+        those running are not answered. False if it was answered already."""
+        with self._condition:
+            if job.finished:
+                return False
+            job.finished = True
+            return True
 
     def drain(self) -> None:
         """Stops waiting for fuller batches: what is queued runs now (new jobs still come
@@ -299,18 +313,20 @@ class Scheduler:
             thread.join(timeout)
 
     def _ready_queue(self) -> Tuple[Optional[int], Optional[float]]:
-        """(the queue to run next, or None; how long to wait for the first stage's batch)."""
+        """(the queue to run next, or None; how long until a waiting queue is due)."""
         best, wait = None, None
+        now = self._clock()
         for q, queue in enumerate(self._queues):
             if not queue:
                 continue
-            if (q == 0 and not (self._draining or self._closing)
+            if (not (self._draining or self._closing)
                     and len(queue) < self.options.max_batch_size):
-                # Nothing else to run: the first stage waits for a fuller batch, a while.
-                waited = self._clock() - queue[0].job.submitted
-                remaining = self.options.batch_timeout_micros / 1e6 - waited
+                # A stage waits a while for a fuller batch: new images, or the survivors of
+                # later batches of the stage before.
+                remaining = (queue[0].queued_at + self.options.batch_timeout_micros / 1e6
+                             - now)
                 if remaining > 0:
-                    wait = remaining
+                    wait = remaining if wait is None else min(wait, remaining)
                     continue
             if best is None or queue[0].arrival < self._queues[best][0].arrival:
                 best = q
@@ -366,6 +382,7 @@ class Scheduler:
     def _finish(self, q: int, items: List[Item], answers: List[Optional[Answer]],
                 error: Optional[Exception]) -> None:
         done: List[Tuple[Job, object]] = []
+        now = self._clock()
         with self._condition:
             self._busy -= 1
             for i, item in enumerate(items):
@@ -377,6 +394,7 @@ class Scheduler:
                     done.append((job, error))
                     continue
                 if answers[i] is None:
+                    item.queued_at = now
                     self._queues[q + 1].append(item)
                     continue
                 klass, exit_, probabilities = answers[i]

@@ -13,7 +13,7 @@
 
 Refusals are TF Serving's ``{"error": "..."}``: 400 malformed, 404 unknown model, version or
 signature, 413 body over ``max_request_bytes``, 503 queue full or not loaded yet (at once,
-never a silent wait), 504 the request's deadline passed before it ran.
+never a silent wait), 504 the request's deadline passed before it was answered.
 
 The event loop (aiohttp) parses and answers; each model's ``batching.Scheduler`` runs the
 interpreters on worker threads of its own. aiohttp sets TCP_NODELAY on every connection and
@@ -79,15 +79,17 @@ class ServerOptions:
         f"{ONE_STAGE_BATCH} for a one-stage model (a baseline), 1 for a staged one (RANet, "
         "MSDNet).", lower_bound=0)
     batch_timeout_micros: int = flag(
-        0, "How long the first stage waits for a fuller batch (TF Serving's name; 0: runs "
-        "what is there).", lower_bound=0)
+        0, "How long a stage short of a full batch waits for more images (TF Serving's name): "
+        "new ones at the first stage, survivors of later batches at the others. 0: runs what "
+        "is there.", lower_bound=0)
     max_queue: int = flag(64, "Most images waiting for their first stage; a request that "
                           "finds the queue full is refused with 503 at once.", lower_bound=1)
     max_request_bytes: int = flag(8 << 20, "Largest request body; a larger one gets 413.",
                                   lower_bound=1)
     request_timeout_ms: int = flag(
-        30000, "A request not run within this many milliseconds of its arrival gets 504 "
-        "(TF Serving's rest_api_timeout_in_ms default).", lower_bound=1)
+        30000, "A request not answered within this many milliseconds of its arrival gets "
+        "504, and its images still queued are dropped (TF Serving's rest_api_timeout_in_ms "
+        "default).", lower_bound=1)
     drain_seconds: float = flag(30.0, "On SIGTERM, how long to wait for the requests "
                                 "already accepted before closing their connections.",
                                 lower_bound=0.0)
@@ -362,7 +364,14 @@ class Server:
         gauge = self.metrics.in_progress.labels(model.name)
         gauge.inc()
         try:
-            result = await future
+            # Answered at the deadline even while every worker is busy elsewhere: a client
+            # waits no longer than --request_timeout_ms.
+            result = await asyncio.wait_for(asyncio.shield(future),
+                                            max(job.deadline - self.clock(), 0))
+        except asyncio.TimeoutError:
+            result = (batching.DeadlineExceeded("the request's deadline passed before it was "
+                                                "answered") if model.scheduler.cancel(job)
+                      else await future)
         finally:
             gauge.dec()
         if isinstance(result, batching.DeadlineExceeded):

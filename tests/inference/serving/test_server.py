@@ -292,10 +292,21 @@ def test_a_full_queue_sheds_at_once_and_recovers_and_a_late_request_times_out(se
     assert shed[0] == 503 and "queue is full" in shed[1]["error"]
     assert shed_seconds < 0.25, "a full queue answers at once, it does not wait"
 
-    # The same wait with a 20 ms deadline: the request had not run when it passed.
-    late = _run(served_export, lambda client, server: _post(client, image), workers=1,
-                max_batch_size=4, batch_timeout_micros=300_000, request_timeout_ms=20)
-    assert late[0] == 504 and "deadline" in late[1]["error"]
+    # The same wait with a 20 ms deadline: answered 504 at the deadline, not when the queue
+    # moves on 0.5 s later; the worker then skips the image.
+    async def late(client, server):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = await _post(client, image)
+        seconds = loop.time() - started
+        await asyncio.sleep(0.6)
+        return answer, seconds, server.models[NAME].scheduler.in_flight
+
+    (status, answer), seconds, in_flight = _run(
+        served_export, late, workers=1, max_batch_size=4, batch_timeout_micros=500_000,
+        request_timeout_ms=20)
+    assert status == 504 and "deadline" in answer["error"]
+    assert seconds < 0.25 and in_flight == 0
 
 
 def test_a_thousand_malformed_requests_leave_it_serving_correct_answers(served_export):
