@@ -239,7 +239,7 @@ class Scheduler:
     Args:
         runners: one per worker thread (``ImageRunner`` or ``StageRunner``), each with its
             own interpreters.
-        options: batch sizes, the first stage's wait and the queue bound.
+        options: the batch size, how long a stage waits for a fuller batch, the queue bound.
         clock: seconds, the clock the jobs' deadlines are on.
         on_batch: called with (stage 0-based, images) for every batch run, for metrics.
     """

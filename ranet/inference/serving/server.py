@@ -31,7 +31,7 @@ import re
 import signal
 import socket
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import prometheus_client
@@ -131,8 +131,6 @@ class ServedModel:
     name: str
     image_shape: Tuple[int, ...]
     num_classes: int
-    num_exits: int
-    thresholds: List[float]
     scheduler: batching.Scheduler
 
 
@@ -171,7 +169,7 @@ class Metrics:
             "requests", "Predict requests answered, by model and HTTP status.",
             ["model", "code"], **common)
         self.latency = prometheus_client.Histogram(
-            "request_seconds", "Predict request latency in the server: headers read to answer made.",
+            "request_seconds", "Predict latency in the server: headers read to answer made.",
             ["model"], buckets=LATENCY_BUCKETS, **common)
         self.in_progress = prometheus_client.Gauge(
             "requests_in_progress", "Predict requests accepted and not yet answered.",
@@ -228,8 +226,7 @@ class Server:
                 runners, batch_options, self.clock,
                 on_batch=lambda k, n, name=name: batches.labels(name, str(k + 1)).observe(n))
             self.models[name] = ServedModel(
-                name, tuple(manifest["input"]["shape"][1:]), manifest["num_classes"],
-                manifest["num_exits"], thresholds, scheduler)
+                name, tuple(manifest["input"]["shape"][1:]), manifest["num_classes"], scheduler)
             self.metrics.queued.labels(name).set_function(
                 lambda scheduler=scheduler: scheduler.queued)
             logging.info("loaded %s from %s (%s, thresholds %s, %d workers, batch <= %d)", name,

@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 
 from helpers import REPO_ROOT, python, tail, wait_for_output
