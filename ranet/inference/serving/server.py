@@ -45,8 +45,8 @@ from ranet.inference.serving import batching, litert_runtime, rest
 VERSION = 1
 # --max_batch_size=0 batches a one-stage export (VGG16, MobileNetV2) this much: 10-20% less
 # CPU per image than one at a time. A staged one (RANet) costs 13-20% more batched: its small
-# stages gain nothing from a batch, the batch-1 route runs the rest of the network in one
-# graph, and the survivors' features are copied between calls (docs/serving.md).
+# stages gain little from a batch below 16, early exits leave the later stages smaller ones,
+# and the survivors' features are copied between calls (docs/serving.md).
 ONE_STAGE_BATCH = 8
 THRESHOLD_NAMES = "default, fixed or a budget in million multiply-adds"
 # Request latency buckets, seconds: sub-millisecond answers to the default deadline.
@@ -137,18 +137,19 @@ class ServedModel:
 def _runners(export_dir: str, options: ServerOptions) -> Tuple[list, List[float], dict]:
     """One runner per worker, each with interpreters of its own; the thresholds; the
     manifest."""
-    # LiteRTPredictor resolves the operating point's name as the runtime does.
-    reference = litert_runtime.LiteRTPredictor(
-        litert_runtime.LiteRTStages(export_dir, options.precision, options.num_threads),
-        options.thresholds)
+    # By the operating point's name, as the runtime takes it: the name also brings where
+    # images leave at that point, from which each predictor picks its fastest route.
+    def predictor() -> litert_runtime.LiteRTPredictor:
+        return litert_runtime.LiteRTPredictor(
+            litert_runtime.LiteRTStages(export_dir, options.precision, options.num_threads),
+            options.thresholds)
+
+    reference = predictor()
     manifest = reference.stages.manifest
     batch_size = options.batch_size(len(manifest["stages"]))
     if batch_size == 1:
         runners = [batching.ImageRunner(reference)] + [
-            batching.ImageRunner(litert_runtime.LiteRTPredictor(
-                litert_runtime.LiteRTStages(export_dir, options.precision, options.num_threads),
-                reference.thresholds))
-            for _ in range(options.worker_count() - 1)]
+            batching.ImageRunner(predictor()) for _ in range(options.worker_count() - 1)]
     else:
         sizes = batching.allowed_batch_sizes(batch_size)
         runners = [batching.StageRunner(
