@@ -65,9 +65,11 @@ def _expected(export, pixels):
 def _assert_rows_equal(rows, expected):
     assert [row["classes"] for row in rows] == expected["classes"].tolist()
     assert [row["exits"] for row in rows] == expected["exits"].tolist()
-    # float32 printed at its shortest is read back exactly.
-    np.testing.assert_array_equal(np.array([row["probabilities"] for row in rows], np.float32),
-                                  expected["probabilities"])
+    # Equal bit for bit where both run the stage files (float32 printed at its shortest is
+    # read back exactly); a host where the runtime picks a one-graph route for one of two
+    # predictors sums in another order.
+    np.testing.assert_allclose(np.array([row["probabilities"] for row in rows], np.float32),
+                               expected["probabilities"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("max_batch_size", [1, 8])
