@@ -241,7 +241,7 @@ def test_export_litert_writes_stage_files_and_a_manifest(model_dirs, tmp_path):
     assert sorted(os.listdir(export_dir)) == ["fp32", "manifest.json"]
     assert sorted(os.listdir(export_dir / "fp32")) == [
         "all_exits.tflite", "all_exits_batch32.tflite", "exits_1_to_1.tflite",
-        "exits_1_to_2.tflite", *[f"stage{k}.tflite" for k in (1, 2, 3)]]
+        "exits_1_to_2.tflite", "from_stage2.tflite", *[f"stage{k}.tflite" for k in (1, 2, 3)]]
     assert json.loads((export_dir / "manifest.json").read_text()) == manifest
     assert set(manifest["precisions"]["fp32"]["thresholds"]["budgets"]) == {"2", "3"}
 
