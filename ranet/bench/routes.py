@@ -35,14 +35,15 @@ def define_flags(values: flags.FlagValues) -> None:
 
 def _paths(runtime: comparison.EvaluatedRuntime, thresholds, routes) -> Dict:
     """Every path to time for one model on one runtime: the full network, the network up to
-    each exit, and each point both ways, keyed (point, way)."""
+    each exit, and each point both ways, keyed (point, way). The two ways of a point share
+    their files' interpreters, so they sit at opposite ends of the order: timed one right
+    after the other, the second would find the first's weights still cached."""
     before = runtime.batch1(thresholds, {})
     after = runtime.batch1(thresholds, routes)
-    paths = {point: fn for point, fn in before.items()
-             if point == points.FULL or point.kind == points.Kind.UP_TO_EXIT}
-    for point in thresholds:
-        paths[point, STAGE_BY_STAGE] = before[point]
-        paths[point, ROUTE] = after[point]
+    paths = {(point, STAGE_BY_STAGE): before[point] for point in thresholds}
+    paths.update({point: fn for point, fn in before.items()
+                  if point == points.FULL or point.kind == points.Kind.UP_TO_EXIT})
+    paths.update({(point, ROUTE): after[point] for point in thresholds})
     return paths
 
 
