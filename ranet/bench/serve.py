@@ -52,7 +52,6 @@ import datetime
 import gc
 import json
 import shlex
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -60,7 +59,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from absl import flags
 
-from ranet import cli, jsonio
+from ranet import cli, host, jsonio
 from ranet.errors import UsageError
 
 ENCODINGS = ("json", "b64")
@@ -701,25 +700,6 @@ def serve_stub(port: int) -> None:
 # --------------------------------------------------------------------------------------------
 # The binary.
 
-def cpu_model() -> str:
-    """The CPU's model name as lscpu gives it (this module does not import TensorFlow)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in output.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
 def ensure_file_limit(connections: int) -> None:
     """Raises the soft limit on open files to fit ``connections`` sockets, or says how."""
     import resource
@@ -791,7 +771,7 @@ def main(values: flags.FlagValues) -> dict:
                 if values.slo_p99_ms is not None else None)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
+        "cpu": host.cpu_name(),
         "command": shlex.join(["python", "-m", "ranet.bench.serve", *sys.argv[1:]]),
         "url": target.url, "model": target.model, "encoding": values.encoding,
         "images": source, "body_bytes": float(np.mean([len(b) for b in workload.bodies])),
