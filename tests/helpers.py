@@ -106,6 +106,20 @@ def write_model_dir(model_dir, model_config=TINY_RANET, data_config=SYNTHETIC_DA
     return model
 
 
+# The first lines of a child script that must run without TensorFlow: importing it or Keras
+# fails from then on.
+REFUSE_TENSORFLOW = """
+import importlib.abc, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras"):
+            raise ImportError(f"{name} is not available here")
+
+sys.meta_path.insert(0, Refuse())
+"""
+
+
 def python(*args, timeout: float, env=None, **kwargs) -> subprocess.CompletedProcess:
     """``python <args>`` in the repository root, as a user runs it, output captured."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT,

@@ -85,32 +85,16 @@ def _features_left_by(model: models.StagedClassifier, k: int) -> List[str]:
     return sorted(name for name in model.stages[k].output if name != LOGITS and name in read_later)
 
 
-def _all_exits_function(model: models.StagedClassifier, mean, std, batch_size: int):
-    """Every stage in order, features cached as the stage files pass them; returns every
-    exit's logits. Takes raw pixels [batch_size, H, W, 3]."""
-    def run(inputs):
-        features = {IMAGES: data.normalize(inputs[IMAGES], mean, std)}
-        logits = {}
-        for k, stage in enumerate(model.stages):
-            outputs = stage({name: features[name] for name in model.stage_inputs[k]},
-                            training=False)
-            logits[litert_runtime.exit_logits_name(k)] = outputs[LOGITS]
-            features.update({name: value for name, value in outputs.items() if name != LOGITS})
-        return logits
-
-    specs = {IMAGES: tf.TensorSpec([batch_size, *model.image_shape], tf.float32, name=IMAGES)}
-    return run, specs
-
-
 def feature_output_name(k: int, name: str) -> str:
     """The source graph's output of feature ``name`` as stage k (0-based) leaves it."""
     return f"stage{k + 1}_{name}"
 
 
-def _source_function(model: models.StagedClassifier, mean, std):
-    """The whole network at batch 1 with every exit's logits and every feature a later stage
-    reads, as the stage that made it leaves it, among its outputs: the graph every shipped
-    file is cut from (``tflite_graph``). Takes raw pixels [1, H, W, 3]."""
+def _network_function(model: models.StagedClassifier, mean, std, batch_size: int,
+                      with_features: bool):
+    """Every stage in order on raw pixels [batch_size, H, W, 3], returning every exit's
+    logits and, ``with_features``, every feature a later stage reads as the stage that made
+    it leaves it: the source graph every batch-1 file is cut from (``tflite_graph``)."""
     def run(inputs):
         features = {IMAGES: data.normalize(inputs[IMAGES], mean, std)}
         outputs = {}
@@ -119,10 +103,12 @@ def _source_function(model: models.StagedClassifier, mean, std):
                                   training=False)
             outputs[litert_runtime.exit_logits_name(k)] = stage_outputs[LOGITS]
             for name in _features_left_by(model, k):
-                features[name] = outputs[feature_output_name(k, name)] = stage_outputs[name]
+                features[name] = stage_outputs[name]
+                if with_features:
+                    outputs[feature_output_name(k, name)] = stage_outputs[name]
         return outputs
 
-    specs = {IMAGES: tf.TensorSpec([1, *model.image_shape], tf.float32, name=IMAGES)}
+    specs = {IMAGES: tf.TensorSpec([batch_size, *model.image_shape], tf.float32, name=IMAGES)}
     return run, specs
 
 
@@ -146,7 +132,7 @@ def _producers(model: models.StagedClassifier) -> List[Dict[str, int]]:
 
 def cut_files(source: bytes, model: models.StagedClassifier) -> CutFiles:
     """Cuts the stage files, the "from stage s to the end" files and the one-graph files out
-    of the source graph of ``_source_function`` (same tensors, same quantisation in each).
+    of the source graph of ``_network_function`` (same tensors, same quantisation in each).
 
     A feature keeps the name stages use for it (``manifest["stages"]``); in an int8 graph it
     stays int8 at the producer's scale. Logits are float32 in every precision."""
@@ -232,8 +218,8 @@ def convert_source(model: models.StagedClassifier, mean, std, precision: str,
     representative = (_representative({IMAGES: np.asarray(pixels, np.float32)})
                       if precision == "int8" else None)
     with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
-        source = _convert(*_source_function(model, mean, std), precision, representative,
-                          scratch)
+        source = _convert(*_network_function(model, mean, std, 1, with_features=True),
+                          precision, representative, scratch)
     return cut_files(source.content, model)
 
 
@@ -250,8 +236,8 @@ def convert_all_exits(model: models.StagedClassifier, mean, std, precision: str,
         rows = np.arange(-(-len(pixels) // batch_size) * batch_size) % len(pixels)
         representative = _representative({IMAGES: pixels[rows]}, batch_size)
     with tempfile.TemporaryDirectory(prefix="ranet_litert_") as scratch:
-        return _convert(*_all_exits_function(model, mean, std, batch_size), precision,
-                        representative, scratch)
+        return _convert(*_network_function(model, mean, std, batch_size, with_features=False),
+                        precision, representative, scratch)
 
 
 def _representative(inputs: Dict[str, np.ndarray], batch_size: int = 1):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import SYNTHETIC_DATA, VGG16, write_model_dir
+from helpers import REFUSE_TENSORFLOW, SYNTHETIC_DATA, VGG16, write_model_dir
 from ranet import data
 from ranet.config import DataConfig, ModelConfig
 from ranet.data import report_images
@@ -325,16 +325,9 @@ def test_adaptive_decisions_equal_the_tensorflow_path_on_real_images(exported, s
     assert ties <= 2, ties
 
 
-_WITHOUT_TENSORFLOW = """
-import importlib.abc, json, sys
+_WITHOUT_TENSORFLOW = REFUSE_TENSORFLOW + """
+import json
 import numpy as np
-
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras"):
-            raise ImportError(f"{name} is not available here")
-
-sys.meta_path.insert(0, Refuse())
 from ranet.inference.serving import litert_runtime
 export_dir, pixels_path, out_path = sys.argv[1:]
 pixels = np.load(pixels_path)

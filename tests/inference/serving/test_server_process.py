@@ -14,22 +14,15 @@ import urllib.request
 
 import pytest
 
-from helpers import REPO_ROOT, python, tail, wait_for_output
+from helpers import REFUSE_TENSORFLOW, REPO_ROOT, python, tail, wait_for_output
 from ranet.inference.serving import litert_runtime
 
 NAME = "tiny"
 READY = "ready: serving"
 # Installed before anything else in the server's process: importing TensorFlow or Keras
 # fails, and at exit the process lists whatever of them it imported anyway.
-_WITHOUT_TENSORFLOW = """
-import atexit, importlib.abc, json, runpy, sys
-
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras"):
-            raise ImportError(f"{name} is not available here")
-
-sys.meta_path.insert(0, Refuse())
+_WITHOUT_TENSORFLOW = REFUSE_TENSORFLOW + """
+import atexit, json, runpy
 modules_path = sys.argv.pop(1)
 atexit.register(lambda: json.dump(sorted(m for m in sys.modules
                                          if m.split(".")[0] in ("tensorflow", "keras")),
