@@ -10,6 +10,7 @@ takes every image still undecided.
 """
 
 import functools
+import types
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -161,7 +162,9 @@ class AdaptivePredictor(tf.Module):
         # batched path gathers rows into data-dependent shapes, which XLA cannot compile.
         self.predict_one = tf.function(self._predict_one, jit_compile=jit_compile,
                                        input_signature=self._one_image_signature)
-        self._routes = {self.num_exits: self.predict_one}
+        # Held by a plain object, which tf.Module does not track: a SavedModel of the
+        # predictor keeps its two signatures, not every route compiled for timing.
+        self._routes = types.SimpleNamespace(compiled={self.num_exits: self.predict_one})
 
     def predict_one_by_route(self, first: int):
         """``predict_one`` by route ``first`` (1..K): a ``tf.cond`` after each of stages
@@ -170,11 +173,12 @@ class AdaptivePredictor(tf.Module):
         where images leave (``litert_runtime.choose_route``). Compiled once per route."""
         if not 1 <= first <= self.num_exits:
             raise ValueError(f"first must be a stage, 1..{self.num_exits}. Received: {first}")
-        if first not in self._routes:
-            self._routes[first] = tf.function(
+        compiled = self._routes.compiled
+        if first not in compiled:
+            compiled[first] = tf.function(
                 functools.partial(self._predict_one, first=first),
                 jit_compile=self._jit_compile, input_signature=self._one_image_signature)
-        return self._routes[first]
+        return compiled[first]
 
     def reset_stage_counts(self) -> None:
         """Zeroes ``stage_calls`` and ``stage_rows``."""

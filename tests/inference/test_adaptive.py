@@ -146,9 +146,8 @@ def test_tensorflow_route_timings_take_apart_the_steps(model, monkeypatch):
         return call
 
     predictor.predict_one = timed(predictor.predict_one)
-    predictor._routes = {first: timed(predictor.predict_one_by_route(first))
-                         for first in (1, 2)}
-    predictor.predict_one_by_route = lambda first: predictor._routes[first]
+    routes = {first: timed(predictor.predict_one_by_route(first)) for first in (1, 2)}
+    predictor.predict_one_by_route = routes.get
     monkeypatch.setattr(latency.time, "perf_counter", perf_counter)
     timings = latency.tensorflow_route_timings(predictor, np.zeros((32, 32, 3), np.float32),
                                                rounds=1, warmup=1)
@@ -228,6 +227,10 @@ def test_saved_model_round_trip(predictor, images, probabilities, tmp_path):
     _assert_matches(restored.predict_batch(images, thresholds), probabilities, thresholds)
     _assert_matches(_predict_each(restored, images[:4], thresholds), probabilities[:, :4],
                     thresholds)
+    # A route compiled before saving stays out of the SavedModel.
+    predictor.predict_one_by_route(1)
+    tf.saved_model.save(predictor, str(tmp_path / "with_a_route"))
+    assert not hasattr(tf.saved_model.load(str(tmp_path / "with_a_route")), "_routes")
 
 
 def test_xla_compiled_predict_one_equals_simulate(model, images, probabilities):
