@@ -254,6 +254,7 @@ def test_stage_cost_fit_says_when_time_does_not_grow_with_arithmetic():
     assert fit["gmacs_per_s"] is None and fit["us_per_op"] > 0
 
 
+@pytest.mark.slow  # a benchmark: an evaluation and an int8 conversion
 def test_routes_benchmark_times_every_point_both_ways(tmp_path, capsys):
     model_dir = tmp_path / "ranet"
     write_model_dir(model_dir, logit_scale=6.0)
